@@ -1,0 +1,221 @@
+"""The perturbation function phi: 82 parameters shared by every site of every network.
+
+phi maps a feature map ``h`` of shape (B, C, H, W) to a multiplicative perturbation
+``g = s * z``: ``z`` is input-dependent noise (``softplus`` of a Gaussian whose mean comes from
+two channel-equivariant 3x3 ops) and ``s`` in [0, 1]^C is a per-channel scale computed from
+batch statistics. phi holds only the weights; the per-site running statistics live in
+:class:`metaperturb.site.SiteState`, so one phi can serve many sites and many networks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NUM_SCALE_FEATURES",
+    "ChannelEquivariantConv",
+    "Perturbation",
+    "PerturbationConfig",
+    "expected_softplus",
+]
+
+#: Length of the per-channel descriptor fed to the scale head: mean (4) and variance (4) of the
+#: pooled scale maps over the batch, then ``C / channel_norm`` and ``H / spatial_norm``.
+NUM_SCALE_FEATURES = 10
+_SCALE_MAPS = 4
+
+
+@dataclass
+class PerturbationConfig:
+    """What phi needs besides its weights. Saved as ``config.json`` next to the weights."""
+
+    #: Divisor of the channel descriptor ``C / channel_norm``. ``None``: the widest site of the
+    #: host (so the descriptor lies in (0, 1] for any architecture).
+    channel_norm: float | None = None
+    #: Divisor of the spatial descriptor ``H / spatial_norm``. ``None``: the height of the image
+    #: that entered the host, recorded on every forward pass.
+    spatial_norm: float | None = None
+    #: Upper clamp of the perturbed features in training mode (the authors' k = 100); ``None``
+    #: disables it. Never applied in eval mode.
+    clip: float | None = 100.0
+    #: Momentum of the running mean/variance of the scale statistics (as in BatchNorm).
+    momentum: float = 0.1
+    #: Free-form provenance, e.g. ``{"source_dataset": "tiny-imagenet-200-32px"}``.
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("channel_norm", "spatial_norm", "clip"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"PerturbationConfig.{name} must be a positive number or None, got {value!r}."
+                )
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(
+                f"PerturbationConfig.momentum must lie in [0, 1], got {self.momentum!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PerturbationConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"Unknown phi config keys {sorted(unknown)}; known keys are {sorted(known)}. "
+                "The file may come from a newer metaperturb: upgrade the package."
+            )
+        return cls(**data)
+
+
+def _identity(weight: Tensor) -> Tensor:
+    return weight
+
+
+class ChannelEquivariantConv(nn.Module):
+    """A 3x3 op on C channels that commutes with any permutation of the channels.
+
+    Equal to a dense C x C x 3 x 3 convolution with weight ``lam * I + gam * 11^T / C``: one kernel
+    ``lam`` applied to each channel on its own, plus one kernel ``gam`` applied to the channel mean
+    and added to every channel (Deep Sets). 18 weights whatever C is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_weight = nn.Parameter(torch.empty(1, 1, 3, 3))
+        self.mean_weight = nn.Parameter(torch.empty(1, 1, 3, 3))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.self_weight, 0.0, 0.01)
+        nn.init.normal_(self.mean_weight, 0.0, 0.01)
+
+    def forward(self, x: Tensor, weight: Callable[[Tensor], Tensor] = _identity) -> Tensor:
+        """Apply the op; ``weight`` maps each parameter before use (phi passes its freeze guard)."""
+        channels = x.shape[1]
+        own_kernel = weight(self.self_weight).to(x.dtype).expand(channels, 1, 3, 3)
+        own = F.conv2d(x, own_kernel, padding=1, groups=channels)
+        mean_kernel = weight(self.mean_weight).to(x.dtype)
+        shared = F.conv2d(x.mean(dim=1, keepdim=True), mean_kernel, padding=1)
+        return own + shared
+
+    def dense_weight(self, channels: int) -> Tensor:
+        """The equivalent C x C x 3 x 3 convolution weight (for tests and inspection)."""
+        eye = torch.eye(channels, dtype=self.self_weight.dtype, device=self.self_weight.device)
+        ones = torch.full_like(eye, 1.0 / channels)
+        return (
+            eye[:, :, None, None] * self.self_weight[0, 0]
+            + ones[:, :, None, None] * self.mean_weight[0, 0]
+        )
+
+
+def _gauss_hermite(points: int) -> tuple[list[float], list[float]]:
+    """Nodes and weights of the Gauss-Hermite rule for E[f(eps)], eps ~ N(0, 1) (Golub-Welsch)."""
+    k = torch.arange(1, points, dtype=torch.float64).sqrt()
+    nodes, vectors = torch.linalg.eigh(torch.diag(k, 1) + torch.diag(k, -1))
+    return nodes.tolist(), (vectors[0] ** 2).tolist()
+
+
+_GH_NODES, _GH_WEIGHTS = _gauss_hermite(8)
+
+
+def expected_softplus(mu: Tensor) -> Tensor:
+    """``E[softplus(a)]`` for ``a ~ N(mu, 1)``: the mean of phi's noise ``z``, elementwise.
+
+    No closed form exists; an 8-point Gauss-Hermite rule is within 1e-6 of the exact value for
+    every ``mu`` (checked against a 64-point rule), deterministic and differentiable.
+    """
+    total = torch.zeros_like(mu)
+    for node, weight in zip(_GH_NODES, _GH_WEIGHTS, strict=True):
+        total = total + weight * F.softplus(mu + node)
+    return total
+
+
+class Perturbation(nn.Module):
+    """phi: the 82-parameter perturbation function of MetaPerturb (Ryu et al., NeurIPS 2020).
+
+    Parameters (82 in all): two :class:`ChannelEquivariantConv` for the noise mean (36), four
+    3x3 kernels shared by every channel for the scale statistics (36), and the 10 weights of a
+    linear map to the channel scale (10). Plain parameters rather than ``nn.Conv2d`` /
+    ``nn.Linear`` submodules, so a host's ``for m in model.modules(): if isinstance(m, nn.Linear)``
+    initialisation loop cannot overwrite them. phi holds no per-site state: running statistics
+    live in :class:`metaperturb.site.SiteState`, one per site.
+
+    While :attr:`frozen` is true (the default after :func:`metaperturb.wrap`), every forward
+    uses detached weights, so phi cannot learn even if a host calls ``requires_grad_(True)`` on
+    the whole model.
+
+    Example:
+        >>> phi = Perturbation()
+        >>> sum(p.numel() for p in phi.parameters())
+        82
+    """
+
+    def __init__(self, config: PerturbationConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else PerturbationConfig()
+        self.noise_in = ChannelEquivariantConv()
+        self.noise_out = ChannelEquivariantConv()
+        self.scale_kernels = nn.Parameter(torch.empty(_SCALE_MAPS, 1, 3, 3))
+        self.scale_weight = nn.Parameter(torch.empty(1, NUM_SCALE_FEATURES))
+        self.frozen = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A fresh, untrained phi: noise mean near 0 (so ``z ~ softplus(N(0, 1))``)."""
+        self.noise_in.reset_parameters()
+        self.noise_out.reset_parameters()
+        nn.init.kaiming_uniform_(self.scale_kernels, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(NUM_SCALE_FEATURES)
+        nn.init.uniform_(self.scale_weight, -bound, bound)
+
+    def freeze(self, frozen: bool = True) -> Perturbation:
+        """Stop (or restart) learning: sets ``requires_grad`` and the detach guard together."""
+        self.frozen = frozen
+        self.requires_grad_(not frozen)
+        return self
+
+    def _weight(self, weight: Tensor) -> Tensor:
+        return weight.detach() if self.frozen else weight
+
+    def noise_mean(self, h: Tensor) -> Tensor:
+        """``mu = E2(relu(E1(h)))``, same shape as ``h``."""
+        hidden = F.relu(self.noise_in(h, self._weight))
+        return self.noise_out(hidden, self._weight)
+
+    def scale_maps(self, h: Tensor) -> Tensor:
+        """The 4 pooled scale maps of each (example, channel): shape (B, C, 4).
+
+        The same four 3x3 kernels run over every channel on its own, then relu and global
+        average pooling.
+        """
+        batch, channels = h.shape[:2]
+        kernels = self._weight(self.scale_kernels).repeat(channels, 1, 1, 1)
+        maps = F.relu(F.conv2d(h, kernels.to(h.dtype), padding=1, groups=channels))
+        return maps.mean(dim=(2, 3)).view(batch, channels, _SCALE_MAPS)
+
+    def channel_scale(
+        self, mean: Tensor, var: Tensor, channel_ratio: float, spatial_ratio: Tensor
+    ) -> Tensor:
+        """``s`` in [0, 1]^C from the (C, 4) statistics and the two layer descriptors.
+
+        The 10 features of channel c are ``[mean_c (4), var_c (4), channel_ratio, spatial_ratio]``.
+        """
+        channels = mean.shape[0]
+        weight = self._weight(self.scale_weight)
+        descriptors = torch.stack([mean.new_full((), channel_ratio), spatial_ratio.to(mean.dtype)])
+        features = torch.cat([mean, var, descriptors.expand(channels, 2)], dim=1)
+        return torch.sigmoid(features.to(weight.dtype) @ weight.t()).squeeze(1)
+
+    def extra_repr(self) -> str:
+        fields = {k: v for k, v in self.config.to_dict().items() if k != "metadata"}
+        return ", ".join(f"{k}={v}" for k, v in fields.items()) + f", frozen={self.frozen}"
