@@ -1,0 +1,92 @@
+"""One site: the running statistics of one hooked block, and the perturbation applied there."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SiteShapeError
+from .phi import Perturbation, expected_softplus
+
+__all__ = ["EvalMode", "SiteState", "perturb"]
+
+#: How a site behaves in eval mode: the deterministic mean ``E[s*z]`` (one pass), one random
+#: sample of ``s*z`` per pass, or no perturbation at all.
+EvalMode = Literal["expectation", "sample", "off"]
+
+
+class SiteState(nn.Module):
+    """Running mean and variance of phi's 4 scale statistics at one site, per channel.
+
+    Registered buffers, so they travel with ``state_dict``, ``.to()``, ``deepcopy`` and DDP's
+    buffer broadcast, exactly as BatchNorm's do.
+    """
+
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("running_mean", torch.zeros(channels, 4))
+        self.register_buffer("running_var", torch.ones(channels, 4))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
+def perturb(
+    h: Tensor,
+    phi: Perturbation,
+    state: SiteState,
+    *,
+    strength: Tensor,
+    channel_ratio: float,
+    spatial_ratio: Tensor,
+    training: bool,
+    eval_mode: EvalMode = "expectation",
+) -> Tensor:
+    """``h * g`` with ``g = (s * z - 1) * strength + 1`` (MetaPerturb, METHOD.md steps 2-5).
+
+    In training mode ``s`` comes from the batch statistics (which also update the running ones)
+    and ``z`` is sampled; in eval mode ``s`` comes from the running statistics and ``z`` follows
+    ``eval_mode``. The batch variance is the population variance over the batch: 0 for a batch of
+    one (never NaN), and the running variance averages exactly that statistic, so eval sees the
+    feature training saw. An empty batch passes through unchanged.
+    """
+    if h.dim() != 4 or h.shape[1] != state.channels:
+        raise SiteShapeError(
+            f"a MetaPerturb site planned for (B, {state.channels}, H, W) features received shape "
+            f"{tuple(h.shape)}. The model changed after wrap(): call metaperturb.unwrap(model) "
+            "and wrap it again."
+        )
+    if h.shape[0] == 0 or (not training and eval_mode == "off"):
+        return h
+
+    if training:
+        maps = phi.scale_maps(h).float()
+        mean = maps.mean(dim=0)
+        var = maps.var(dim=0, unbiased=False)
+        with torch.no_grad():
+            momentum = phi.config.momentum
+            state.running_mean.lerp_(mean.detach().to(state.running_mean.dtype), momentum)
+            state.running_var.lerp_(var.detach().to(state.running_var.dtype), momentum)
+    else:
+        mean, var = state.running_mean, state.running_var
+    scale = phi.channel_scale(mean, var, channel_ratio, spatial_ratio)
+
+    mu = phi.noise_mean(h)
+    if training or eval_mode == "sample":
+        noise = F.softplus(mu + torch.randn_like(mu))
+    else:
+        noise = expected_softplus(mu)
+
+    gain = (scale.to(noise.dtype).view(1, -1, 1, 1) * noise - 1.0) * strength.to(noise.dtype) + 1.0
+    out = h * gain.to(h.dtype)
+    clip = phi.config.clip
+    if training and clip is not None:
+        out = out.clamp(max=clip)
+    return out

@@ -1,0 +1,290 @@
+"""Attach phi to a host model with forward hooks, and take it off again.
+
+The host keeps its modules, its parameter names and its forward. What ``wrap`` adds is one
+child module, ``model.metaperturb`` (a :class:`MetaPerturb` holding phi, the per-site running
+statistics and the annealing strength), plus one forward hook per site and a forward pre-hook
+on the model that records the input's height. ``unwrap`` removes all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .discovery import SitePlan, Strategy, plan_sites
+from .errors import AlreadyWrappedError, NotWrappedError
+from .phi import Perturbation
+from .site import EvalMode, SiteState, perturb
+
+__all__ = [
+    "ATTRIBUTE",
+    "MetaPerturb",
+    "disabled",
+    "get_controller",
+    "inspect",
+    "is_wrapped",
+    "set_eval_mode",
+    "set_strength",
+    "unwrap",
+    "wrap",
+]
+
+#: Name of the child module ``wrap`` adds to the host: its keys in ``state_dict`` start with it.
+ATTRIBUTE = "metaperturb"
+_EVAL_MODES = ("expectation", "sample", "off")
+
+
+class _SiteHook:
+    """Forward hook of one site. A callable object, not a closure, so that ``copy.deepcopy`` of
+    the host gives hooks bound to the copy's controller rather than to the original's."""
+
+    def __init__(self, controller: MetaPerturb, index: int) -> None:
+        self.controller = controller
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        return self.controller.apply_site(self.index, output)
+
+
+class _InputHook:
+    """Forward pre-hook of the host: records the input image height for the spatial descriptor."""
+
+    def __init__(self, controller: MetaPerturb) -> None:
+        self.controller = controller
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            self.controller.input_height.fill_(args[0].shape[-2])
+
+
+def _drop_own_missing_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    """Let a plain host checkpoint load strictly into a wrapped host: phi's keys may be absent."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not key.startswith(f"{ATTRIBUTE}.")]
+
+
+class MetaPerturb(nn.Module):
+    """The state MetaPerturb adds to a host: phi, one :class:`SiteState` per site, the strength.
+
+    Reach it with ``model.metaperturb`` or :func:`get_controller`. Its mode follows the host's
+    ``train()`` / ``eval()``: batch statistics and sampled noise in training, running statistics
+    and :attr:`eval_mode` in eval.
+    """
+
+    strength: Tensor
+    input_height: Tensor
+
+    def __init__(
+        self, phi: Perturbation, plan: SitePlan, *, channel_norm: float | None = None
+    ) -> None:
+        super().__init__()
+        self.phi = phi
+        self.plan = plan
+        self.site_names = [site.name for site in plan.sites]
+        self.sites = nn.ModuleList(SiteState(site.channels) for site in plan.sites)
+        norm = channel_norm or phi.config.channel_norm or plan.widest
+        self.channel_ratios = [site.channels / norm for site in plan.sites]
+        #: Annealing coefficient c in ``g = (s*z - 1) * c + 1``; a tensor so that changing it
+        #: every step does not recompile a ``torch.compile``d host.
+        self.register_buffer("strength", torch.ones(()))
+        self.register_buffer("input_height", torch.zeros(()), persistent=False)
+        #: False turns every site into the identity without removing hooks (see :func:`disabled`).
+        self.enabled = True
+        #: What the sites do in eval mode: "expectation" (default), "sample" or "off".
+        self.eval_mode: EvalMode = "expectation"
+        #: Handles of the hooks ``wrap`` registered, removed by ``unwrap``.
+        self.handles: list[RemovableHandle] = []
+
+    def apply_site(self, index: int, h: Tensor) -> Tensor:
+        """Perturb the output ``h`` of site ``index`` (called by the site's forward hook)."""
+        if not self.enabled:
+            return h
+        spatial_norm = self.phi.config.spatial_norm
+        height = float(h.shape[-2])
+        spatial_ratio = (
+            self.input_height.new_full((), height / spatial_norm)
+            if spatial_norm is not None
+            else height / self.input_height.clamp(min=1.0)
+        )
+        return perturb(
+            h,
+            self.phi,
+            self.sites[index],
+            strength=self.strength,
+            channel_ratio=self.channel_ratios[index],
+            spatial_ratio=spatial_ratio,
+            training=self.training,
+            eval_mode=self.eval_mode,
+        )
+
+    def extra_repr(self) -> str:
+        return f"sites={len(self.sites)}, eval_mode={self.eval_mode!r}, enabled={self.enabled}"
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether ``model`` carries MetaPerturb sites."""
+    return isinstance(getattr(model, ATTRIBUTE, None), MetaPerturb)
+
+
+def get_controller(model: nn.Module) -> MetaPerturb:
+    """The :class:`MetaPerturb` of a wrapped model (unwrapping DDP and ``torch.compile``)."""
+    inner = getattr(model, "module", None) if not is_wrapped(model) else None
+    inner = getattr(model, "_orig_mod", inner) if inner is None else inner
+    target = inner if isinstance(inner, nn.Module) and is_wrapped(inner) else model
+    controller = getattr(target, ATTRIBUTE, None)
+    if not isinstance(controller, MetaPerturb):
+        raise NotWrappedError(
+            f"{type(model).__name__} is not wrapped by MetaPerturb: call metaperturb.wrap(model) first."
+        )
+    return controller
+
+
+def _resolve_phi(
+    phi: Perturbation | str | os.PathLike[str] | None, revision: str | None
+) -> Perturbation:
+    if isinstance(phi, Perturbation):
+        return phi
+    from . import hub
+
+    if phi is None:
+        return hub.load_default_phi()
+    return hub.load_phi(phi, revision=revision)
+
+
+def wrap(
+    model: nn.Module,
+    phi: Perturbation | str | os.PathLike[str] | None = None,
+    *,
+    sites: Strategy | Sequence[str] = "block",
+    trainable: bool = False,
+    input_size: Sequence[int] | None = None,
+    channel_norm: float | None = None,
+    revision: str | None = None,
+) -> nn.Module:
+    """Apply MetaPerturb after every block of ``model``; returns the same model, wrapped.
+
+    Args:
+        model: a timm / torchvision CNN or any ``nn.Module`` taking a (B, C, H, W) batch.
+        phi: the perturbation function: a :class:`Perturbation`, a Hub repo id, a local folder or
+            ``.safetensors`` file; ``None`` loads the meta-trained phi* bundled with the package.
+        sites: ``"block"`` (after every block, the paper's choice), ``"stage"`` (after the last
+            block of each stage), or explicit module names.
+        trainable: let phi learn (meta-training). By default phi is frozen: an optimizer over
+            ``model.parameters()`` leaves it unchanged.
+        input_size: (C, H, W) for the planning pass; see :func:`metaperturb.inspect`.
+        channel_norm: divisor of the channel descriptor; default: phi's config, else the widest
+            site of this model.
+        revision: Hub revision (branch, tag or commit) when ``phi`` is a repo id.
+
+    Raises:
+        AlreadyWrappedError: ``model`` is already wrapped.
+        NoSitesError: no module of ``model`` can take phi.
+
+    Example:
+        >>> import timm, metaperturb
+        >>> model = timm.create_model("resnet18", num_classes=10)
+        >>> model = metaperturb.wrap(model, phi=metaperturb.Perturbation())  # doctest: +SKIP
+    """
+    if is_wrapped(model):
+        raise AlreadyWrappedError(
+            f"{type(model).__name__} is already wrapped by MetaPerturb; call metaperturb.unwrap(model) first."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap() takes an nn.Module, got {type(model).__name__}.")
+    if type(model).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule"):
+        raise TypeError(
+            f"wrap() got a {type(model).__name__}: wrap the plain model first, then apply "
+            "DistributedDataParallel / torch.compile to the wrapped model."
+        )
+    plan = plan_sites(model, strategy=sites, input_size=input_size)
+    perturbation = _resolve_phi(phi, revision)
+    perturbation.freeze(not trainable)
+    reference = next(iter(model.parameters()), None)
+    controller = MetaPerturb(perturbation, plan, channel_norm=channel_norm)
+    if reference is not None:
+        controller.to(
+            device=reference.device,
+            dtype=reference.dtype if reference.is_floating_point() else None,
+        )
+    controller.train(model.training)
+    model.add_module(ATTRIBUTE, controller)
+
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_hook(_SiteHook(controller, index))
+        for index, name in enumerate(controller.site_names)
+    ]
+    handles.append(model.register_forward_pre_hook(_InputHook(controller)))
+    handles.append(model.register_load_state_dict_post_hook(_drop_own_missing_keys))
+    controller.handles = handles
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Remove every hook and module ``wrap`` added; returns the same model, as it was."""
+    controller = get_controller(model)
+    if not is_wrapped(model):
+        raise NotWrappedError(
+            "unwrap() needs the wrapped model itself, not a DistributedDataParallel or compiled "
+            "wrapper around it: call metaperturb.unwrap(ddp.module)."
+        )
+    while controller.handles:
+        controller.handles.pop().remove()
+    delattr(model, ATTRIBUTE)
+    return model
+
+
+def inspect(
+    model: nn.Module,
+    *,
+    sites: Strategy | Sequence[str] = "block",
+    input_size: Sequence[int] | None = None,
+) -> SitePlan:
+    """The plan ``wrap`` would follow (or follows, for a wrapped model): print it to read it.
+
+    Lists each site with its channels and spatial size, and every module left out with the
+    reason. Raises :class:`~metaperturb.errors.NoSitesError` when no module can take phi.
+
+    Example:
+        >>> import torchvision, metaperturb
+        >>> print(metaperturb.inspect(torchvision.models.resnet18(), input_size=(3, 64, 64)))  # doctest: +SKIP
+    """
+    if is_wrapped(model):
+        return get_controller(model).plan
+    return plan_sites(model, strategy=sites, input_size=input_size)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` without perturbation inside the block; the hooks stay in place.
+
+    Flipping a flag rather than removing hooks keeps a ``torch.compile``d model valid (it
+    recompiles once for the other value of the flag).
+    """
+    controller = get_controller(model)
+    previous = controller.enabled
+    controller.enabled = False
+    try:
+        yield model
+    finally:
+        controller.enabled = previous
+
+
+def set_eval_mode(model: nn.Module, mode: EvalMode) -> None:
+    """Choose what the sites do in eval mode: ``"expectation"``, ``"sample"`` or ``"off"``."""
+    if mode not in _EVAL_MODES:
+        raise ValueError(f"eval mode must be one of {_EVAL_MODES}, got {mode!r}.")
+    get_controller(model).eval_mode = mode
+
+
+def set_strength(model: nn.Module, strength: float) -> None:
+    """Set the annealing coefficient c in [0, 1] (0: no perturbation, 1: full)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must lie in [0, 1], got {strength!r}.")
+    get_controller(model).strength.fill_(strength)
