@@ -97,8 +97,8 @@ class SitePlan:
         if self.skipped:
             lines.append("  skipped:")
             width = max(len(s.name) for s in self.skipped)
-            for s in self.skipped:
-                lines.append(f"    {s.name:<{width}}  {s.module_type}: {s.reason}")
+            for skip in self.skipped:
+                lines.append(f"    {skip.name:<{width}}  {skip.module_type}: {skip.reason}")
         return "\n".join(lines)
 
 
@@ -404,7 +404,7 @@ def _keep_stage_ends(traced: _Model, sites: list[str]) -> list[str]:
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The planning input: timm's ``pretrained_cfg`` size if any, else 224 px; channels from the
     first convolution."""
-    channels = next((m.in_channels for m in model.modules() if _is_conv(m)), 3)
+    channels = next((int(m.in_channels) for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     height, width = 224, 224
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -87,7 +87,7 @@ class MetaPerturb(nn.Module):
         self.phi = phi
         self.plan = plan
         self.site_names = [site.name for site in plan.sites]
-        self.sites = nn.ModuleList(SiteState(site.channels) for site in plan.sites)
+        self.sites = nn.ModuleList([SiteState(site.channels) for site in plan.sites])
         norm = channel_norm or phi.config.channel_norm or plan.widest
         self.channel_ratios = [site.channels / norm for site in plan.sites]
         #: Annealing coefficient c in ``g = (s*z - 1) * c + 1``; a tensor so that changing it
@@ -115,7 +115,7 @@ class MetaPerturb(nn.Module):
         return perturb(
             h,
             self.phi,
-            self.sites[index],
+            cast(SiteState, self.sites[index]),
             strength=self.strength,
             channel_ratio=self.channel_ratios[index],
             spatial_ratio=spatial_ratio,

@@ -1,0 +1,263 @@
+"""wrap / unwrap / inspect on small models written here, as a user would write them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaperturb
+from metaperturb import (
+    AlreadyWrappedError,
+    NoSitesError,
+    NotWrappedError,
+    Perturbation,
+    StrengthScheduler,
+)
+
+
+class MyBlock(nn.Module):
+    """A user's own residual block: no class name the library could know."""
+
+    def __init__(self, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(channels if stride == 1 else channels // 2, channels, 3, stride, 1)
+        self.na = nn.BatchNorm2d(channels)
+        self.b = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.nb = nn.BatchNorm2d(channels)
+        self.skip = (
+            nn.Identity()
+            if stride == 1
+            else nn.Sequential(
+                nn.Conv2d(channels // 2, channels, 1, stride), nn.BatchNorm2d(channels)
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.nb(self.b(F.relu(self.na(self.a(x)))))
+        return F.relu(y + self.skip(x))
+
+
+class MyResNet(nn.Module):
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.Sequential(MyBlock(8), MyBlock(8), MyBlock(16, stride=2), MyBlock(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+class MyPlainNet(nn.Module):
+    """Conv4-style, written with attributes and functional relu / pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.n1(self.c1(x))), 2)
+        x = F.max_pool2d(F.relu(self.n2(self.c2(x))), 2)
+        x = F.relu(self.c3(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def wrapped(model: nn.Module, **kwargs: object) -> nn.Module:
+    torch.manual_seed(0)
+    return metaperturb.wrap(model, phi=Perturbation(), input_size=(3, 16, 16), **kwargs)
+
+
+def test_user_residual_blocks_are_found_stem_and_head_skipped() -> None:
+    plan = metaperturb.inspect(MyResNet(), input_size=(3, 16, 16))
+    assert [s.name for s in plan.sites] == ["body.0", "body.1", "body.2", "body.3"]
+    assert [s.channels for s in plan.sites] == [8, 8, 16, 16]
+    assert [(s.height, s.width) for s in plan.sites] == [(16, 16)] * 2 + [(8, 8)] * 2
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons["stem"].startswith("stem")
+    assert reasons["head"].startswith("head")
+    text = str(plan)
+    assert "body.2" in text and "MyBlock" in text and "stem:" in text
+
+
+def test_plain_net_gets_a_site_after_each_conv_unit() -> None:
+    plan = metaperturb.inspect(MyPlainNet(), input_size=(1, 16, 16))
+    assert [s.name for s in plan.sites] == ["n1", "n2", "c3"]
+    assert plan.sites[0].role == "conv unit"
+
+
+def test_stage_strategy_and_explicit_names() -> None:
+    plan = metaperturb.inspect(MyResNet(), sites="stage", input_size=(3, 16, 16))
+    assert [s.name for s in plan.sites] == ["body.1", "body.3"]
+    plan = metaperturb.inspect(MyResNet(), sites=["body.3", "stem"], input_size=(3, 16, 16))
+    assert [s.name for s in plan.sites] == ["body.3", "stem"]
+    with pytest.raises(NoSitesError, match="'nope': not a submodule"):
+        metaperturb.inspect(MyResNet(), sites=["nope"], input_size=(3, 16, 16))
+    with pytest.raises(NoSitesError, match="not a \\(B, C, H, W\\)"):
+        metaperturb.inspect(MyResNet(), sites=["head"], input_size=(3, 16, 16))
+
+
+def test_model_without_sites_raises_a_clear_error() -> None:
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 10), nn.ReLU(), nn.Linear(10, 2))
+    with pytest.raises(NoSitesError, match="no module after which phi can be applied"):
+        metaperturb.wrap(mlp, phi=Perturbation(), input_size=(3, 4, 4))
+
+
+def test_planning_input_the_model_rejects_says_to_pass_input_size() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, 2)
+    )
+    with pytest.raises(NoSitesError, match="input_size=\\(3, 32, 32\\)"):
+        metaperturb.wrap(net, phi=Perturbation())
+
+
+def test_wrap_keeps_host_keys_and_unwrap_restores_everything() -> None:
+    model = MyResNet()
+    keys = list(model.state_dict())
+    before = copy.deepcopy(model.state_dict())
+    wrapped(model)
+    state = model.state_dict()
+    assert [k for k in state if not k.startswith("metaperturb.")] == keys
+    assert "metaperturb.sites.0.running_mean" in state and "metaperturb.phi.scale_weight" in state
+    assert "metaperturb.input_height" not in state  # non-persistent: recorded on every forward
+    model(torch.randn(2, 3, 16, 16))
+    metaperturb.unwrap(model)
+    assert list(model.state_dict()) == keys
+    assert not hasattr(model, "metaperturb")
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert not model._load_state_dict_post_hooks
+    # The host changed only through its own training (BN statistics), never through wrap.
+    assert all(
+        torch.equal(before[k], v)
+        for k, v in model.state_dict().items()
+        if "running" not in k and "num_batches" not in k
+    )
+
+
+def test_wrap_twice_and_unwrap_plain_are_errors() -> None:
+    model = wrapped(MyResNet())
+    with pytest.raises(AlreadyWrappedError, match="unwrap"):
+        metaperturb.wrap(model, phi=Perturbation())
+    with pytest.raises(NotWrappedError, match="wrap\\(model\\) first"):
+        metaperturb.unwrap(MyResNet())
+
+
+def test_wrapped_model_perturbs_in_training_and_disabled_restores_host() -> None:
+    host = MyResNet()
+    model = wrapped(copy.deepcopy(host))
+    x = torch.randn(4, 3, 16, 16)
+    host.train(), model.train()
+    assert not torch.allclose(model(x), host(x))
+    with metaperturb.disabled(model):
+        torch.testing.assert_close(model(x), host(x))
+    assert metaperturb.get_controller(model).enabled
+
+
+def test_eval_modes_and_mc_predict() -> None:
+    host = MyResNet()
+    model = wrapped(copy.deepcopy(host))
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    for _ in range(3):
+        model(x)
+    host.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("metaperturb.")}
+    )
+    model.eval(), host.eval()
+    expectation = model(x)
+    torch.testing.assert_close(model(x), expectation)  # deterministic
+    metaperturb.set_eval_mode(model, "off")
+    torch.testing.assert_close(model(x), host(x))
+    metaperturb.set_eval_mode(model, "sample")
+    assert not torch.equal(model(x), model(x))
+    metaperturb.set_eval_mode(model, "expectation")
+    model.train()
+    probs = metaperturb.mc_predict(model, x, samples=5)
+    assert model.training and metaperturb.get_controller(model).eval_mode == "expectation"
+    assert probs.shape == (4, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    with pytest.raises(ValueError, match="eval mode must be one of"):
+        metaperturb.set_eval_mode(model, "mean")  # type: ignore[arg-type]
+
+
+def test_frozen_phi_is_untouched_by_the_users_optimizer() -> None:
+    model = wrapped(MyResNet())
+    phi_before = copy.deepcopy(metaperturb.get_controller(model).phi.state_dict())
+    host_before = model.head.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
+        optimizer.step()
+    phi_after = metaperturb.get_controller(model).phi.state_dict()
+    assert all(torch.equal(phi_before[k], phi_after[k]) for k in phi_before)
+    assert not torch.equal(model.head.weight, host_before)
+
+
+def test_trainable_phi_gets_gradients() -> None:
+    model = wrapped(MyResNet(), trainable=True)
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    phi = metaperturb.get_controller(model).phi
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in phi.parameters())
+
+
+def test_site_statistics_round_trip_through_the_hosts_state_dict() -> None:
+    model = wrapped(MyResNet())
+    model(torch.randn(4, 3, 16, 16))
+    fresh = wrapped(MyResNet())
+    fresh.load_state_dict(model.state_dict())
+    for a, b in zip(
+        metaperturb.get_controller(model).sites,
+        metaperturb.get_controller(fresh).sites,
+        strict=True,
+    ):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+    assert metaperturb.get_controller(model).sites[0].running_mean.abs().sum() > 0
+
+
+def test_a_plain_host_checkpoint_loads_strictly_into_a_wrapped_host() -> None:
+    host = MyResNet()
+    model = wrapped(MyResNet())
+    result = model.load_state_dict(host.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(model.head.weight, host.head.weight)
+
+
+def test_spatial_descriptor_follows_the_input_size() -> None:
+    model = wrapped(MyResNet())
+    controller = metaperturb.get_controller(model)
+    model(torch.randn(2, 3, 24, 24))
+    assert controller.input_height.item() == 24
+    assert controller.channel_ratios == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_strength_scheduler_ramps_over_the_first_40_percent() -> None:
+    model = wrapped(MyResNet())
+    scheduler = StrengthScheduler(model, total_steps=100)
+    controller = metaperturb.get_controller(model)
+    assert controller.strength.item() == 0.0
+    values = [scheduler.step() for _ in range(100)]
+    assert values[19] == pytest.approx(0.5) and values[39] == 1.0 and values[-1] == 1.0
+    resumed = StrengthScheduler(model, total_steps=100)
+    resumed.load_state_dict({"last_step": 10, "total_steps": 100, "ramp_fraction": 0.4})
+    assert controller.strength.item() == pytest.approx(0.25)
+    assert metaperturb.linear_ramp(0, 10) == 0.0
+    with pytest.raises(ValueError, match="strength must lie"):
+        metaperturb.set_strength(model, 2.0)
+
+
+def test_default_phi_is_not_faked() -> None:
+    """Until phi* is meta-trained, wrap(model) without phi says so instead of using a stand-in."""
+    from metaperturb import hub
+
+    if (hub.default_phi_path() / "model.safetensors").exists():
+        pytest.skip("phi* ships: covered by the hub tests")
+    with pytest.raises(metaperturb.DefaultPhiUnavailableError, match="phi="):
+        metaperturb.wrap(MyResNet(), input_size=(3, 16, 16))
