@@ -42,11 +42,13 @@ def test_torch_compile_fullgraph_has_no_graph_break() -> None:
     compiled(x).sum().backward()  # train mode: sampled noise, batch statistics
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))
-    with metaperturb.disabled(model):  # flag flip: recompiles, no hook removal
-        with metaperturb.disabled(compiled):
-            plain = compiled(x)
-    metaperturb.set_strength(model, 0.5)  # a tensor: no recompilation needed
-    assert not torch.allclose(plain, compiled(x))
+    perturbed = compiled(x)
+    with metaperturb.disabled(compiled):  # a flag flip: recompiles once, hooks stay
+        plain = compiled(x)
+        torch.testing.assert_close(plain, model(x))
+    assert not torch.allclose(plain, perturbed)
+    metaperturb.set_strength(compiled, 0.0)  # a tensor: takes effect without recompiling
+    torch.testing.assert_close(compiled(x), plain)
 
 
 def test_autocast_bf16_keeps_dtype_through_every_site() -> None:
