@@ -212,3 +212,15 @@ def test_config_validation_and_round_trip() -> None:
         PerturbationConfig(clip=-1)
     with pytest.raises(ValueError, match="Unknown phi config keys"):
         PerturbationConfig.from_dict({"future_option": 1})
+
+
+def test_from_pretrained_save_pretrained_round_trip(tmp_path, phi: Perturbation) -> None:
+    phi.config = PerturbationConfig(channel_norm=64, metadata={"source_dataset": "test"})
+    folder = phi.save_pretrained(tmp_path / "phi")
+    loaded = Perturbation.from_pretrained(folder)
+    assert loaded.config.channel_norm == 64
+    assert loaded.config.metadata["source_dataset"] == "test"
+    for (name, a), (_, b) in zip(
+        phi.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name

@@ -10,8 +10,10 @@ batch statistics. phi holds only the weights; the per-site running statistics li
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,12 +173,34 @@ class Perturbation(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """A fresh, untrained phi: noise mean near 0 (so ``z ~ softplus(N(0, 1))``)."""
+        """A fresh, untrained phi: every weight drawn from N(0, 0.01), as the authors initialise
+        it, so ``mu`` is near 0 (``z ~ softplus(N(0, 1))``) and ``s`` near 0.5."""
         self.noise_in.reset_parameters()
         self.noise_out.reset_parameters()
-        nn.init.kaiming_uniform_(self.scale_kernels, a=math.sqrt(5))
-        bound = 1.0 / math.sqrt(NUM_SCALE_FEATURES)
-        nn.init.uniform_(self.scale_weight, -bound, bound)
+        nn.init.normal_(self.scale_kernels, 0.0, 0.01)
+        nn.init.normal_(self.scale_weight, 0.0, 0.01)
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike[str], *, revision: str | None = None, **kwargs: Any
+    ) -> Perturbation:
+        """Load a phi from a Hub repo id, a folder or a ``.safetensors`` file (strictly, never
+        unpickling); see :func:`metaperturb.hub.load_phi` for the keyword arguments."""
+        from .hub import load_phi
+
+        return load_phi(name_or_path, revision=revision, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and a model card to ``save_directory``."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Publish this phi to the Hugging Face Hub; returns the commit URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def freeze(self, frozen: bool = True) -> Perturbation:
         """Stop (or restart) learning: sets ``requires_grad`` and the detach guard together."""
