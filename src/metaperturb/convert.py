@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._serialization import validate_tensors
 from .errors import MetaPerturbError, PhiFormatError, PhiNotFoundError
-from .hub import _validate_tensors, save_pretrained
+from .hub import save_pretrained
 from .phi import Perturbation, PerturbationConfig
 
 __all__ = ["OFFICIAL_KEY_MAP", "convert_official_checkpoint", "main"]
@@ -106,7 +107,7 @@ def convert_official_checkpoint(path: str | os.PathLike[str]) -> Perturbation:
             f"{source} holds a {type(state).__name__}, not a state dict of tensors; expected "
             f"the authors' Perturb state dict with keys {sorted(_OFFICIAL_SHAPES)}."
         )
-    checked = _validate_tensors(state, _OFFICIAL_SHAPES, source=f"{source} (authors' format)")
+    checked = validate_tensors(state, _OFFICIAL_SHAPES, source=f"{source} (authors' format)")
     metadata = {
         "source": _SOURCE,
         "source_dataset": "tiny-imagenet",
