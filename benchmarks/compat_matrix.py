@@ -27,12 +27,11 @@ def load_cases() -> list:
 
 def main() -> None:
     print(
-        f"torch {torch.__version__}; planned and run at the input size shown, batch 2, CPU; each row also trains one step and evaluates once\n"
+        f"torch {torch.__version__}; planned at the input size shown; each model also trains "
+        "one step (batch 2, CPU) and evaluates once\n"
     )
-    print(
-        "| library | model | input | sites | first site | last site | wrap + 1 train step + 1 eval (s) |"
-    )
-    print("| --- | --- | --- | ---: | --- | --- | ---: |")
+    print("| library | model | input | sites | first site | last site |")
+    print("| --- | --- | --- | ---: | --- | --- |")
     for case, exercise in load_cases():
         _, plan = exercise(case)
         first, last = plan.sites[0], plan.sites[-1]
