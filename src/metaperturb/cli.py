@@ -1,0 +1,91 @@
+"""The ``metaperturb`` command: ``inspect`` a model's sites, ``convert`` the authors' phi."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from .errors import MetaPerturbError
+
+__all__ = ["build_model", "main"]
+
+
+def build_model(name: str, num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    """A model from its name: ``tv:resnet18`` for torchvision, anything else for timm."""
+    if name.startswith("tv:"):
+        import torchvision
+
+        factory = getattr(torchvision.models, name[3:], None)
+        if factory is None:
+            raise SystemExit(f"error: torchvision.models has no {name[3:]!r}")
+        model: nn.Module = factory(weights=None, num_classes=num_classes)
+        return model
+    import timm
+
+    from . import models  # noqa: F401  (registers the project's own models with timm)
+
+    if not timm.is_model(name):
+        raise SystemExit(
+            f"error: timm knows no model {name!r}; try `timm.list_models('*{name}*')`."
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .wrapper import inspect
+
+    model = build_model(args.model, in_chans=args.input_size[0])
+    print(inspect(model, sites=args.sites, input_size=args.input_size))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import main as convert_main
+
+    return convert_main([args.checkpoint, args.output])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="metaperturb", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect_parser = commands.add_parser(
+        "inspect", help="print where wrap() puts phi in a timm or torchvision model"
+    )
+    inspect_parser.add_argument("model", help="a timm model name, or tv:NAME for torchvision")
+    inspect_parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        default=[3, 224, 224],
+        metavar=("C", "H", "W"),
+        help="planning input size (default: 3 224 224)",
+    )
+    inspect_parser.add_argument(
+        "--sites",
+        choices=["block", "stage"],
+        default="block",
+        help="a site after every block, or only at the end of each stage",
+    )
+    inspect_parser.set_defaults(run=_inspect)
+
+    convert_parser = commands.add_parser(
+        "convert", help="convert the authors' perturb_750.pth (never redistribute the result)"
+    )
+    convert_parser.add_argument("checkpoint", help="the authors' .pth file")
+    convert_parser.add_argument("output", help="folder to write")
+    convert_parser.set_defaults(run=_convert)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except MetaPerturbError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
