@@ -48,6 +48,7 @@ def perturb(
     spatial_ratio: Tensor,
     training: bool,
     eval_mode: EvalMode = "expectation",
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``h * g`` with ``g = (s * z - 1) * strength + 1`` (MetaPerturb, METHOD.md steps 2-5).
 
@@ -55,7 +56,8 @@ def perturb(
     and ``z`` is sampled; in eval mode ``s`` comes from the running statistics and ``z`` follows
     ``eval_mode``. The batch variance is the population variance over the batch: 0 for a batch of
     one (never NaN), and the running variance averages exactly that statistic, so eval sees the
-    feature training saw. An empty batch passes through unchanged.
+    feature training saw. An empty batch passes through unchanged. ``noise`` replaces the
+    standard normal draw (``a = mu + noise``), for tests that compare implementations.
     """
     if h.dim() != 4 or h.shape[1] != state.channels:
         raise SiteShapeError(
@@ -66,8 +68,11 @@ def perturb(
     if h.shape[0] == 0 or (not training and eval_mode == "off"):
         return h
 
+    # phi computes in its own dtype (fp32 unless the whole model was cast), so that its weight
+    # gradients stay accurate for a bf16 host; under autocast, autocast picks the conv dtype.
+    x = h.to(phi.scale_weight.dtype)
     if training:
-        maps = phi.scale_maps(h).float()
+        maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
         var = maps.var(dim=0, unbiased=False)
         with torch.no_grad():
@@ -78,13 +83,13 @@ def perturb(
         mean, var = state.running_mean, state.running_var
     scale = phi.channel_scale(mean, var, channel_ratio, spatial_ratio)
 
-    mu = phi.noise_mean(h)
+    mu = phi.noise_mean(x)
     if training or eval_mode == "sample":
-        noise = F.softplus(mu + torch.randn_like(mu))
+        z = F.softplus(mu + (torch.randn_like(mu) if noise is None else noise.to(mu.dtype)))
     else:
-        noise = expected_softplus(mu)
+        z = expected_softplus(mu)
 
-    gain = (scale.to(noise.dtype).view(1, -1, 1, 1) * noise - 1.0) * strength.to(noise.dtype) + 1.0
+    gain = (scale.to(z.dtype).view(1, -1, 1, 1) * z - 1.0) * strength.to(z.dtype) + 1.0
     out = h * gain.to(h.dtype)
     clip = phi.config.clip
     if training and clip is not None:

@@ -1,0 +1,86 @@
+"""The fast site computes the same function as the obvious reference implementation.
+
+Same seed, same noise: forward values, and gradients to the input and to phi, in train and
+eval modes, NCHW and channels_last, fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metaperturb._reference import reference_perturb
+from metaperturb.phi import Perturbation
+from metaperturb.site import SiteState, perturb
+
+MODES = [(True, "expectation"), (False, "expectation"), (False, "sample")]
+
+
+def make_phi() -> Perturbation:
+    torch.manual_seed(0)
+    phi = Perturbation()
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(0.0, 0.3)
+    return phi
+
+
+def run(fn, phi: Perturbation, h: torch.Tensor, noise: torch.Tensor, training: bool, mode: str):
+    state = SiteState(h.shape[1])
+    state.running_mean.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    h = h.detach().requires_grad_(True)
+    phi.zero_grad(set_to_none=True)
+    out = fn(
+        h,
+        phi,
+        state,
+        strength=torch.tensor(0.8),
+        channel_ratio=0.5,
+        spatial_ratio=torch.tensor(0.25),
+        training=training,
+        eval_mode=mode,
+        noise=noise,
+    )
+    upstream = torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype)
+    (out * upstream).sum().backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in phi.named_parameters()}
+    return out.detach(), h.grad, grads, state
+
+
+@pytest.mark.parametrize("training,mode", MODES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(6, 5, 9, 7), (3, 16, 8, 8)])
+def test_fast_path_matches_reference(shape, dtype, channels_last, training, mode) -> None:
+    phi = make_phi()
+    generator = torch.Generator().manual_seed(2)
+    h = torch.randn(shape, generator=generator).to(dtype)
+    noise = torch.randn(shape, generator=generator)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    fast = run(perturb, phi, h, noise, training, mode)
+    ref = run(reference_perturb, phi, h, noise, training, mode)
+
+    def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=what)
+            return
+        # bf16 keeps 8 significant bits and phi's convolutions run in bf16 (as under autocast,
+        # with bf16 accumulation on a CPU): compare with the fp32 reference in relative norm.
+        difference = (actual.float() - expected.float()).norm().item()
+        assert difference <= 0.08 * expected.float().norm().item() + 1e-6, (
+            f"{what}: {difference:.3g}"
+        )
+
+    assert fast[0].dtype == dtype
+    if channels_last:
+        assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    close(fast[0], ref[0], "output")
+    close(fast[1], ref[1], "input gradient")
+    for name, expected in ref[2].items():
+        if expected is None:  # eval mode: the running statistics replace the scale path
+            assert fast[2][name] is None, name
+        else:
+            close(fast[2][name], expected, name)
+    close(fast[3].running_mean, ref[3].running_mean, "running mean")
+    close(fast[3].running_var, ref[3].running_var, "running variance")
