@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -98,6 +98,8 @@ class MetaPerturb(nn.Module):
         self.enabled = True
         #: What the sites do in eval mode: "expectation" (default), "sample" or "off".
         self.eval_mode: EvalMode = "expectation"
+        #: The function applied at each site (``benchmarks/overhead.py`` swaps in the reference).
+        self.site_function: Callable[..., Tensor] = perturb
         #: Handles of the hooks ``wrap`` registered, removed by ``unwrap``.
         self.handles: list[RemovableHandle] = []
 
@@ -112,7 +114,7 @@ class MetaPerturb(nn.Module):
             if spatial_norm is not None
             else height / self.input_height.clamp(min=1.0)
         )
-        return perturb(
+        return self.site_function(
             h,
             self.phi,
             cast(SiteState, self.sites[index]),

@@ -1,0 +1,307 @@
+"""What MetaPerturb costs: training step, eval forward and memory, wrapped / unwrapped.
+
+Every ratio compares configurations timed in the same run, interleaved (round-robin over the
+configurations, ``--repeats`` rounds, each the median of ``--steps`` steps), and reports the
+median over rounds. "reference" is the obvious implementation of phi
+(:mod:`metaperturb._reference`), "fast" the library's.
+
+Usage:
+    python benchmarks/overhead.py                      # CPU: the README table
+    python benchmarks/overhead.py --device cuda        # GPU: resnet50 224px, batch 64, bf16
+    python benchmarks/overhead.py --quick              # a smoke run (CI-sized)
+Writes a markdown table to stdout and JSON to benchmarks/results/overhead-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import metaperturb
+from metaperturb._reference import reference_perturb
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Workload:
+    name: str
+    build: Callable[[], nn.Module]
+    input_size: tuple[int, int, int]
+    batch: int
+    classes: int
+
+
+def workloads(device: str, quick: bool) -> list[Workload]:
+    if device == "cuda":
+        return [
+            Workload(
+                "resnet50 224px b64",
+                lambda: torchvision.models.resnet50(num_classes=100),
+                (3, 224, 224),
+                64,
+                100,
+            ),
+            Workload(
+                "resnet20 32px b128",
+                lambda: timm.create_model("cifar_resnet20"),
+                (3, 32, 32),
+                128,
+                10,
+            ),
+        ]
+    scale = 4 if quick else 1
+    return [
+        Workload(
+            "resnet20 32px b128",
+            lambda: timm.create_model("cifar_resnet20"),
+            (3, 32, 32),
+            128 // scale,
+            10,
+        ),
+        Workload(
+            "resnet50 128px b16",
+            lambda: torchvision.models.resnet50(num_classes=100),
+            (3, 128 // scale, 128 // scale),
+            16,
+            100,
+        ),
+    ]
+
+
+def make(
+    workload: Workload, variant: str, device: torch.device, trainable: bool = False
+) -> nn.Module:
+    torch.manual_seed(0)
+    model = workload.build()
+    if variant != "unwrapped":
+        metaperturb.wrap(
+            model,
+            phi=metaperturb.Perturbation(),
+            input_size=workload.input_size,
+            trainable=trainable,
+        )
+        if variant == "reference":
+            metaperturb.get_controller(model).site_function = reference_perturb
+    return model.to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_step_fn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None
+) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=5e-4
+    )
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(
+            x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+        ):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def eval_fn(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
+    model.eval()
+
+    @torch.no_grad()
+    def forward() -> None:
+        with torch.autocast(
+            x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+        ):
+            model(x)
+
+    return forward
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], device: torch.device, steps: int, repeats: int
+) -> dict[str, float]:
+    """Median over rounds of the per-round median step time, in seconds; rounds interleave."""
+    for fn in fns.values():  # warm-up
+        fn(), fn()
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times = []
+            for _ in range(steps):
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            rounds[name].append(statistics.median(times))
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def saved_activation_bytes(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None
+) -> int:
+    """Bytes autograd keeps for backward in one training forward: the memory a step adds."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(
+            x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+        ),
+    ):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return sum(seen.values())
+
+
+def peak_cuda_bytes(step: Callable[[], None]) -> int:
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--steps", type=int, default=3, help="steps per round and configuration")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="small inputs, 1 round: checks the script runs"
+    )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the (slow) reference implementation"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
+    variants = ["unwrapped", "fast"] + ([] if args.no_reference else ["reference"])
+
+    rows: list[dict[str, object]] = []
+    for workload in workloads(device.type, args.quick):
+        x = torch.randn(workload.batch, *workload.input_size, device=device)
+        y = torch.randint(0, workload.classes, (workload.batch,), device=device)
+        models = {v: make(workload, v, device) for v in variants}
+        train = interleaved(
+            {v: train_step_fn(m, x, y, autocast) for v, m in models.items()}, device, steps, repeats
+        )
+        evals = interleaved(
+            {v: eval_fn(m, x, autocast) for v, m in models.items()}, device, steps, repeats
+        )
+        memory = {v: saved_activation_bytes(m, x, y, autocast) for v, m in models.items()}
+        if device.type == "cuda":
+            peaks = {
+                v: peak_cuda_bytes(train_step_fn(m, x, y, autocast)) for v, m in models.items()
+            }
+        # phi's own meta-training step: trainable phi, gradients to phi and to the host.
+        meta_models = {
+            v: make(workload, v, device, trainable=True) for v in variants if v != "unwrapped"
+        }
+        meta = interleaved(
+            {v: train_step_fn(m, x, y, autocast) for v, m in meta_models.items()},
+            device,
+            steps,
+            repeats,
+        )
+        row: dict[str, object] = {
+            "workload": workload.name,
+            "train_s": train,
+            "eval_s": evals,
+            "saved_activation_bytes": memory,
+            "meta_train_s": meta,
+        }
+        if device.type == "cuda":
+            row["peak_cuda_bytes"] = peaks
+        rows.append(row)
+
+    report = {
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "autocast": str(autocast),
+        "steps": steps,
+        "repeats": repeats,
+        "rows": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    if not args.quick:
+        (RESULTS / f"overhead-{device.type}.json").write_text(json.dumps(report, indent=2))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    title = (
+        f"{report['device']}, {report['threads']} threads, torch {report['torch']}, "
+        f"autocast {report['autocast']}; medians of {report['repeats']} interleaved rounds x "
+        f"{report['steps']} steps"
+    )
+    lines = [
+        title,
+        "",
+        "| workload | measure | unwrapped | fast | reference | fast / unwrapped | reference / unwrapped |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["rows"]:
+        for key, label, unit in [
+            ("train_s", "train step (fwd+bwd+Adam)", "ms"),
+            ("eval_s", "eval forward (expectation)", "ms"),
+            ("saved_activation_bytes", "activation memory kept for backward", "MB"),
+            ("peak_cuda_bytes", "peak GPU memory of a train step", "MB"),
+        ]:
+            if key not in row:
+                continue
+            values = row[key]
+            factor = 1e3 if unit == "ms" else 1e-6
+            cells = [
+                f"{values[v] * factor:.1f}" if v in values else "-"
+                for v in ("unwrapped", "fast", "reference")
+            ]
+            ratios = [
+                f"{values[v] / values['unwrapped']:.2f}" if v in values else "-"
+                for v in ("fast", "reference")
+            ]
+            lines.append(
+                f"| {row['workload']} | {label} ({unit}) | {' | '.join(cells)} | {' | '.join(ratios)} |"
+            )
+        meta = row["meta_train_s"]
+        if "reference" in meta:
+            speedup = meta["reference"] / meta["fast"]
+            lines.append(
+                f"| {row['workload']} | meta-training step, trainable phi (ms) | - | {meta['fast'] * 1e3:.1f} | "
+                f"{meta['reference'] * 1e3:.1f} | reference / fast = {speedup:.2f}x | |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
