@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._kernels import relu_mean
+
 __all__ = [
     "NUM_SCALE_FEATURES",
     "ChannelEquivariantConv",
@@ -120,26 +122,22 @@ class ChannelEquivariantConv(nn.Module):
         )
 
 
-def _gauss_hermite(points: int) -> tuple[list[float], list[float]]:
-    """Nodes and weights of the Gauss-Hermite rule for E[f(eps)], eps ~ N(0, 1) (Golub-Welsch)."""
-    k = torch.arange(1, points, dtype=torch.float64).sqrt()
-    nodes, vectors = torch.linalg.eigh(torch.diag(k, 1) + torch.diag(k, -1))
-    return nodes.tolist(), (vectors[0] ** 2).tolist()
-
-
-_GH_NODES, _GH_WEIGHTS = _gauss_hermite(8)
+# E[softplus(mu + eps)], eps ~ N(0, 1), is smooth and close to a rescaled softplus; a Gaussian bump
+# absorbs the rest. Constants fitted (minimax over mu in [-12, 12]) against an 80-point
+# Gauss-Hermite rule; the error is below 3.5e-4 everywhere (0.05% of z at mu = 0).
+_EXPECTATION_SLOPE = 0.919
+_EXPECTATION_BUMP = 0.0515
+_EXPECTATION_WIDTH = 1.0 / (2.0 * 2.375)
 
 
 def expected_softplus(mu: Tensor) -> Tensor:
     """``E[softplus(a)]`` for ``a ~ N(mu, 1)``: the mean of phi's noise ``z``, elementwise.
 
-    No closed form exists; an 8-point Gauss-Hermite rule is within 1e-6 of the exact value for
-    every ``mu`` (checked against a 64-point rule), deterministic and differentiable.
+    No closed form exists; this approximation (two transcendental functions, within 3.5e-4 of
+    the exact value for every ``mu``) makes the deterministic eval mode cost one pass.
     """
-    total = torch.zeros_like(mu)
-    for node, weight in zip(_GH_NODES, _GH_WEIGHTS, strict=True):
-        total = total + weight * F.softplus(mu + node)
-    return total
+    rescaled = F.softplus(mu * _EXPECTATION_SLOPE) / _EXPECTATION_SLOPE
+    return rescaled + _EXPECTATION_BUMP * torch.exp(mu.square() * -_EXPECTATION_WIDTH)
 
 
 class Perturbation(nn.Module):
@@ -222,10 +220,15 @@ class Perturbation(nn.Module):
         The same four 3x3 kernels run over every channel on its own, then relu and global
         average pooling.
         """
-        batch, channels = h.shape[:2]
-        kernels = self._weight(self.scale_kernels).repeat(channels, 1, 1, 1)
-        maps = F.relu(F.conv2d(h, kernels.to(h.dtype), padding=1, groups=channels))
-        return maps.mean(dim=(2, 3)).view(batch, channels, _SCALE_MAPS)
+        channels = h.shape[1]
+        kernels = self._weight(self.scale_kernels).to(h.dtype)
+        # Four depthwise convolutions, not one grouped convolution with 4C outputs: the latter
+        # leaves the fast depthwise kernels of oneDNN/cuDNN and costs several times more.
+        pooled = [
+            relu_mean(F.conv2d(h, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels))
+            for kernel in kernels.split(1)
+        ]
+        return torch.stack(pooled, dim=2)
 
     def channel_scale(
         self, mean: Tensor, var: Tensor, channel_ratio: float, spatial_ratio: Tensor

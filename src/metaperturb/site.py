@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._kernels import sampled_gain, standard_normal_like
 from .errors import SiteShapeError
 from .phi import Perturbation, expected_softplus
 
@@ -85,13 +85,10 @@ def perturb(
 
     mu = phi.noise_mean(x)
     if training or eval_mode == "sample":
-        z = F.softplus(mu + (torch.randn_like(mu) if noise is None else noise.to(mu.dtype)))
-    else:
-        z = expected_softplus(mu)
-
-    gain = (scale.to(z.dtype).view(1, -1, 1, 1) * z - 1.0) * strength.to(z.dtype) + 1.0
-    out = h * gain.to(h.dtype)
-    clip = phi.config.clip
-    if training and clip is not None:
-        out = out.clamp(max=clip)
-    return out
+        draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
+        clip = phi.config.clip if training else None
+        return sampled_gain(h, mu, draw, scale, strength, clip)
+    gain = (scale.to(mu.dtype).view(1, -1, 1, 1) * expected_softplus(mu) - 1.0) * strength.to(
+        mu.dtype
+    ) + 1.0
+    return h * gain.to(h.dtype)

@@ -1,0 +1,115 @@
+"""Hand-written autograd for the two elementwise-heavy pieces of a site.
+
+Autograd's generic graph for these keeps several full-size float tensors per site and walks
+memory once per op; these functions keep what backward needs and nothing else (a boolean mask,
+the noise ``z``) and compute the gradients from it in a few passes. The reference
+implementation in :mod:`metaperturb._reference` checks them (``tests/test_fast_path.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["relu_mean", "sampled_gain", "standard_normal_like"]
+
+
+class _ReluMean(torch.autograd.Function):
+    """``relu(y).mean((2, 3))`` keeping a boolean mask (1 byte per element) for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor) -> Tensor:
+        keep = y > 0
+        ctx.save_for_backward(keep)
+        ctx.area = y.shape[2] * y.shape[3]
+        return F.relu(y).mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (keep,) = ctx.saved_tensors
+        # A materialised gradient (not an expanded view), which convolution backward needs to
+        # stay on its fast path.
+        return keep * (grad / ctx.area)[:, :, None, None]
+
+
+def relu_mean(y: Tensor) -> Tensor:
+    """Global average of ``relu(y)`` per (example, channel): shape (B, C)."""
+    result: Tensor = _ReluMean.apply(y)
+    return result
+
+
+class _SampledGain(torch.autograd.Function):
+    """``h * ((s * softplus(mu + noise) - 1) * c + 1)``, clamped from above, in one function.
+
+    Backward needs only ``h`` and ``z = softplus(mu + noise)``: ``sigmoid(mu + noise)`` is
+    ``1 - exp(-z)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        mu: Tensor,
+        noise: Tensor,
+        scale: Tensor,
+        strength: Tensor,
+        clip: float | None,
+    ) -> Tensor:
+        z = F.softplus(mu + noise)
+        channel_scale = scale.to(z.dtype).view(1, -1, 1, 1)
+        gain = (z * channel_scale).sub_(1.0).mul_(strength.to(z.dtype)).add_(1.0)
+        out = h * gain.to(h.dtype)
+        keep = None
+        if clip is not None:
+            keep = out <= clip
+            out = out.clamp_(max=clip)
+        ctx.save_for_backward(h, z, scale, strength, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        h, z, scale, strength, keep = ctx.saved_tensors
+        if keep is not None:
+            grad_out = grad_out * keep
+        channel_scale = scale.to(z.dtype).view(1, -1, 1, 1)
+        c = strength.to(z.dtype)
+        grad_h = grad_mu = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            gain = (z * channel_scale).sub_(1.0).mul_(c).add_(1.0)
+            grad_h = grad_out * gain.to(grad_out.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_gain = grad_out.to(z.dtype) * h.to(z.dtype) * c
+            if ctx.needs_input_grad[3]:
+                grad_scale = (grad_gain * z).sum(dim=(0, 2, 3)).to(scale.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_mu = grad_gain.mul_(channel_scale).mul_(torch.expm1(-z).neg_())
+        return grad_h, grad_mu, None, grad_scale, None, None
+
+
+def sampled_gain(
+    h: Tensor, mu: Tensor, noise: Tensor, scale: Tensor, strength: Tensor, clip: float | None
+) -> Tensor:
+    """The perturbed features for one draw of ``noise`` (see :class:`_SampledGain`)."""
+    result: Tensor = _SampledGain.apply(h, mu, noise, scale, strength, clip)
+    return result
+
+
+def standard_normal_like(x: Tensor) -> Tensor:
+    """N(0, 1) noise shaped like ``x``, generated contiguously in ``x``'s memory layout.
+
+    ``torch.randn_like`` on a channels_last tensor fills it through strides, several times
+    slower on a CPU than drawing the same numbers into contiguous memory.
+    """
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        batch, channels, height, width = x.shape
+        return torch.randn(batch, height, width, channels, dtype=x.dtype, device=x.device).permute(
+            0, 3, 1, 2
+        )
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device)
