@@ -14,6 +14,13 @@ from metaperturb.phi import Perturbation
 from metaperturb.site import SiteState, perturb
 
 MODES = [(True, "expectation"), (False, "expectation"), (False, "sample")]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    ),
+]
 
 
 def make_phi() -> Perturbation:
@@ -28,20 +35,21 @@ def make_phi() -> Perturbation:
 def run(fn, phi: Perturbation, h: torch.Tensor, noise: torch.Tensor, training: bool, mode: str):
     state = SiteState(h.shape[1])
     state.running_mean.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    state = state.to(h.device)
     h = h.detach().requires_grad_(True)
     phi.zero_grad(set_to_none=True)
     out = fn(
         h,
         phi,
         state,
-        strength=torch.tensor(0.8),
+        strength=torch.tensor(0.8, device=h.device),
         channel_ratio=0.5,
-        spatial_ratio=torch.tensor(0.25),
+        spatial_ratio=torch.tensor(0.25, device=h.device),
         training=training,
         eval_mode=mode,
         noise=noise,
     )
-    upstream = torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype)
+    upstream = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape).to(out.dtype)
     (out * upstream).sum().backward()
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in phi.named_parameters()}
     return out.detach(), h.grad, grads, state
@@ -51,11 +59,12 @@ def run(fn, phi: Perturbation, h: torch.Tensor, noise: torch.Tensor, training: b
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(6, 5, 9, 7), (3, 16, 8, 8)])
-def test_fast_path_matches_reference(shape, dtype, channels_last, training, mode) -> None:
-    phi = make_phi()
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_path_matches_reference(shape, dtype, channels_last, training, mode, device) -> None:
+    phi = make_phi().to(device)
     generator = torch.Generator().manual_seed(2)
-    h = torch.randn(shape, generator=generator).to(dtype)
-    noise = torch.randn(shape, generator=generator)
+    h = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    noise = torch.randn(shape, generator=generator).to(device)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
     fast = run(perturb, phi, h, noise, training, mode)

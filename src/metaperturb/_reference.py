@@ -57,7 +57,9 @@ def reference_perturb(
             state.running_var.lerp_(var.detach(), phi.config.momentum)
     else:
         mean, var = state.running_mean.float(), state.running_var.float()
-    descriptors = torch.stack([torch.tensor(channel_ratio), spatial_ratio.float()])
+    descriptors = torch.stack(
+        [spatial_ratio.new_tensor(channel_ratio).float(), spatial_ratio.float()]
+    )
     features = torch.cat([mean, var, descriptors.expand(channels, 2)], dim=1)
     scale = torch.sigmoid(features @ phi.scale_weight.t()).view(1, channels, 1, 1)
 
