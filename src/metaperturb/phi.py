@@ -220,10 +220,14 @@ class Perturbation(nn.Module):
         The same four 3x3 kernels run over every channel on its own, then relu and global
         average pooling.
         """
-        channels = h.shape[1]
+        batch, channels = h.shape[:2]
         kernels = self._weight(self.scale_kernels).to(h.dtype)
-        # Four depthwise convolutions, not one grouped convolution with 4C outputs: the latter
-        # leaves the fast depthwise kernels of oneDNN/cuDNN and costs several times more.
+        if h.device.type == "cuda":
+            # One grouped convolution with 4 outputs per channel: fastest with cuDNN.
+            maps = F.conv2d(h, kernels.repeat(channels, 1, 1, 1), padding=1, groups=channels)
+            return relu_mean(maps).view(batch, channels, _SCALE_MAPS)
+        # On a CPU, oneDNN's grouped convolution with 4 outputs per group is several times slower
+        # than four depthwise convolutions (benchmarks/overhead.py).
         pooled = [
             relu_mean(F.conv2d(h, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels))
             for kernel in kernels.split(1)

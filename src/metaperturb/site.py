@@ -68,9 +68,10 @@ def perturb(
     if h.shape[0] == 0 or (not training and eval_mode == "off"):
         return h
 
-    # phi computes in its own dtype (fp32 unless the whole model was cast), so that its weight
-    # gradients stay accurate for a bf16 host; under autocast, autocast picks the conv dtype.
-    x = h.to(phi.scale_weight.dtype)
+    # Under autocast, phi follows the autocast dtype like the host does. Outside it, phi computes in
+    # its own dtype (fp32 unless the whole model was cast), so that a 16-bit input does not make
+    # phi's weight gradients lose precision.
+    x = h if torch.is_autocast_enabled(h.device.type) else h.to(phi.scale_weight.dtype)
     if training:
         maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
