@@ -50,7 +50,7 @@ def reference_perturb(
     if training:
         kernels = phi.scale_kernels.repeat(channels, 1, 1, 1)
         maps = F.relu(F.conv2d(x, kernels, padding=1, groups=channels))
-        pooled = maps.mean(dim=(2, 3)).view(batch, channels, 4)
+        pooled = maps.mean(dim=(2, 3)).view(batch, channels, 4).float()
         mean, var = pooled.mean(dim=0), pooled.var(dim=0, unbiased=False)
         with torch.no_grad():
             state.running_mean.lerp_(mean.detach(), phi.config.momentum)
