@@ -92,6 +92,7 @@ def make(
             phi=metaperturb.Perturbation(),
             input_size=workload.input_size,
             trainable=trainable,
+            memory_efficient=variant == "memory-efficient",
         )
         if variant == "reference":
             metaperturb.get_controller(model).site_function = reference_perturb
@@ -203,7 +204,9 @@ def main() -> None:
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
-    variants = ["unwrapped", "fast"] + ([] if args.no_reference else ["reference"])
+    variants = ["unwrapped", "fast", "memory-efficient"] + (
+        [] if args.no_reference else ["reference"]
+    )
 
     rows: list[dict[str, object]] = []
     for workload in workloads(device.type, args.quick):
@@ -265,41 +268,45 @@ def render(report: dict) -> str:
         f"autocast {report['autocast']}; medians of {report['repeats']} interleaved rounds x "
         f"{report['steps']} steps"
     )
+    variants = list(report["rows"][0]["train_s"])
+    wrapped = [v for v in variants if v != "unwrapped"]
     lines = [
         title,
         "",
-        "| workload | measure | unwrapped | fast | reference | fast / unwrapped | reference / unwrapped |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | measure | "
+        + " | ".join(variants)
+        + " | "
+        + " | ".join(f"{v} / unwrapped" for v in wrapped)
+        + " |",
+        "| --- | --- |" + " ---: |" * (len(variants) + len(wrapped)),
     ]
     for row in report["rows"]:
-        for key, label, unit in [
-            ("train_s", "train step (fwd+bwd+Adam)", "ms"),
-            ("eval_s", "eval forward (expectation)", "ms"),
-            ("saved_activation_bytes", "activation memory kept for backward", "MB"),
-            ("peak_cuda_bytes", "peak GPU memory of a train step", "MB"),
+        for key, label, factor, unit in [
+            ("train_s", "train step (fwd+bwd+Adam)", 1e3, "ms"),
+            ("eval_s", "eval forward (expectation)", 1e3, "ms"),
+            ("saved_activation_bytes", "activation memory kept for backward", 1e-6, "MB"),
+            ("peak_cuda_bytes", "peak GPU memory of a train step", 1e-6, "MB"),
         ]:
             if key not in row:
                 continue
             values = row[key]
-            factor = 1e3 if unit == "ms" else 1e-6
-            cells = [
-                f"{values[v] * factor:.1f}" if v in values else "-"
-                for v in ("unwrapped", "fast", "reference")
-            ]
-            ratios = [
-                f"{values[v] / values['unwrapped']:.2f}" if v in values else "-"
-                for v in ("fast", "reference")
-            ]
+            cells = [f"{values[v] * factor:.1f}" for v in variants]
+            ratios = [f"{values[v] / values['unwrapped']:.2f}" for v in wrapped]
             lines.append(
                 f"| {row['workload']} | {label} ({unit}) | {' | '.join(cells)} | {' | '.join(ratios)} |"
             )
+    lines += [
+        "",
+        "| workload | meta-training step, trainable phi (ms): "
+        + " | ".join(wrapped)
+        + " | reference / fast |",
+        "| --- |" + " ---: |" * (len(wrapped) + 1),
+    ]
+    for row in report["rows"]:
         meta = row["meta_train_s"]
-        if "reference" in meta:
-            speedup = meta["reference"] / meta["fast"]
-            lines.append(
-                f"| {row['workload']} | meta-training step, trainable phi (ms) | - | {meta['fast'] * 1e3:.1f} | "
-                f"{meta['reference'] * 1e3:.1f} | reference / fast = {speedup:.2f}x | |"
-            )
+        cells = " | ".join(f"{meta[v] * 1e3:.1f}" for v in wrapped)
+        speedup = f"{meta['reference'] / meta['fast']:.2f}x" if "reference" in meta else "-"
+        lines.append(f"| {row['workload']} | {cells} | {speedup} |")
     return "\n".join(lines)
 
 

@@ -261,3 +261,30 @@ def test_default_phi_is_not_faked() -> None:
         pytest.skip("phi* ships: covered by the hub tests")
     with pytest.raises(metaperturb.DefaultPhiUnavailableError, match="phi="):
         metaperturb.wrap(MyResNet(), input_size=(3, 16, 16))
+
+
+def test_memory_efficient_sites_give_the_same_step_with_less_saved_memory() -> None:
+    def step(memory_efficient: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, int]:
+        torch.manual_seed(0)
+        model = wrapped(MyResNet(), memory_efficient=memory_efficient)
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(torch.randn(4, 3, 16, 16))
+        out.square().sum().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        running = metaperturb.get_controller(model).sites[0].running_mean.clone()
+        return out, grads, running, sum(saved.values())
+
+    out, grads, running, memory = step(False)
+    out_lean, grads_lean, running_lean, memory_lean = step(True)
+    torch.testing.assert_close(out_lean, out)
+    for a, b in zip(grads_lean, grads, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(running_lean, running)  # updated once, not again in backward
+    assert memory_lean < 0.8 * memory

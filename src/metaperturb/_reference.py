@@ -37,6 +37,7 @@ def reference_perturb(
     training: bool,
     eval_mode: EvalMode = "expectation",
     noise: Tensor | None = None,
+    update_statistics: bool = True,
 ) -> Tensor:
     """The same contract as :func:`metaperturb.site.perturb` (fp32 throughout).
 
@@ -52,7 +53,7 @@ def reference_perturb(
         maps = F.relu(F.conv2d(x, kernels, padding=1, groups=channels))
         pooled = maps.mean(dim=(2, 3)).view(batch, channels, 4).float()
         mean, var = pooled.mean(dim=0), pooled.var(dim=0, unbiased=False)
-        with torch.no_grad():
+        if update_statistics:
             state.running_mean.lerp_(mean.detach(), phi.config.momentum)
             state.running_var.lerp_(var.detach(), phi.config.momentum)
     else:

@@ -49,6 +49,7 @@ def perturb(
     training: bool,
     eval_mode: EvalMode = "expectation",
     noise: Tensor | None = None,
+    update_statistics: bool = True,
 ) -> Tensor:
     """``h * g`` with ``g = (s * z - 1) * strength + 1`` (MetaPerturb, METHOD.md steps 2-5).
 
@@ -57,7 +58,8 @@ def perturb(
     ``eval_mode``. The batch variance is the population variance over the batch: 0 for a batch of
     one (never NaN), and the running variance averages exactly that statistic, so eval sees the
     feature training saw. An empty batch passes through unchanged. ``noise`` replaces the
-    standard normal draw (``a = mu + noise``), for tests that compare implementations.
+    standard normal draw (``a = mu + noise``), for tests that compare implementations;
+    ``update_statistics=False`` leaves the running statistics alone (a checkpointed recompute).
     """
     if h.dim() != 4 or h.shape[1] != state.channels:
         raise SiteShapeError(
@@ -76,7 +78,7 @@ def perturb(
         maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
         var = maps.var(dim=0, unbiased=False)
-        with torch.no_grad():
+        if update_statistics:
             momentum = phi.config.momentum
             state.running_mean.lerp_(mean.detach().to(state.running_mean.dtype), momentum)
             state.running_var.lerp_(var.detach().to(state.running_var.dtype), momentum)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
 from .discovery import SitePlan, Strategy, plan_sites
@@ -81,7 +82,12 @@ class MetaPerturb(nn.Module):
     input_height: Tensor
 
     def __init__(
-        self, phi: Perturbation, plan: SitePlan, *, channel_norm: float | None = None
+        self,
+        phi: Perturbation,
+        plan: SitePlan,
+        *,
+        channel_norm: float | None = None,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         self.phi = phi
@@ -98,6 +104,8 @@ class MetaPerturb(nn.Module):
         self.enabled = True
         #: What the sites do in eval mode: "expectation" (default), "sample" or "off".
         self.eval_mode: EvalMode = "expectation"
+        #: Keep only each site's input for backward and recompute phi there (see ``wrap``).
+        self.memory_efficient = memory_efficient
         #: The function applied at each site (``benchmarks/overhead.py`` swaps in the reference).
         self.site_function: Callable[..., Tensor] = perturb
         #: Handles of the hooks ``wrap`` registered, removed by ``unwrap``.
@@ -114,16 +122,28 @@ class MetaPerturb(nn.Module):
             if spatial_norm is not None
             else height / self.input_height.clamp(min=1.0)
         )
-        return self.site_function(
-            h,
-            self.phi,
-            cast(SiteState, self.sites[index]),
-            strength=self.strength,
-            channel_ratio=self.channel_ratios[index],
-            spatial_ratio=spatial_ratio,
-            training=self.training,
-            eval_mode=self.eval_mode,
-        )
+        state = cast(SiteState, self.sites[index])
+        first_call = [True]
+
+        def site(features: Tensor) -> Tensor:
+            # Under checkpointing this runs again in backward: update the statistics once.
+            update, first_call[0] = first_call[0], False
+            return self.site_function(
+                features,
+                self.phi,
+                state,
+                strength=self.strength,
+                channel_ratio=self.channel_ratios[index],
+                spatial_ratio=spatial_ratio,
+                training=self.training,
+                eval_mode=self.eval_mode,
+                update_statistics=update,
+            )
+
+        if self.memory_efficient and self.training and torch.is_grad_enabled():
+            result: Tensor = checkpoint(site, h, use_reentrant=False)
+            return result
+        return site(h)
 
     def extra_repr(self) -> str:
         return f"sites={len(self.sites)}, eval_mode={self.eval_mode!r}, enabled={self.enabled}"
@@ -168,6 +188,7 @@ def wrap(
     input_size: Sequence[int] | None = None,
     channel_norm: float | None = None,
     revision: str | None = None,
+    memory_efficient: bool = False,
 ) -> nn.Module:
     """Apply MetaPerturb after every block of ``model``; returns the same model, wrapped.
 
@@ -183,6 +204,9 @@ def wrap(
         channel_norm: divisor of the channel descriptor; default: phi's config, else the widest
             site of this model.
         revision: Hub revision (branch, tag or commit) when ``phi`` is a repo id.
+        memory_efficient: keep only each site's input for the backward pass and recompute phi
+            there (activation checkpointing of the sites): much less memory, one more phi
+            forward per step. Same values and gradients.
 
     Raises:
         AlreadyWrappedError: ``model`` is already wrapped.
@@ -208,7 +232,9 @@ def wrap(
     perturbation = _resolve_phi(phi, revision)
     perturbation.freeze(not trainable)
     reference = next(iter(model.parameters()), None)
-    controller = MetaPerturb(perturbation, plan, channel_norm=channel_norm)
+    controller = MetaPerturb(
+        perturbation, plan, channel_norm=channel_norm, memory_efficient=memory_efficient
+    )
     if reference is not None:
         controller.to(
             device=reference.device,
