@@ -41,6 +41,12 @@ def relu_mean(y: Tensor) -> Tensor:
     return result
 
 
+def _gain(z: Tensor, scale: Tensor, strength: Tensor) -> Tensor:
+    """``(s z - 1) c + 1`` as ``(s c) z + (1 - c)``: one pass over the feature map."""
+    c = strength.to(z.dtype)
+    return torch.addcmul(1.0 - c, (scale.to(z.dtype) * c).view(1, -1, 1, 1), z)
+
+
 class _SampledGain(torch.autograd.Function):
     """``h * ((s * softplus(mu + noise) - 1) * c + 1)``, clamped from above, in one function.
 
@@ -59,8 +65,7 @@ class _SampledGain(torch.autograd.Function):
         clip: float | None,
     ) -> Tensor:
         z = F.softplus(mu + noise)
-        channel_scale = scale.to(z.dtype).view(1, -1, 1, 1)
-        gain = (z * channel_scale).sub_(1.0).mul_(strength.to(z.dtype)).add_(1.0)
+        gain = _gain(z, scale, strength)
         out = h * gain.to(h.dtype)
         keep = None
         if clip is not None:
@@ -78,8 +83,7 @@ class _SampledGain(torch.autograd.Function):
         c = strength.to(z.dtype)
         grad_h = grad_mu = grad_scale = None
         if ctx.needs_input_grad[0]:
-            gain = (z * channel_scale).sub_(1.0).mul_(c).add_(1.0)
-            grad_h = grad_out * gain.to(grad_out.dtype)
+            grad_h = grad_out * _gain(z, scale, strength).to(grad_out.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_gain = grad_out.to(z.dtype) * h.to(z.dtype) * c
             if ctx.needs_input_grad[3]:
