@@ -1,0 +1,19 @@
+"""Meta-training of phi: ``train(TrainConfig(...))``, ``metaperturb train`` or
+``python -m metaperturb.train``, in one process or under ``torchrun``.
+
+Example:
+    >>> from metaperturb.train import TrainConfig, train
+    >>> config = TrainConfig(data="../shared/data/tiny-imagenet-200-32px", steps=750)
+    >>> phi_dir = train(config)  # doctest: +SKIP
+    >>> # metaperturb.wrap(model, phi=phi_dir)
+"""
+
+from __future__ import annotations
+
+from .checkpoint import CheckpointError as CheckpointError
+from .config import TrainConfig as TrainConfig
+from .loop import RunExistsError as RunExistsError
+from .loop import train as train
+from .metrics import read_metrics as read_metrics
+
+__all__ = ["CheckpointError", "RunExistsError", "TrainConfig", "read_metrics", "train"]

@@ -1,0 +1,71 @@
+"""One file per run, replaced atomically: a crash leaves the previous checkpoint intact.
+
+The checkpoint holds everything a resumed run needs to continue as if never stopped: the step,
+the config and task split, phi and its optimizer, every task network with its optimizer (the
+sites' running statistics included), and the RNG states. It is written by rank 0 after gathering
+the task networks from every rank, so resuming never needs a shared filesystem. It is read with
+``weights_only=True``: no code is unpickled from it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MetaPerturbError
+
+__all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "CheckpointError", "load", "save", "to_cpu"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(MetaPerturbError, ValueError):
+    """A checkpoint is missing, unreadable, or belongs to a different run."""
+
+
+def to_cpu(value: Any) -> Any:
+    """A copy of nested dicts / lists of tensors with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def save(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with temporary.open("wb") as handle:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save`."""
+    try:
+        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"no checkpoint at {path}: nothing to resume.") from error
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable metaperturb checkpoint ({type(error).__name__}: {error})."
+        ) from error
+    version = payload.get("format_version") if isinstance(payload, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}, this metaperturb reads {FORMAT_VERSION}."
+        )
+    return payload

@@ -1,0 +1,144 @@
+"""The few collectives meta-training needs, and the same calls without torch.distributed.
+
+Meta-training shares only phi between tasks, so there is no DistributedDataParallel: each rank
+owns some task networks outright, and once per step the ranks sum phi's gradient (one flat
+tensor, SUM then divide, which every backend implements). Everything else is object traffic at
+log and checkpoint time. :class:`Collective` hides whether a process group exists, so the loop is
+one code path from one process to many machines under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Collective", "launched_by_torchrun", "session", "task_range"]
+
+logger = logging.getLogger(__name__)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def task_range(num_tasks: int, world_size: int, rank: int) -> range:
+    """The tasks of ``rank``: a contiguous block, sizes differing by at most one."""
+    if world_size > num_tasks:
+        raise ValueError(
+            f"{world_size} processes for {num_tasks} tasks: every process needs at least one task. "
+            "Start at most as many processes as tasks (torchrun --nproc-per-node / --nnodes)."
+        )
+    return range(rank * num_tasks // world_size, (rank + 1) * num_tasks // world_size)
+
+
+@dataclass
+class Collective:
+    """Rank, world size and device of this process, with collectives that are no-ops alone."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def broadcast_module_(self, module: nn.Module) -> None:
+        """Make ``module``'s parameters and float buffers those of rank 0 (one flat tensor)."""
+        if not self.distributed:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        tensors = [*module.parameters(), *buffers]
+        if not tensors:
+            return
+        with torch.no_grad():
+            flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for tensor in tensors:
+                count = tensor.numel()
+                tensor.copy_(flat[offset : offset + count].view_as(tensor))
+                offset += count
+
+    def all_reduce_sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum ``flat`` over ranks in place (SUM is supported by every backend, unlike AVG)."""
+        if self.distributed:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return flat
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` on rank 0 (in rank order); ``None`` on the other ranks."""
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r} requested but CUDA is not available.")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextmanager
+def session(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Collective]:
+    """Join the ``torchrun`` process group if there is one (gloo on CPU, NCCL on CUDA).
+
+    A single process (no ``torchrun``, or ``--nproc-per-node 1``) gets a :class:`Collective` of
+    one rank and never touches ``torch.distributed``. The process group is destroyed on exit,
+    also after an error, so that ``torchrun --max-restarts`` can start the workers again.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = _device(device, local_rank)
+    if not launched_by_torchrun():
+        yield Collective(device=resolved)
+        return
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed; run a single process.")
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    options: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if resolved.type == "cuda":
+        options["device_id"] = resolved
+    dist.init_process_group(backend=backend, **options)
+    collective = Collective(dist.get_rank(), dist.get_world_size(), resolved)
+    logger.info(
+        "rank %d of %d on %s (%s)", collective.rank, collective.world_size, resolved, backend
+    )
+    try:
+        yield collective
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,396 @@
+"""The meta-training loop: T task networks share one trainable phi (METHOD.md, Algorithm 1).
+
+Each step, every task updates its own network on a train batch and adds phi's gradient on a
+held-out batch to a sum; the sum is all-reduced over ranks, divided by T, and phi takes one Adam
+step. The same code runs in one process and under ``torchrun`` (see :mod:`.distributed`).
+
+A run lives in one folder::
+
+    train_config.json   the TrainConfig
+    split.json          the task split (dataset rows of every task)
+    metrics.jsonl       the metrics log (see :mod:`.metrics`)
+    checkpoint.pt       the latest checkpoint (see :mod:`.checkpoint`)
+    phi/                the result: save_pretrained's folder, ready for wrap(model, phi=...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import ImageData, load_images
+from ..errors import MetaPerturbError
+from ..phi import Perturbation, PerturbationConfig
+from ..tasks import TaskMode, TaskSplit, make_split
+from . import checkpoint
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .distributed import Collective, session, task_range
+from .learner import TaskLearner
+from .metrics import MetricsLog, site_scales, summarize
+from .sampling import TaskStream, derive_seed
+
+__all__ = ["RunExistsError", "train"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "train_config.json"
+SPLIT_NAME = "split.json"
+METRICS_NAME = "metrics.jsonl"
+PHI_DIRNAME = "phi"
+_PHI_KEY = 3
+#: Testing hook: a worker of the first torchrun attempt exits at this step, to test restarts.
+_CRASH_ENV = "_METAPERTURB_TEST_CRASH_AT_STEP"
+
+
+class RunExistsError(MetaPerturbError, FileExistsError):
+    """The output folder already holds a run and ``resume`` was not asked for."""
+
+
+def train(config: TrainConfig) -> Path:
+    """Meta-train phi as ``config`` says; returns the folder phi was saved to.
+
+    Run it as one process, or as several under ``torchrun`` (each process takes a block of the
+    tasks). Under ``torchrun --max-restarts``, restarted workers resume from the checkpoint.
+
+    Raises:
+        RunExistsError: the output folder holds a checkpoint and ``config.resume`` is false.
+        CheckpointError: ``config.resume`` and no usable checkpoint, or settings that differ
+            from the checkpoint's (other than those in ``RESUMABLE_CHANGES``).
+        DataError, SplitError: the data cannot be loaded or split as asked.
+
+    Example:
+        >>> from metaperturb.train import TrainConfig, train
+        >>> phi_dir = train(TrainConfig(data="../shared/data/tiny-imagenet-200-32px"))  # doctest: +SKIP
+    """
+    with session(config.device, config.dist_timeout) as comm:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        return _MetaTrainer(config, comm).run()
+
+
+def _restarted() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+class _MetaTrainer:
+    """The state of one run on one rank; :meth:`run` is the loop."""
+
+    def __init__(self, config: TrainConfig, comm: Collective) -> None:
+        self.comm = comm
+        self.output = Path(config.output_dir)
+        self.resumed = self._resume_payload(config)
+        self.resumed_from = None if self.resumed is None else int(self.resumed["step"])
+        if self.resumed is not None:
+            saved = TrainConfig.from_dict(self.resumed["config"])
+            changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
+            config = dataclasses.replace(saved, **changes)
+        self.config = config
+        self.data = load_images(
+            config.data,
+            config.split,
+            image_size=config.image_size,
+            channels=config.channels,
+            classes=config.classes,
+            max_per_class=config.max_per_class,
+            cache_dir=config.cache_dir,
+        )
+        self.split = self._split()
+        if self.resumed is not None:
+            self.mean, self.std = self.resumed["normalization"]
+        else:
+            self.mean, self.std = self.data.channel_stats()
+        if comm.is_main and self.resumed is None:
+            self._write_run_files()
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, _PHI_KEY))
+            self.phi = Perturbation(PerturbationConfig(clip=config.clip))
+        self.phi.to(comm.device)
+        comm.broadcast_module_(self.phi)  # identical phi on every rank, whatever happened before
+        self.phi_optimizer = torch.optim.Adam(
+            self.phi.parameters(), lr=config.phi_lr, weight_decay=config.phi_weight_decay
+        )
+        self.learners = self._learners(self.data)
+        self.start = 0
+        self.last_record: dict[str, Any] | None = None
+        if self.resumed is not None:
+            self._restore(self.resumed)
+            self.resumed = None  # free the memory
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _resume_payload(self, config: TrainConfig) -> dict[str, Any] | None:
+        """The checkpoint to continue from (rank 0 reads it, every rank receives it)."""
+        path = self.output / checkpoint.CHECKPOINT_NAME
+        exists, payload, problem = False, None, None
+        if self.comm.is_main:
+            exists = path.is_file()
+            if exists and (config.resume or _restarted()):
+                try:
+                    payload = checkpoint.load(path)
+                except checkpoint.CheckpointError as error:
+                    problem = str(error)
+        exists, payload, problem = self.comm.broadcast((exists, payload, problem))
+        if problem is not None:
+            raise checkpoint.CheckpointError(problem)
+        if exists and payload is None:
+            raise RunExistsError(
+                f"{self.output} already holds a run ({path.name}). Pass --resume to continue it, "
+                "or choose another --output-dir."
+            )
+        if config.resume and not exists and not _restarted():
+            raise checkpoint.CheckpointError(
+                f"--resume: no checkpoint in {self.output} to continue from."
+            )
+        if payload is not None:
+            saved = TrainConfig.from_dict(payload["config"])
+            differences = saved.differences(config)
+            if differences:
+                raise checkpoint.CheckpointError(
+                    f"the settings differ from the checkpoint in {self.output} ("
+                    + "; ".join(differences)
+                    + "). Resume with the run's settings (only "
+                    + ", ".join(sorted(RESUMABLE_CHANGES))
+                    + " may change), or start a new --output-dir."
+                )
+            logger.info("resuming %s from step %d", self.output, payload["step"])
+        return payload
+
+    def _split(self) -> TaskSplit:
+        config = self.config
+        if self.resumed is not None:
+            split = TaskSplit.from_dict(self.resumed["split"])
+            if split.num_images != len(self.data):
+                raise checkpoint.CheckpointError(
+                    f"the checkpoint's task split indexes {split.num_images} images, the data "
+                    f"{config.data!r} now has {len(self.data)}: it is not the same dataset."
+                )
+            return split
+        return make_split(
+            self.data.labels.tolist(),
+            config.num_tasks,
+            config.group_size,
+            seed=config.task_seed,
+            mode=cast(TaskMode, config.task_mode),  # checked by TrainConfig
+            class_names=self.data.class_names,
+        )
+
+    def _write_run_files(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        temporary = self.output / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+        temporary.write_text(text)
+        os.replace(temporary, self.output / CONFIG_NAME)
+        self.split.save(self.output / SPLIT_NAME)
+
+    def _learners(self, data: ImageData) -> list[TaskLearner]:
+        config, device = self.config, self.comm.device
+        images = data.images.to(device)
+        size = (config.channels, config.image_size, config.image_size)
+        learners = []
+        for index in task_range(self.split.num_tasks, self.comm.world_size, self.comm.rank):
+            task = self.split.tasks[index]
+            local = torch.tensor(task.local_label_map(data.num_classes))[data.labels]
+            streams = [
+                TaskStream(
+                    images,
+                    local,
+                    rows,
+                    config.batch_size,
+                    (config.seed, index, half),
+                    padding=config.padding,
+                    flip=config.flip,
+                    mean=self.mean,
+                    std=self.std,
+                )
+                for half, rows in enumerate((task.train, task.heldout))
+            ]
+            learners.append(
+                TaskLearner(
+                    task,
+                    self.phi,
+                    streams[0],
+                    streams[1],
+                    model_name=config.model,
+                    input_size=size,
+                    lr=config.lr,
+                    weight_decay=config.weight_decay,
+                    seed=config.seed,
+                    sites=config.sites,
+                    device=device,
+                )
+            )
+        return learners
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.phi.load_state_dict(payload["phi"])
+        self.phi_optimizer.load_state_dict(payload["phi_optimizer"])
+        for learner in self.learners:
+            learner.load_state_dict(payload["tasks"][learner.task.index])
+        states = payload["rng"]
+        if self.comm.rank < len(states):
+            torch.set_rng_state(states[self.comm.rank]["cpu"])
+            if self.comm.device.type == "cuda" and states[self.comm.rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(states[self.comm.rank]["cuda"], self.comm.device)
+        self.start = int(payload["step"])
+        self.last_record = payload["metrics"]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        config, comm = self.config, self.comm
+        metrics = None
+        if comm.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsLog(self.output / METRICS_NAME, self.resumed_from)
+        parameters = list(self.phi.parameters())
+        sizes = [p.numel() for p in parameters]
+        crash_at = int(os.environ.get(_CRASH_ENV, "0")) if not _restarted() else 0
+        bar = tqdm(
+            total=config.steps,
+            initial=self.start,
+            unit="step",
+            disable=not (config.progress and comm.is_main),
+            dynamic_ncols=True,
+        )
+        clock, clock_step = time.perf_counter(), self.start
+        started = clock
+        for step in range(self.start, config.steps):
+            grads = [torch.zeros_like(p) for p in parameters]
+            for learner in self.learners:
+                learner.step(step, grads)
+            flat = comm.all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
+            flat.div_(self.split.num_tasks)
+            for parameter, grad in zip(parameters, flat.split(sizes), strict=True):
+                parameter.grad = grad.view_as(parameter)
+            self.phi_optimizer.step()
+            self.phi_optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == config.steps:
+                now = time.perf_counter()
+                record = self._log(done, now - started, (done - clock_step) / (now - clock))
+                clock, clock_step = now, done
+                if metrics is not None and record is not None:
+                    metrics.write(record)
+                    mean = record["mean"]
+                    bar.set_postfix(
+                        heldout_loss=f"{mean['heldout_loss']:.3f}",
+                        heldout_acc=f"{mean['heldout_acc']:.3f}",
+                    )
+            if done == crash_at and comm.rank == comm.world_size - 1:
+                logger.error("%s=%d: exiting on purpose to test a restart", _CRASH_ENV, done)
+                os._exit(17)
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or (
+                done == config.steps
+            ):
+                self._checkpoint(done)
+        bar.close()
+        target = self.output / PHI_DIRNAME
+        if comm.is_main:
+            self._save_phi(target)
+        comm.barrier()
+        return target
+
+    def _log(self, step: int, elapsed: float, rate: float) -> dict[str, Any] | None:
+        local = {
+            learner.task.index: {**learner.meter.collect(), "scale": site_scales(learner.model)}
+            for learner in self.learners
+        }
+        gathered = self.comm.gather(local)
+        if gathered is None:
+            return None
+        merged = {task: record for part in gathered for task, record in part.items()}
+        record = {"step": step, "elapsed_s": round(elapsed, 3), "steps_per_s": rate}
+        self.last_record = {**record, **summarize(merged)}
+        return self.last_record
+
+    def _checkpoint(self, step: int) -> None:
+        cuda = self.comm.device.type == "cuda"
+        local = {
+            "tasks": {
+                learner.task.index: checkpoint.to_cpu(learner.state_dict())
+                for learner in self.learners
+            },
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.comm.device) if cuda else None,
+            },
+        }
+        gathered = self.comm.gather(local)
+        if gathered is None:
+            return
+        payload = {
+            "step": step,
+            "config": self.config.to_dict(),
+            "split": self.split.to_dict(),
+            "normalization": [self.mean, self.std],
+            "phi": checkpoint.to_cpu(self.phi.state_dict()),
+            "phi_optimizer": checkpoint.to_cpu(self.phi_optimizer.state_dict()),
+            "tasks": {task: state for part in gathered for task, state in part["tasks"].items()},
+            "rng": [part["rng"] for part in gathered],
+            "metrics": self.last_record,
+            "world_size": self.comm.world_size,
+        }
+        checkpoint.save(self.output / checkpoint.CHECKPOINT_NAME, payload)
+
+    # -- the result -------------------------------------------------------------------------
+
+    def _save_phi(self, target: Path) -> None:
+        config, split, data = self.config, self.split, self.data
+        final = (self.last_record or {}).get("mean", {})
+        metadata = {
+            "source_dataset": data.source,
+            "source_architecture": config.model,
+            "meta_training_steps": str(config.steps),
+            "meta_training_tasks": f"{split.num_tasks} {split.mode} (groups of {split.group_size})",
+            "meta_training_seed": str(config.seed),
+        }
+        metadata.update({f"final_{key}": f"{value:.4f}" for key, value in final.items()})
+        self.phi.config = dataclasses.replace(self.phi.config, metadata=metadata)
+        self.phi.save_pretrained(target, provenance=self._recipe(final))
+        logger.info("phi saved to %s", target)
+
+    def _recipe(self, final: dict[str, float]) -> str:
+        config, split, data = self.config, self.split, self.data
+        clip = "no clamp" if config.clip is None else f"clamp at {config.clip:g}"
+        augment = f"random crop (pad {config.padding})" if config.padding else "no crop"
+        augment += " + horizontal flip" if config.flip else ", no flip"
+        data_line = (
+            f"- Data: `{data.source}`, {data.num_classes} classes, {len(data)} images at "
+            f"{config.image_size}x{config.image_size}, {augment}."
+        )
+        tasks_line = (
+            f"- Tasks: {split.num_tasks}, {split.mode} (groups of {split.group_size} classes, "
+            "each group's images halved and the halves swapped between paired tasks), split "
+            f"seed {split.seed}."
+        )
+        optimisation_line = (
+            f"- Optimisation: {config.steps} steps, batch {config.batch_size}; Adam lr "
+            f"{config.lr:g}, weight decay {config.weight_decay:g} for the networks; lr "
+            f"{config.phi_lr:g}, weight decay {config.phi_weight_decay:g} for phi; {clip}; "
+            f"seed {config.seed}; {self.comm.world_size} process(es)."
+        )
+        lines = [
+            "Meta-trained with `metaperturb train` (MetaPerturb, Algorithm 1, first order).",
+            "",
+            data_line,
+            tasks_line,
+            f"- Networks: one `{config.model}` per task (sites: {config.sites}), phi shared.",
+            optimisation_line,
+        ]
+        if final:
+            lines.append(
+                "- Final metrics (mean over tasks, last log interval): "
+                + ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in final.items())
+                + "."
+            )
+        return "\n".join(lines)

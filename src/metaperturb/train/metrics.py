@@ -1,0 +1,123 @@
+"""What a run records: per-task losses and accuracies, phi's channel scale per site, as JSONL.
+
+One JSON object per line, written by rank 0 every ``log_every`` steps::
+
+    {"step": 20, "elapsed_s": 41.2, "steps_per_s": 0.49,
+     "tasks": {"0": {"train_loss": 4.1, "train_acc": 0.05, "heldout_loss": 4.3, "heldout_acc": 0.04}, ...},
+     "mean": {"train_loss": ..., "train_acc": ..., "heldout_loss": ..., "heldout_acc": ...},
+     "scale": {"stages.0.0": 0.51, ...}}
+
+Losses and accuracies are averaged over the steps since the previous line; ``scale`` is phi's
+channel scale s at each site computed from the running statistics (what a network sees at test
+time), averaged over channels and tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from ..site import SiteState
+from ..wrapper import get_controller
+
+__all__ = ["Meter", "MetricsLog", "read_metrics", "site_scales", "summarize"]
+
+_FIELDS = ("train_loss", "train_acc", "heldout_loss", "heldout_acc")
+
+
+class Meter:
+    """Sums of loss, correct predictions and examples, kept on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, 3, dtype=torch.float64, device=device)
+
+    def add(self, half: str, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
+        row = 0 if half == "train" else 1
+        count = labels.shape[0]
+        correct = (logits.argmax(dim=1) == labels).sum()
+        self.sums[row] += torch.stack(
+            [loss.double() * count, correct.double(), loss.new_tensor(count, dtype=torch.float64)]
+        )
+
+    def collect(self) -> dict[str, float]:
+        """The averages since the last call, then reset."""
+        sums = self.sums.tolist()
+        self.sums.zero_()
+        out = {}
+        for prefix, (loss, correct, count) in zip(("train", "heldout"), sums, strict=True):
+            out[f"{prefix}_loss"] = loss / count if count else float("nan")
+            out[f"{prefix}_acc"] = correct / count if count else float("nan")
+        return out
+
+
+@torch.no_grad()
+def site_scales(model: nn.Module) -> dict[str, float]:
+    """phi's channel scale s at each site of a wrapped ``model``, averaged over channels.
+
+    Computed from the running statistics, as in eval mode; the spatial descriptor uses the
+    site's planned height over the planned input height (what a forward pass would record).
+    """
+    controller = get_controller(model)
+    phi = controller.phi
+    plan = controller.plan
+    out = {}
+    for index, site in enumerate(plan.sites):
+        state = cast(SiteState, controller.sites[index])
+        spatial = phi.config.spatial_norm or float(plan.input_size[1])
+        ratio = torch.tensor(site.height / spatial, device=phi.scale_weight.device)
+        scale = phi.channel_scale(
+            state.running_mean, state.running_var, controller.channel_ratios[index], ratio
+        )
+        out[site.name] = float(scale.mean())
+    return out
+
+
+def summarize(task_records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Merge per-task records ({task: {metrics..., "scale": {site: s}}}) into one log entry."""
+    tasks = {str(t): {k: task_records[t][k] for k in _FIELDS} for t in sorted(task_records)}
+    mean = {k: sum(r[k] for r in tasks.values()) / len(tasks) for k in _FIELDS}
+    scales: dict[str, list[float]] = {}
+    for record in task_records.values():
+        for site, value in record["scale"].items():
+            scales.setdefault(site, []).append(value)
+    return {
+        "tasks": tasks,
+        "mean": mean,
+        "scale": {site: sum(v) / len(v) for site, v in scales.items()},
+    }
+
+
+class MetricsLog:
+    """The JSONL metrics file of a run; a resumed run first drops lines past its checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+            return
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if path.exists() else []
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(temporary, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics log; a truncated last line (a crash mid-write) is skipped."""
+    records = []
+    lines: Iterable[str] = Path(path).read_text().splitlines()
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

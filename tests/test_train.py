@@ -1,0 +1,229 @@
+"""Meta-training in one process: the step, the run folder, checkpoints and bit-exact resume."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import metaperturb
+from metaperturb.train import CheckpointError, RunExistsError, TrainConfig, read_metrics, train
+from metaperturb.train.learner import TaskLearner, batchnorm_eval
+from metaperturb.train.sampling import EpochSampler, TaskStream, derive_seed
+from metaperturb.wrapper import get_controller
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = DATA / "tiny-imagenet-200-32px"
+needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason=f"{TINY} not present")
+
+
+def _config(output: Path, **changes: object) -> TrainConfig:
+    """2 tasks on 4 Tiny ImageNet classes x 20 images at 16 px, batch 8: about a second a run."""
+    settings: dict[str, object] = {
+        "data": str(TINY),
+        "classes": 4,
+        "max_per_class": 20,
+        "image_size": 16,
+        "num_tasks": 2,
+        "batch_size": 8,
+        "steps": 4,
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "progress": False,
+        "threads": 1,
+        "device": "cpu",
+        "output_dir": str(output),
+    }
+    return TrainConfig(**(settings | changes))  # type: ignore[arg-type]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not TINY.is_dir():
+        pytest.skip(f"{TINY} not present")
+    output = tmp_path_factory.mktemp("run")
+    train(_config(output))
+    return output
+
+
+@needs_tiny
+def test_run_folder_and_loadable_phi(finished_run: Path) -> None:
+    names = {path.name for path in finished_run.iterdir()}
+    assert {"train_config.json", "split.json", "metrics.jsonl", "checkpoint.pt", "phi"} <= names
+    phi = metaperturb.Perturbation.from_pretrained(finished_run / "phi")
+    state = _load(finished_run / "checkpoint.pt")
+    for name, tensor in phi.state_dict().items():
+        assert torch.equal(tensor, state["phi"][name])
+    # phi learned: it is no longer its initialisation (N(0, 0.01) weights moved by Adam).
+    from metaperturb.train.loop import _PHI_KEY
+
+    torch.manual_seed(derive_seed(0, _PHI_KEY))
+    initial = metaperturb.Perturbation()
+    assert not torch.equal(initial.scale_weight, phi.scale_weight)
+    assert phi.config.metadata["source_dataset"] == "tiny-imagenet-200-32px/train"
+    assert phi.config.metadata["meta_training_steps"] == "4"
+    card = (finished_run / "phi" / "README.md").read_text()
+    assert "2, classwise" in card and "batch 8" in card and "heldout acc" in card
+    model = metaperturb.wrap(
+        metaperturb.models.cifar_resnet20(num_classes=3), phi=finished_run / "phi"
+    )
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+@needs_tiny
+def test_metrics_log(finished_run: Path) -> None:
+    records = read_metrics(finished_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert set(records[-1]["tasks"]) == {"0", "1"}
+    for record in records:
+        for metrics in [record["mean"], *record["tasks"].values()]:
+            assert set(metrics) == {"train_loss", "train_acc", "heldout_loss", "heldout_acc"}
+            assert 0.0 <= metrics["heldout_acc"] <= 1.0 and metrics["train_loss"] > 0
+        assert len(record["scale"]) == 9 and all(0 < s < 1 for s in record["scale"].values())
+
+
+@needs_tiny
+def test_checkpoint_contents(finished_run: Path) -> None:
+    state = _load(finished_run / "checkpoint.pt")
+    assert state["step"] == 4 and state["world_size"] == 1
+    assert TrainConfig.from_dict(state["config"]) == _config(finished_run)
+    split = json.loads((finished_run / "split.json").read_text())
+    assert state["split"] == split
+    assert sorted(state["tasks"]) == [0, 1]
+    for task in state["tasks"].values():
+        keys = set(task["model"])
+        assert "metaperturb.sites.0.running_mean" in keys and "stem.1.running_var" in keys
+        assert not any(key.startswith("metaperturb.phi.") for key in keys)
+        assert all(int(s["step"]) == 4 for s in task["optimizer"]["state"].values())
+    assert int(state["phi_optimizer"]["state"][0]["step"]) == 4
+    assert set(state["phi"]) == set(metaperturb.Perturbation().state_dict())
+    assert state["rng"][0]["cpu"].dtype == torch.uint8
+    assert state["metrics"]["step"] == 4
+
+
+@needs_tiny
+def test_resume_gives_the_same_phi_bit_for_bit(tmp_path: Path, finished_run: Path) -> None:
+    first = _config(tmp_path / "resumed", steps=2)
+    train(first)
+    assert _load(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
+    train(dataclasses.replace(first, steps=4, resume=True, log_every=1))
+    resumed = _load(tmp_path / "resumed" / "checkpoint.pt")
+    straight = _load(finished_run / "checkpoint.pt")
+    assert resumed["step"] == 4
+    for name, tensor in straight["phi"].items():
+        assert torch.equal(resumed["phi"][name], tensor), name
+    for task in (0, 1):
+        for name, tensor in straight["tasks"][task]["model"].items():
+            assert torch.equal(resumed["tasks"][task]["model"][name], tensor), name
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [2, 3, 4]
+
+
+@needs_tiny
+def test_refuses_to_overwrite_or_change_a_run(tmp_path: Path, finished_run: Path) -> None:
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(_config(finished_run))
+    with pytest.raises(CheckpointError, match="batch_size: run has 8, asked 16"):
+        train(_config(finished_run, batch_size=16, resume=True))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(_config(tmp_path / "empty", resume=True))
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="num_tasks must be even"):
+        TrainConfig(data="x", num_tasks=3)
+    with pytest.raises(ValueError, match="task_mode must be one of"):
+        TrainConfig(data="x", task_mode="other")
+    with pytest.raises(ValueError, match="data is required"):
+        TrainConfig()
+    assert TrainConfig(data="x", clip=0).clip is None
+
+
+def test_epoch_sampler_covers_every_row_once_per_epoch() -> None:
+    sampler = EpochSampler(size=10, batch_size=4, seed=3)
+    first_epochs = torch.cat([sampler.positions(step) for step in range(5)])  # 20 = 2 epochs
+    assert sorted(first_epochs[:10].tolist()) == list(range(10))
+    assert sorted(first_epochs[10:].tolist()) == list(range(10))
+    assert torch.equal(EpochSampler(10, 4, 3).positions(3), sampler.positions(3))
+
+
+def _learner(seed: int = 0) -> TaskLearner:
+    from metaperturb.tasks import make_split
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(24) % 3
+    task = make_split(labels.tolist(), num_tasks=2, seed=0).tasks[0]
+    local = torch.tensor(task.local_label_map(3))[labels]
+    streams = [
+        TaskStream(
+            images,
+            local,
+            rows,
+            6,
+            (seed, 0, half),
+            padding=2,
+            flip=True,
+            mean=[0.5] * 3,
+            std=[0.25] * 3,
+        )
+        for half, rows in enumerate((task.train, task.heldout))
+    ]
+    phi = metaperturb.Perturbation()
+    return TaskLearner(
+        task,
+        phi,
+        streams[0],
+        streams[1],
+        model_name="cifar_resnet20",
+        input_size=(3, 16, 16),
+        lr=1e-3,
+        weight_decay=5e-4,
+        seed=seed,
+        sites="block",
+        device=torch.device("cpu"),
+    )
+
+
+def test_step_updates_theta_on_train_and_only_accumulates_phi_on_heldout() -> None:
+    torch.set_num_threads(1)
+    learner = _learner()
+    model = learner.model
+    phi_before = copy.deepcopy(learner.phi.state_dict())
+    reference = copy.deepcopy(model)  # the train pass alone, same batch and noise
+    theta_before = [p.detach().clone() for p in learner.theta]
+    grads = [torch.zeros_like(p) for p in learner.phi.parameters()]
+    learner.step(0, grads)
+
+    assert all(torch.equal(v, learner.phi.state_dict()[k]) for k, v in phi_before.items())
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(p.requires_grad for p in learner.phi.parameters()) and not learner.phi.frozen
+    assert any(not torch.equal(a, b) for a, b in zip(theta_before, learner.theta, strict=True))
+    # BatchNorm statistics moved on the train batch only; phi's site statistics on both.
+    torch.manual_seed(derive_seed(0, 2, 0, 0))
+    reference.train()
+    reference(learner.train_stream.batch(0)[0])
+    bn = dict(model.named_buffers())
+    bn_ref = dict(reference.named_buffers())
+    assert torch.equal(bn["stem.1.running_mean"], bn_ref["stem.1.running_mean"])
+    site = "metaperturb.sites.0.running_mean"
+    assert not torch.equal(bn[site], bn_ref[site])
+
+
+def test_batchnorm_eval_restores_modes() -> None:
+    model = metaperturb.models.cifar_resnet20(num_classes=2)
+    model.train()
+    with batchnorm_eval(model):
+        assert not model.stem[1].training and model.training
+    assert model.stem[1].training
+    controller_model = metaperturb.wrap(model, phi=metaperturb.Perturbation(), trainable=True)
+    with batchnorm_eval(controller_model):
+        assert get_controller(controller_model).training
