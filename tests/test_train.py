@@ -227,3 +227,47 @@ def test_batchnorm_eval_restores_modes() -> None:
     controller_model = metaperturb.wrap(model, phi=metaperturb.Perturbation(), trainable=True)
     with batchnorm_eval(controller_model):
         assert get_controller(controller_model).training
+
+
+def test_every_setting_is_a_documented_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from metaperturb.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for spec in dataclasses.fields(TrainConfig):
+        assert "--" + spec.name.replace("_", "-") in text, spec.name
+    assert "(default: 750)" in text and "--no-flip" in text and "torchrun" in text
+
+
+@needs_tiny
+def test_command_line_train_and_plot(
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metaperturb.cli import main
+
+    output = tmp_path / "cli-run"
+    argv = ["train", "--data", str(TINY), "--classes", "4", "--max-per-class", "10"]
+    argv += ["--image-size", "8", "--num-tasks", "2", "--batch-size", "4", "--steps", "1"]
+    argv += ["--no-progress", "--threads", "1", "--device", "cpu", "--output-dir", str(output)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(output / "phi")
+    assert (output / "phi" / "model.safetensors").is_file()
+    assert main(argv) == 1  # the run exists: a one-line error, no traceback
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "other"), "--num-tasks", "3"]) == 2
+    assert "num_tasks must be even" in capsys.readouterr().err
+
+    assert main(["plot", str(finished_run), "-o", str(tmp_path / "m.png")]) == 0
+    png = (tmp_path / "m.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_plot_without_a_log_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metaperturb.cli import main
+
+    assert main(["plot", str(tmp_path)]) == 1
+    assert "no metrics log" in capsys.readouterr().err

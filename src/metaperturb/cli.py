@@ -48,6 +48,23 @@ def _convert(args: argparse.Namespace) -> int:
     return convert_main([args.checkpoint, args.output])
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_metrics
+
+    try:
+        print(plot_metrics(args.run_dir, args.output))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="metaperturb", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +95,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert_parser.add_argument("checkpoint", help="the authors' .pth file")
     convert_parser.add_argument("output", help="folder to write")
     convert_parser.set_defaults(run=_convert)
+
+    from .train.cli import DESCRIPTION, add_train_arguments
+
+    train_parser = commands.add_parser(
+        "train",
+        help="meta-train phi on a labelled image dataset (also under torchrun)",
+        description=DESCRIPTION.replace("-m metaperturb.train", "$(which metaperturb) train"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(train_parser).set_defaults(run=_train)
+
+    plot_parser = commands.add_parser("plot", help="draw a meta-training metrics log to a PNG")
+    plot_parser.add_argument(
+        "run_dir", metavar="RUN", help="a run folder (from metaperturb train) or its metrics.jsonl"
+    )
+    plot_parser.add_argument("-o", "--output", help="PNG to write (default: RUN/metrics.png)")
+    plot_parser.set_defaults(run=_plot)
 
     args = parser.parse_args(argv)
     try:

@@ -21,9 +21,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Collective", "launched_by_torchrun", "session", "task_range"]
+from ..errors import MetaPerturbError
+
+__all__ = ["Collective", "LaunchError", "launched_by_torchrun", "session", "task_range"]
 
 logger = logging.getLogger(__name__)
+
+
+class LaunchError(MetaPerturbError, ValueError):
+    """The processes started cannot run this meta-training (more processes than tasks)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -34,7 +40,7 @@ def launched_by_torchrun() -> bool:
 def task_range(num_tasks: int, world_size: int, rank: int) -> range:
     """The tasks of ``rank``: a contiguous block, sizes differing by at most one."""
     if world_size > num_tasks:
-        raise ValueError(
+        raise LaunchError(
             f"{world_size} processes for {num_tasks} tasks: every process needs at least one task. "
             "Start at most as many processes as tasks (torchrun --nproc-per-node / --nnodes)."
         )

@@ -1,0 +1,74 @@
+"""A PNG of a run's metrics log: losses, accuracies and phi's channel scale per site."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .metrics import read_metrics
+
+__all__ = ["plot_metrics"]
+
+
+def plot_metrics(run: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
+    """Draw the metrics log of ``run`` (a run folder or a ``metrics.jsonl``) to a PNG.
+
+    Three panels against the step: train and held-out loss, train and held-out accuracy (mean
+    over tasks, each task faint behind), and phi's channel scale s at every site.
+
+    Args:
+        run: the run folder, or the metrics file itself.
+        output: the PNG to write; default: ``metrics.png`` beside the log.
+
+    Returns:
+        The PNG written.
+
+    Example:
+        >>> plot_metrics("metaperturb-run")  # doctest: +SKIP
+        PosixPath('metaperturb-run/metrics.png')
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    path = Path(run)
+    log = path / "metrics.jsonl" if path.is_dir() else path
+    if not log.is_file():
+        raise FileNotFoundError(f"no metrics log at {log}: pass a run folder or a metrics.jsonl.")
+    records = read_metrics(log)
+    if not records:
+        raise ValueError(f"{log} holds no metrics yet (a line is written every --log-every steps).")
+    target = Path(output) if output is not None else log.with_name("metrics.png")
+    steps = [record["step"] for record in records]
+    tasks = sorted(records[-1]["tasks"], key=int)
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    for axis, metric in zip(axes[:2], ("loss", "acc"), strict=True):
+        for half, colour in (("train", "tab:blue"), ("heldout", "tab:orange")):
+            key = f"{half}_{metric}"
+            for task in tasks:
+                values = [r["tasks"].get(task, {}).get(key, math.nan) for r in records]
+                axis.plot(steps, values, color=colour, alpha=0.15, linewidth=0.8)
+            label = f"{'held-out' if half == 'heldout' else half} (mean of {len(tasks)} tasks)"
+            axis.plot(steps, [r["mean"][key] for r in records], color=colour, label=label)
+        axis.set_xlabel("step")
+        axis.set_ylabel("cross-entropy" if metric == "loss" else "accuracy")
+        axis.legend()
+    sites = list(records[-1]["scale"])
+    colours = plt.get_cmap("viridis")
+    for index, site in enumerate(sites):
+        values = [r["scale"].get(site, math.nan) for r in records]
+        axes[2].plot(steps, values, color=colours(index / max(1, len(sites) - 1)), label=site)
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("channel scale s (mean over channels)")
+    if len(sites) <= 12:
+        axes[2].legend(fontsize="small")
+    axes[0].set_title("loss")
+    axes[1].set_title("accuracy")
+    axes[2].set_title("phi's scale per site (running statistics)")
+    figure.suptitle(f"meta-training: {log.parent.name}")
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return target
