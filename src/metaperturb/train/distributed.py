@@ -136,7 +136,18 @@ def session(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Collect
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run a single process.")
     backend = "nccl" if resolved.type == "cuda" else "gloo"
-    options: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # torchrun's agent keeps one store across restarts; keys left by the crashed attempt (rank
+    # 0's old address, barrier counts) make the next attempt hang or connect to a dead port. A
+    # prefix per attempt gives every attempt clean keys.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    options: dict[str, Any] = {
+        "store": dist.PrefixStore(f"metaperturb/attempt-{attempt}", store),
+        "rank": rank,
+        "world_size": world_size,
+        "timeout": timeout,
+    }
     if resolved.type == "cuda":
         options["device_id"] = resolved
     dist.init_process_group(backend=backend, **options)

@@ -262,7 +262,8 @@ class _MetaTrainer:
             dynamic_ncols=True,
         )
         clock, clock_step = time.perf_counter(), self.start
-        started = clock
+        # Elapsed time counts the earlier attempts of a resumed run too.
+        started = clock - (self.last_record or {}).get("elapsed_s", 0.0)
         for step in range(self.start, config.steps):
             grads = [torch.zeros_like(p) for p in parameters]
             for learner in self.learners:
@@ -301,16 +302,23 @@ class _MetaTrainer:
         return target
 
     def _log(self, step: int, elapsed: float, rate: float) -> dict[str, Any] | None:
-        local = {
+        tasks = {
             learner.task.index: {**learner.meter.collect(), "scale": site_scales(learner.model)}
             for learner in self.learners
         }
-        gathered = self.comm.gather(local)
+        phi = torch.cat([p.detach().reshape(-1).cpu() for p in self.phi.parameters()])
+        gathered = self.comm.gather({"tasks": tasks, "phi": phi})
         if gathered is None:
             return None
-        merged = {task: record for part in gathered for task, record in part.items()}
+        # Every rank took the same optimizer steps from the same all-reduced gradient: a phi
+        # that differs anywhere means the ranks no longer train one phi. Stop rather than
+        # publish it.
+        diverged = [rank for rank, part in enumerate(gathered) if not torch.equal(part["phi"], phi)]
+        if diverged:
+            raise RuntimeError(f"phi differs between rank 0 and ranks {diverged} at step {step}.")
+        merged = {task: record for part in gathered for task, record in part["tasks"].items()}
         record = {"step": step, "elapsed_s": round(elapsed, 3), "steps_per_s": rate}
-        self.last_record = {**record, **summarize(merged)}
+        self.last_record = {**record, **summarize(merged), "ranks": self.comm.world_size}
         return self.last_record
 
     def _checkpoint(self, step: int) -> None:
