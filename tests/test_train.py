@@ -271,3 +271,31 @@ def test_plot_without_a_log_is_a_clear_error(
 
     assert main(["plot", str(tmp_path)]) == 1
     assert "no metrics log" in capsys.readouterr().err
+
+
+@needs_tiny
+def test_select_scores_candidates_and_keeps_the_best(
+    tmp_path: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metaperturb.cli import main
+
+    untrained = metaperturb.Perturbation().save_pretrained(tmp_path / "untrained")
+    candidates = [str(finished_run), str(finished_run / "phi"), str(untrained)]
+    argv = ["select", *candidates, "--data", str(TINY), "--split", "validation"]
+    argv += ["--classes", "3", "--max-per-class", "8", "--image-size", "16", "--steps", "3"]
+    argv += ["--batch-size", "6", "--threads", "1", "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--output-dir", str(tmp_path / "selected")]) == 0
+    report = json.loads((tmp_path / "selected" / "selection.json").read_text())
+    scores = report["scores"]
+    assert set(scores) == set(candidates) and report["baseline"] is None
+    # The same phi under two names: the same network, batches and noise, the same score.
+    assert scores[candidates[0]] == scores[candidates[1]]
+    assert report["best"] == max(scores, key=scores.__getitem__)
+    assert report["validation"] == {
+        "data": "tiny-imagenet-200-32px/validation",
+        "train": 12,
+        "test": 12,
+    }
+    best = metaperturb.Perturbation.from_pretrained(tmp_path / "selected" / "best")
+    assert best.scale_weight.shape == (1, 10)
+    assert f"best: {report['best']}" in capsys.readouterr().out

@@ -65,6 +65,12 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from .train.cli import run_select
+
+    return run_select(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="metaperturb", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plot_parser.add_argument("-o", "--output", help="PNG to write (default: RUN/metrics.png)")
     plot_parser.set_defaults(run=_plot)
+
+    from .train.cli import add_select_arguments
+
+    select_parser = commands.add_parser(
+        "select",
+        help="keep the best of several meta-trained phi by a short meta-test on validation data",
+    )
+    add_select_arguments(select_parser).set_defaults(run=_select)
 
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,14 @@ from typing import Any
 from ..errors import MetaPerturbError
 from .config import TrainConfig
 
-__all__ = ["add_train_arguments", "config_from_args", "main", "run_from_args"]
+__all__ = [
+    "add_select_arguments",
+    "add_train_arguments",
+    "config_from_args",
+    "main",
+    "run_from_args",
+    "run_select",
+]
 
 DESCRIPTION = """\
 Meta-train phi, MetaPerturb's perturbation function, on a labelled image dataset (METHOD.md,
@@ -86,6 +93,50 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 1
     if rank == 0:
         print(target)
+    return 0
+
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``metaperturb select`` (see :class:`~.selection.SelectConfig`)."""
+    add = parser.add_argument
+    add("candidates", nargs="+", metavar="PHI", help="phi folders, train run folders or Hub ids")
+    add("--data", required=True, help="validation dataset, disjoint from your evaluation targets")
+    add("--split", default="train", help="its split, halved per class into train and test")
+    add("--image-size", type=int, default=32, metavar="N", help="resolution (default: 32)")
+    add("--channels", type=int, default=3, metavar="N", help="3 (RGB) or 1 (default: 3)")
+    add("--classes", type=int, metavar="N", help="keep the first N classes")
+    add("--max-per-class", type=int, metavar="N", help="keep the first N images of each class")
+    add("--model", default="cifar_resnet20", help="network trained with each phi (timm name)")
+    add("--steps", type=int, default=1000, metavar="N", help="meta-test steps (default: 1000)")
+    add("--batch-size", type=int, default=128, metavar="N", help="batch size (default: 128)")
+    add("--lr", type=float, default=1e-3, metavar="X", help="Adam lr, x0.3 at 40/70/90%%")
+    add("--weight-decay", type=float, default=5e-4, metavar="X", help="Adam weight decay")
+    add("--seeds", type=int, default=1, metavar="N", help="repetitions averaged (default: 1)")
+    add("--baseline", action="store_true", help="also score the network without phi")
+    add("--output-dir", metavar="DIR", help="write selection.json and best/ (the winner) here")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add("--threads", type=int, metavar="N", help="torch CPU threads")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    add("--seed", type=int, default=0, metavar="N", help="seed of the halves and meta-tests")
+    return parser
+
+
+def run_select(args: argparse.Namespace) -> int:
+    """Score the candidates; print one line per candidate and the winner."""
+    from .selection import SelectConfig, select
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = [action for action in vars(args) if action not in ("run", "command")]
+    try:
+        report = select(SelectConfig(**{name: getattr(args, name) for name in names}))
+    except (MetaPerturbError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, score in sorted(report["scores"].items(), key=lambda item: -item[1]):
+        print(f"{score:.4f}  {name}")
+    if report["baseline"] is not None:
+        print(f"{report['baseline']:.4f}  (no phi)")
+    print(f"best: {report['best']}")
     return 0
 
 
