@@ -74,11 +74,6 @@ def perturb(
     # its own dtype (fp32 unless the whole model was cast), so that a 16-bit input does not make
     # phi's weight gradients lose precision.
     x = h if torch.is_autocast_enabled(h.device.type) else h.to(phi.scale_weight.dtype)
-    if x.is_cuda:
-        # cuDNN runs depthwise convolutions in channels_last; on NCHW tensors PyTorch falls back
-        # to its own depthwise kernel, which took 40% of a wrapped ResNet-50 step on an H200
-        # (benchmarks/results/profile-cuda-resnet50.txt). Outputs keep h's layout.
-        x = x.contiguous(memory_format=torch.channels_last)
     if training:
         maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
