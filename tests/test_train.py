@@ -133,6 +133,8 @@ def test_refuses_to_overwrite_or_change_a_run(tmp_path: Path, finished_run: Path
         train(_config(finished_run))
     with pytest.raises(CheckpointError, match="batch_size: run has 8, asked 16"):
         train(_config(finished_run, batch_size=16, resume=True))
+    with pytest.raises(CheckpointError, match="only continue forward"):
+        train(_config(finished_run, steps=2, resume=True))
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train(_config(tmp_path / "empty", resume=True))
 

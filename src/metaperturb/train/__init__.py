@@ -15,5 +15,17 @@ from .config import TrainConfig as TrainConfig
 from .loop import RunExistsError as RunExistsError
 from .loop import train as train
 from .metrics import read_metrics as read_metrics
+from .plot import plot_metrics as plot_metrics
+from .selection import SelectConfig as SelectConfig
+from .selection import select as select
 
-__all__ = ["CheckpointError", "RunExistsError", "TrainConfig", "read_metrics", "train"]
+__all__ = [
+    "CheckpointError",
+    "RunExistsError",
+    "SelectConfig",
+    "TrainConfig",
+    "plot_metrics",
+    "read_metrics",
+    "select",
+    "train",
+]

@@ -161,6 +161,11 @@ class _MetaTrainer:
                     + ", ".join(sorted(RESUMABLE_CHANGES))
                     + " may change), or start a new --output-dir."
                 )
+            if config.steps < payload["step"]:
+                raise checkpoint.CheckpointError(
+                    f"--steps {config.steps} is below the checkpoint's step {payload['step']}: "
+                    "a resumed run can only continue forward."
+                )
             logger.info("resuming %s from step %d", self.output, payload["step"])
         return payload
 
