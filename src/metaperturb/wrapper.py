@@ -156,15 +156,13 @@ def is_wrapped(model: nn.Module) -> bool:
 
 def get_controller(model: nn.Module) -> MetaPerturb:
     """The :class:`MetaPerturb` of a wrapped model (unwrapping DDP and ``torch.compile``)."""
-    inner = getattr(model, "module", None) if not is_wrapped(model) else None
-    inner = getattr(model, "_orig_mod", inner) if inner is None else inner
-    target = inner if isinstance(inner, nn.Module) and is_wrapped(inner) else model
-    controller = getattr(target, ATTRIBUTE, None)
-    if not isinstance(controller, MetaPerturb):
-        raise NotWrappedError(
-            f"{type(model).__name__} is not wrapped by MetaPerturb: call metaperturb.wrap(model) first."
-        )
-    return controller
+    for candidate in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        controller = getattr(candidate, ATTRIBUTE, None)
+        if isinstance(candidate, nn.Module) and isinstance(controller, MetaPerturb):
+            return controller
+    raise NotWrappedError(
+        f"{type(model).__name__} is not wrapped by MetaPerturb: call metaperturb.wrap(model) first."
+    )
 
 
 def _resolve_phi(
