@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import MetaPerturbError
+from .errors import DataError
 
 __all__ = [
     "DataError",
@@ -37,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 _LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 _DECODE_CHUNK = 2048
-
-
-class DataError(MetaPerturbError, ValueError):
-    """A dataset could not be found, read, or turned into labelled images."""
 
 
 @dataclass

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyWrappedError",
+    "CheckpointError",
+    "DataError",
     "DefaultPhiUnavailableError",
+    "LaunchError",
     "MetaPerturbError",
     "NoSitesError",
     "NotWrappedError",
     "PhiFormatError",
     "PhiNotFoundError",
+    "RunExistsError",
     "SiteShapeError",
+    "SplitError",
 ]
 
 
@@ -44,3 +49,23 @@ class PhiNotFoundError(MetaPerturbError, FileNotFoundError):
 
 class DefaultPhiUnavailableError(PhiNotFoundError):
     """The package carries no meta-trained phi* yet, so ``wrap(model)`` needs ``phi=``."""
+
+
+class DataError(MetaPerturbError, ValueError):
+    """A dataset could not be found, read, or turned into labelled images."""
+
+
+class RunExistsError(MetaPerturbError, FileExistsError):
+    """The output folder already holds a run and ``resume`` was not asked for."""
+
+
+class CheckpointError(MetaPerturbError, ValueError):
+    """A checkpoint is missing, unreadable, or belongs to a different run."""
+
+
+class LaunchError(MetaPerturbError, ValueError):
+    """The processes started cannot run this meta-training (more processes than tasks)."""
+
+
+class SplitError(MetaPerturbError, ValueError):
+    """The dataset cannot make the requested task split (too few classes or images)."""

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import MetaPerturbError
+from .errors import SplitError
 
 __all__ = ["SplitError", "Task", "TaskMode", "TaskSplit", "make_split"]
 
@@ -38,10 +38,6 @@ __all__ = ["SplitError", "Task", "TaskMode", "TaskSplit", "make_split"]
 TaskMode = Literal["classwise", "homogeneous"]
 _MODES = ("classwise", "homogeneous")
 _FORMAT_VERSION = 1
-
-
-class SplitError(MetaPerturbError, ValueError):
-    """The dataset cannot make the requested task split (too few classes or images)."""
 
 
 @dataclass

@@ -10,9 +10,9 @@ Example:
 
 from __future__ import annotations
 
-from .checkpoint import CheckpointError as CheckpointError
+from ..errors import CheckpointError as CheckpointError
+from ..errors import RunExistsError as RunExistsError
 from .config import TrainConfig as TrainConfig
-from .loop import RunExistsError as RunExistsError
 from .loop import train as train
 from .metrics import read_metrics as read_metrics
 from .plot import plot_metrics as plot_metrics

@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
-from ..errors import MetaPerturbError
+from ..errors import CheckpointError
 
 __all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "CheckpointError", "load", "save", "to_cpu"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(MetaPerturbError, ValueError):
-    """A checkpoint is missing, unreadable, or belongs to a different run."""
 
 
 def to_cpu(value: Any) -> Any:

@@ -21,15 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import MetaPerturbError
+from ..errors import LaunchError
 
 __all__ = ["Collective", "LaunchError", "launched_by_torchrun", "session", "task_range"]
 
 logger = logging.getLogger(__name__)
-
-
-class LaunchError(MetaPerturbError, ValueError):
-    """The processes started cannot run this meta-training (more processes than tasks)."""
 
 
 def launched_by_torchrun() -> bool:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import ImageData, load_images
-from ..errors import MetaPerturbError
+from ..errors import RunExistsError
 from ..phi import Perturbation, PerturbationConfig
 from ..tasks import TaskMode, TaskSplit, make_split
 from . import checkpoint
@@ -48,10 +48,6 @@ PHI_DIRNAME = "phi"
 _PHI_KEY = 3
 #: Testing hook: a worker of the first torchrun attempt exits at this step, to test restarts.
 _CRASH_ENV = "_METAPERTURB_TEST_CRASH_AT_STEP"
-
-
-class RunExistsError(MetaPerturbError, FileExistsError):
-    """The output folder already holds a run and ``resume`` was not asked for."""
 
 
 def train(config: TrainConfig) -> Path:
