@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["relu_mean", "sampled_gain", "standard_normal_like"]
+__all__ = ["gain", "relu_mean", "sampled_gain", "standard_normal_like"]
 
 
 class _ReluMean(torch.autograd.Function):
@@ -41,7 +41,7 @@ def relu_mean(y: Tensor) -> Tensor:
     return result
 
 
-def _gain(z: Tensor, scale: Tensor, strength: Tensor) -> Tensor:
+def gain(z: Tensor, scale: Tensor, strength: Tensor) -> Tensor:
     """``(s z - 1) c + 1`` as ``(s c) z + (1 - c)``: one pass over the feature map."""
     c = strength.to(z.dtype)
     return torch.addcmul(1.0 - c, (scale.to(z.dtype) * c).view(1, -1, 1, 1), z)
@@ -65,8 +65,8 @@ class _SampledGain(torch.autograd.Function):
         clip: float | None,
     ) -> Tensor:
         z = F.softplus(mu + noise)
-        gain = _gain(z, scale, strength)
-        out = h * gain.to(h.dtype)
+        factor = gain(z, scale, strength)
+        out = h * factor.to(h.dtype)
         keep = None
         if clip is not None:
             keep = out <= clip
@@ -83,7 +83,7 @@ class _SampledGain(torch.autograd.Function):
         c = strength.to(z.dtype)
         grad_h = grad_mu = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_h = grad_out * _gain(z, scale, strength).to(grad_out.dtype)
+            grad_h = grad_out * gain(z, scale, strength).to(grad_out.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_gain = grad_out.to(z.dtype) * h.to(z.dtype) * c
             if ctx.needs_input_grad[3]:

@@ -120,7 +120,7 @@ def _describe(output: Any) -> tuple[str, tuple[int, ...] | None]:
     return f"a {type(output).__name__}", None
 
 
-def _trace(model: nn.Module, example: Tensor, skip: nn.Module | None) -> dict[str, _Record]:
+def _trace(model: nn.Module, example: Tensor) -> dict[str, _Record]:
     """Run ``model`` once on ``example`` and record every submodule's calls and outputs."""
     records: dict[str, _Record] = {}
     counter = iter(range(1 << 30))
@@ -146,7 +146,7 @@ def _trace(model: nn.Module, example: Tensor, skip: nn.Module | None) -> dict[st
     modes = {module: module.training for module in model.modules()}
     try:
         for name, module in model.named_modules():
-            if not name or (skip is not None and _within(module, skip)):
+            if not name:
                 continue
             handles.append(module.register_forward_pre_hook(pre_hook(name)))
             handles.append(module.register_forward_hook(post_hook(name)))
@@ -159,10 +159,6 @@ def _trace(model: nn.Module, example: Tensor, skip: nn.Module | None) -> dict[st
         for module, mode in modes.items():
             module.training = mode
     return records
-
-
-def _within(module: nn.Module, container: nn.Module) -> bool:
-    return any(module is m for m in container.modules())
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -194,14 +190,10 @@ def _has_own_forward(module: nn.Module) -> bool:
 class _Model:
     """The traced model: names, records and the structural predicates built on them."""
 
-    def __init__(self, model: nn.Module, records: dict[str, _Record], skip: nn.Module | None):
+    def __init__(self, model: nn.Module, records: dict[str, _Record]):
         self.root = model
         self.records = records
-        self.modules = {
-            name: module
-            for name, module in model.named_modules()
-            if name and not (skip is not None and _within(module, skip))
-        }
+        self.modules = {name: module for name, module in model.named_modules() if name}
 
     def children(self, name: str) -> Iterator[str]:
         module = self.root if not name else self.modules[name]
@@ -417,7 +409,6 @@ def plan_sites(
     *,
     strategy: Strategy | Sequence[str] = "block",
     input_size: Sequence[int] | None = None,
-    skip: nn.Module | None = None,
 ) -> SitePlan:
     """Decide where phi goes in ``model``; see the module docstring for the rules.
 
@@ -426,7 +417,6 @@ def plan_sites(
         strategy: ``"block"``, ``"stage"``, or an explicit list of module names.
         input_size: (C, H, W) of the planning pass; by default from timm's ``pretrained_cfg``
             or 224 px. Only shapes depend on it, so any size the model accepts will do.
-        skip: a submodule to leave out (the MetaPerturb controller of a wrapped model).
 
     Raises:
         NoSitesError: no module of ``model`` can take phi, or an explicit name is unusable.
@@ -442,14 +432,14 @@ def plan_sites(
             device=param.device, dtype=param.dtype if param.is_floating_point() else None
         )
     try:
-        records = _trace(model, example, skip)
+        records = _trace(model, example)
     except Exception as error:  # the model rejected the planning input
         raise NoSitesError(
             f"could not plan MetaPerturb sites: {type(model).__name__} failed on a planning batch "
             f"of shape {tuple(example.shape)} ({type(error).__name__}: {error}). Pass the size "
             "your model takes, e.g. metaperturb.wrap(model, input_size=(3, 32, 32))."
         ) from error
-    traced = _Model(model, records, skip)
+    traced = _Model(model, records)
     skipped: list[SkippedModule] = []
 
     if isinstance(strategy, str):

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._kernels import sampled_gain, standard_normal_like
+from ._kernels import gain, sampled_gain, standard_normal_like
 from .errors import SiteShapeError
 from .phi import Perturbation, expected_softplus
 
@@ -91,7 +91,4 @@ def perturb(
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
         clip = phi.config.clip if training else None
         return sampled_gain(h, mu, draw, scale, strength, clip)
-    gain = (scale.to(mu.dtype).view(1, -1, 1, 1) * expected_softplus(mu) - 1.0) * strength.to(
-        mu.dtype
-    ) + 1.0
-    return h * gain.to(h.dtype)
+    return h * gain(expected_softplus(mu), scale, strength).to(h.dtype)
