@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import struct
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from ._atomic import fsync_directory, write_temporary
 from ._version import __version__
 from .errors import PhiFormatError
 from .phi import Perturbation, PerturbationConfig
@@ -66,7 +66,6 @@ _RESERVED_HEADER_KEYS = frozenset({"format", _FORMAT_KEY, _CONFIG_KEY})
 # phi holds 82 numbers (about 1 KB as safetensors); anything far larger is not a phi and is not
 # read into memory.
 _MAX_FILE_BYTES = 16 * 1024 * 1024
-_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows only
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def write_folder(directory: Path, files: Mapping[str, bytes]) -> Path:
     temporaries: dict[str, Path] = {}
     try:
         for name, data in files.items():
-            temporaries[name] = _write_temporary(directory, name, data)
+            temporaries[name] = write_temporary(directory, name, data)
         for name, temporary in temporaries.items():
             os.replace(temporary, directory / name)
     except BaseException:
@@ -135,37 +134,8 @@ def write_folder(directory: Path, files: Mapping[str, bytes]) -> Path:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only succeeds if nothing of ours is left in it
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return directory
-
-
-def _write_temporary(directory: Path, name: str, data: bytes) -> Path:
-    # os.open with mode 0o666 lets the umask decide the permissions, as for any new file.
-    temporary = directory / f".{name}.{uuid.uuid4().hex}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the renames durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------------------------

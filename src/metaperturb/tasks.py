@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ._atomic import atomic_write
 from .errors import SplitError
 
 __all__ = ["SplitError", "Task", "TaskMode", "TaskSplit", "make_split"]
@@ -95,11 +96,7 @@ class TaskSplit:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the split as JSON (atomically: a temporary file, then a rename)."""
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
-        os.replace(temporary, target)
-        return target
+        return atomic_write(path, json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TaskSplit:

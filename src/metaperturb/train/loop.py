@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from tqdm.auto import tqdm
 
+from .._atomic import atomic_write
 from ..data import ImageData, load_images
 from ..errors import RunExistsError
 from ..phi import Perturbation, PerturbationConfig
@@ -185,11 +186,7 @@ class _MetaTrainer:
         )
 
     def _write_run_files(self) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        temporary = self.output / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-        temporary.write_text(text)
-        os.replace(temporary, self.output / CONFIG_NAME)
+        atomic_write(self.output / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
         self.split.save(self.output / SPLIT_NAME)
 
     def _learners(self, data: ImageData) -> list[TaskLearner]:

@@ -23,6 +23,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .._atomic import atomic_write
 from ..site import SiteState
 from ..wrapper import get_controller
 
@@ -102,9 +103,7 @@ class MetricsLog:
             path.write_text("")
             return
         kept = [r for r in read_metrics(path) if r["step"] <= resume_step] if path.exists() else []
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(temporary, path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as handle:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._atomic import atomic_write
 from ..annealing import StrengthScheduler
 from ..data import ImageData, load_images, normalize
 from ..hub import load_phi
@@ -236,7 +236,5 @@ def select(config: SelectConfig) -> dict[str, Any]:
             shutil.copytree(source, target)
         else:
             phis[best].save_pretrained(output / "best")
-        temporary = output / f".selection.json.tmp-{os.getpid()}"
-        temporary.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(temporary, output / "selection.json")
+        atomic_write(output / "selection.json", json.dumps(report, indent=2) + "\n")
     return report
