@@ -14,7 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gain", "relu_mean", "sampled_gain", "standard_normal_like"]
+__all__ = ["gain", "relu_mean", "sampled_gain", "softplus", "standard_normal_like"]
+
+
+def softplus(x: Tensor, beta: float = 1.0) -> Tensor:
+    """``log(1 + exp(beta x)) / beta``, as ``relu(x) - log(sigmoid(beta |x|)) / beta``.
+
+    The same function to float rounding, but built from ops that PyTorch vectorises on a CPU:
+    ``F.softplus`` (and ``log1p``/``expm1``) run a scalar loop there, 3-4x slower than these
+    four passes (``benchmarks/overhead.py``).
+    """
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        # One fused kernel on a GPU. Under autograd, abs() would give a zero derivative at 0,
+        # where features often are exactly zero.
+        return F.softplus(x, beta=beta)
+    tail = x.abs()
+    if beta != 1.0:
+        tail.mul_(beta)
+    tail = tail.sigmoid_().log_()
+    return F.relu(x).sub_(tail, alpha=1.0 / beta)
 
 
 class _ReluMean(torch.autograd.Function):
@@ -64,7 +82,7 @@ class _SampledGain(torch.autograd.Function):
         strength: Tensor,
         clip: float | None,
     ) -> Tensor:
-        z = F.softplus(mu + noise)
+        z = softplus(mu + noise)
         factor = gain(z, scale, strength)
         out = h * factor.to(h.dtype)
         keep = None
@@ -89,7 +107,10 @@ class _SampledGain(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_scale = (grad_gain * z).sum(dim=(0, 2, 3)).to(scale.dtype)
             if ctx.needs_input_grad[1]:
-                grad_mu = grad_gain.mul_(channel_scale).mul_(torch.expm1(-z).neg_())
+                # sigmoid(a) = 1 - exp(-z); exp is vectorised where expm1 is not, and the rounding
+                # (below 6e-8 absolute) only touches elements whose gradient is that small too.
+                sigmoid = torch.exp(-z).neg_().add_(1.0)
+                grad_mu = grad_gain.mul_(channel_scale).mul_(sigmoid)
         return grad_h, grad_mu, None, grad_scale, None, None
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._kernels import relu_mean
+from ._kernels import relu_mean, softplus
 
 __all__ = [
     "NUM_SCALE_FEATURES",
@@ -138,7 +138,7 @@ def expected_softplus(mu: Tensor) -> Tensor:
     """
     # softplus(k mu) / k is softplus with beta = k: one pass.
     bump = torch.exp(mu.square().mul_(-_EXPECTATION_WIDTH))
-    return torch.add(F.softplus(mu, beta=_EXPECTATION_SLOPE), bump, alpha=_EXPECTATION_BUMP)
+    return torch.add(softplus(mu, beta=_EXPECTATION_SLOPE), bump, alpha=_EXPECTATION_BUMP)
 
 
 class Perturbation(nn.Module):
