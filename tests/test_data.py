@@ -156,3 +156,20 @@ def test_normalize() -> None:
     images = torch.full((2, 3, 2, 2), 255, dtype=torch.uint8)
     out = normalize(images, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
+
+
+@needs_tiny
+def test_skip_per_class_gives_a_slice_disjoint_from_the_first_images(tiny_slice: Path) -> None:
+    """A validation slice (skip 4, keep 3) never shares an image with the first 4 of a class."""
+    first = load_images(tiny_slice / "train.parquet", max_per_class=4)
+    later = load_images(tiny_slice / "train.parquet", max_per_class=3, skip_per_class=4)
+    rest = load_images(tiny_slice / "train.parquet", skip_per_class=4)
+    assert torch.bincount(later.labels).tolist() == [3, 3, 3]
+    assert torch.bincount(rest.labels).tolist() == [6, 6, 6]
+    seen = {bytes(image.numpy()) for image in first.images}
+    assert not seen & {bytes(image.numpy()) for image in rest.images}
+    assert torch.equal(
+        later.images, rest.images[torch.cat([torch.arange(3) + 6 * k for k in range(3)])]
+    )
+    with pytest.raises(DataError, match="empty"):
+        load_images(tiny_slice / "train.parquet", skip_per_class=10)

@@ -84,6 +84,7 @@ def load_images(
     channels: int = 3,
     classes: int | Sequence[int] | None = None,
     max_per_class: int | None = None,
+    skip_per_class: int = 0,
     cache_dir: str | Path | None = None,
 ) -> ImageData:
     """Load a labelled image dataset and decode it to uint8 tensors at ``image_size``.
@@ -99,7 +100,10 @@ def load_images(
             center-cropped.
         channels: 3 (RGB) or 1 (grayscale); images are converted.
         classes: keep the first N classes, or these class labels; ``None`` keeps all.
-        max_per_class: keep the first N images of each class (in dataset order).
+        max_per_class: keep the first N images of each class (in dataset order), after
+            ``skip_per_class``.
+        skip_per_class: leave out the first N images of each class, so that a validation slice
+            can be disjoint from an evaluation slice that took the first N.
         cache_dir: the ``datasets`` cache folder; default: ``HF_DATASETS_CACHE``.
 
     Raises:
@@ -117,6 +121,8 @@ def load_images(
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}.")
     if max_per_class is not None and max_per_class < 1:
         raise DataError(f"max_per_class must be positive, got {max_per_class}.")
+    if skip_per_class < 0:
+        raise DataError(f"skip_per_class must be 0 or more, got {skip_per_class}.")
     dataset, name = _load_split(source, split, cache_dir)
     image_column, label_column, names = _columns(dataset, name)
     labels = np.asarray(dataset.data.column(label_column).to_numpy(zero_copy_only=False))
@@ -124,7 +130,7 @@ def load_images(
         raise DataError(f"{name}: column {label_column!r} has negative labels (unlabelled rows?).")
     if labels.size == 0:
         raise DataError(f"{name} is empty.")
-    rows, kept = _select(labels, classes, max_per_class, name)
+    rows, kept = _select(labels, classes, max_per_class, name, skip_per_class)
     if names is None:
         names = [str(k) for k in range(int(labels.max()) + 1)]
     remap = np.full(max(len(names), int(labels.max()) + 1), -1, dtype=np.int64)
@@ -219,6 +225,7 @@ def _select(
     classes: int | Sequence[int] | None,
     max_per_class: int | None,
     name: str,
+    skip_per_class: int = 0,
 ) -> tuple[np.ndarray, list[int]]:
     """Rows to keep (dataset order) and the original labels of the classes kept (sorted)."""
     present = sorted({int(k) for k in np.unique(labels)})
@@ -240,13 +247,16 @@ def _select(
             )
     mask = np.isin(labels, kept)
     rows = np.flatnonzero(mask)
-    if max_per_class is not None:
+    if max_per_class is not None or skip_per_class:
         order = labels[rows]
         sort = np.argsort(order, kind="stable")
         ranked = np.empty_like(sort)
         starts = np.searchsorted(order[sort], order[sort], side="left")
         ranked[sort] = np.arange(len(sort)) - starts
-        rows = rows[ranked < max_per_class]
+        keep = ranked >= skip_per_class
+        if max_per_class is not None:
+            keep &= ranked < skip_per_class + max_per_class
+        rows = rows[keep]
     if len(rows) == 0:
         raise DataError(f"{name}: the selection of classes and images is empty.")
     return rows, kept

@@ -106,6 +106,13 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     add("--channels", type=int, default=3, metavar="N", help="3 (RGB) or 1 (default: 3)")
     add("--classes", type=int, metavar="N", help="keep the first N classes")
     add("--max-per-class", type=int, metavar="N", help="keep the first N images of each class")
+    add(
+        "--skip-per-class",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out the first N images of each class (an evaluation slice's)",
+    )
     add("--model", default="cifar_resnet20", help="network trained with each phi (timm name)")
     add("--steps", type=int, default=1000, metavar="N", help="meta-test steps (default: 1000)")
     add("--batch-size", type=int, default=128, metavar="N", help="batch size (default: 128)")

@@ -58,6 +58,8 @@ class SelectConfig:
     #: Keep the first N classes / N images of each class (default: all).
     classes: int | None = None
     max_per_class: int | None = None
+    #: Leave out the first N images of each class (those an evaluation slice takes).
+    skip_per_class: int = 0
     #: The network trained from scratch with each phi (a timm name).
     model: str = "cifar_resnet20"
     #: Meta-test length and optimisation (Adam, lr x0.3 at 40/70/90% of the steps).
@@ -198,6 +200,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         channels=config.channels,
         classes=config.classes,
         max_per_class=config.max_per_class,
+        skip_per_class=config.skip_per_class,
     )
     train_rows, test_rows = _halves(data.labels.tolist(), config.seed)
     candidates = {name: _resolve(name) for name in config.candidates}
