@@ -71,6 +71,12 @@ def _select(args: argparse.Namespace) -> int:
     return run_select(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .transfer.cli import run_eval
+
+    return run_eval(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="metaperturb", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="keep the best of several meta-trained phi by a short meta-test on validation data",
     )
     add_select_arguments(select_parser).set_defaults(run=_select)
+
+    from .transfer.cli import add_eval_arguments
+
+    eval_parser = commands.add_parser(
+        "eval",
+        help="train a target network with or without MetaPerturb (or another regularizer), "
+        "test it and write the result",
+    )
+    add_eval_arguments(eval_parser).set_defaults(run=_eval)
 
     args = parser.parse_args(argv)
     try:

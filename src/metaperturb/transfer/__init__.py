@@ -1,0 +1,21 @@
+"""The evaluation harness: train target networks with and without MetaPerturb, and against
+other regularizers, and record what each is worth (``metaperturb eval``,
+``benchmarks/transfer.py``)."""
+
+from .calibration import calibration
+from .regularizers import DropBlock, ManifoldMixup
+from .run import TransferConfig, run_id, run_transfer
+from .targets import PRESETS, Target, load_target, resolve_target
+
+__all__ = [
+    "PRESETS",
+    "DropBlock",
+    "ManifoldMixup",
+    "Target",
+    "TransferConfig",
+    "calibration",
+    "load_target",
+    "resolve_target",
+    "run_id",
+    "run_transfer",
+]

@@ -1,0 +1,412 @@
+"""One evaluation run: train a target network from scratch with one method, test it, write the result.
+
+The meta-testing recipe of METHOD.md (Algorithm 2): Adam lr 1e-3, weight decay 5e-4, batch 128,
+lr x0.3 at 40%, 70% and 90% of the steps, random crop (pad 4) + flip; with phi, phi is frozen
+and its strength ramps from 0 to 1 over the first 40% of the steps. A run checkpoints as it goes
+(``<run id>.ckpt``) and resumes from there, and writes ``<run id>.json`` when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._atomic import atomic_write
+from ..annealing import StrengthScheduler
+from ..data import ImageData, normalize
+from ..evaluation import mc_predict
+from ..hub import load_phi
+from ..site import SiteState
+from ..train.learner import create_task_network
+from ..train.sampling import TaskStream, derive_seed
+from ..wrapper import get_controller, set_eval_mode, wrap
+from .calibration import calibration
+from .regularizers import DropBlock, ManifoldMixup
+from .targets import Target, load_target, resolve_target
+
+__all__ = ["TransferConfig", "run_id", "run_transfer"]
+
+_NOISE_KEY = 3
+_INIT_KEY = 1
+
+
+@dataclass
+class TransferConfig:
+    """Everything that defines one run; its :func:`run_id` names the result file."""
+
+    #: A preset name (``s-cifar10``, ``s-fashion-mnist``, ``mnist-10k``, ``omniglot-100``) or a
+    #: :class:`~.targets.Target` as a dict.
+    target: str | dict[str, Any]
+    #: Folder holding the presets' datasets (``../shared/data`` here).
+    data_root: str | None = None
+    #: The network (a timm name; the project's cifar_resnet20 & co. included).
+    model: str = "cifar_resnet20"
+    #: MetaPerturb's phi: ``None`` (not used), ``"default"`` (the bundled phi*), a folder, a
+    #: ``.safetensors`` file or a Hub id.
+    phi: str | None = None
+    #: A label for ``phi`` in the run id and tables (default: derived from the path).
+    phi_name: str | None = None
+    #: DropBlock rate and block size (rate 0: not used).
+    dropblock_rate: float = 0.0
+    dropblock_size: int = 3
+    #: Manifold Mixup's alpha (0: not used).
+    mixup_alpha: float = 0.0
+    #: Start from these weights (a ``.safetensors`` or ``weights_only`` torch file of the same
+    #: architecture; the head is re-initialised when the class count differs): fine-tuning.
+    init: str | None = None
+    init_name: str | None = None
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    padding: int = 4
+    flip: bool = True
+    seed: int = 0
+    #: Test accuracy on ``curve_images`` test images every ``curve_every`` steps (0: never).
+    curve_every: int = 1000
+    curve_images: int = 2000
+    #: Monte-Carlo sample counts evaluated at the end, besides the default eval (MetaPerturb).
+    mc_samples: list[int] = field(default_factory=list)
+    #: Also evaluate phi's ``sample`` (one draw) and ``off`` eval modes (MetaPerturb).
+    eval_modes: bool = True
+    checkpoint_every: int = 1000
+    device: str = "auto"
+
+    @property
+    def method(self) -> str:
+        parts = []
+        if self.init is not None:
+            parts.append(f"finetune[{self.init_name or Path(self.init).stem}]")
+        if self.phi is not None:
+            parts.append(f"metaperturb[{self.phi_name or _short(self.phi)}]")
+        if self.dropblock_rate > 0:
+            parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
+        if self.mixup_alpha > 0:
+            parts.append(f"mixup[{self.mixup_alpha:g}]")
+        return "+".join(parts) or "base"
+
+
+def _short(source: str) -> str:
+    path = Path(source)
+    return path.name if path.name not in ("phi", "best", "") else path.parent.name
+
+
+def run_id(config: TransferConfig) -> str:
+    """A file-name-safe id from the settings that change results."""
+    target = (
+        config.target
+        if isinstance(config.target, str)
+        else "custom-" + Path(str(config.target["data"])).name
+    )
+    text = f"{target}__{config.model}__{config.method}__{config.steps}steps__seed{config.seed}"
+    return re.sub(r"[^A-Za-z0-9_.,+\-\[\]]", "-", text)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_init(model: nn.Module, source: str) -> list[str]:
+    """Load matching tensors from ``source``; returns the keys left at their initialisation."""
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(source)
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{source} shares no tensor (name and shape) with {type(model).__name__}.")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+class _Run:
+    def __init__(self, config: TransferConfig, output_dir: Path) -> None:
+        self.config = config
+        self.device = _device(config.device)
+        target_spec = config.target if isinstance(config.target, str) else Target(**config.target)
+        self.target = resolve_target(target_spec, config.data_root)
+        self.train_data, self.test_data = load_target(self.target)
+        self.mean, self.std = self.train_data.channel_stats()
+        self.input_size = (self.target.channels, self.target.image_size, self.target.image_size)
+        self.id = run_id(config)
+        self.checkpoint_path = output_dir / f"{self.id}.ckpt"
+        self.result_path = output_dir / f"{self.id}.json"
+        self._build()
+
+    def _build(self) -> None:
+        config = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, _INIT_KEY))
+            model = create_task_network(
+                config.model, self.train_data.num_classes, self.target.channels
+            )
+        self.reinitialised: list[str] = []
+        if config.init is not None:
+            self.reinitialised = _load_init(model, config.init)
+        self.model = model.to(self.device)
+        self.strength: StrengthScheduler | None = None
+        if config.phi is not None:
+            phi = load_phi(config.phi) if config.phi != "default" else None
+            wrap(self.model, phi=phi, input_size=self.input_size)
+            self.strength = StrengthScheduler(self.model, total_steps=config.steps)
+        self.dropblock = (
+            DropBlock(self.model, config.dropblock_rate, config.dropblock_size, self.input_size)
+            if config.dropblock_rate > 0
+            else None
+        )
+        self.mixup = (
+            ManifoldMixup(self.model, config.mixup_alpha, self.input_size)
+            if config.mixup_alpha > 0
+            else None
+        )
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(
+            parameters, lr=config.lr, weight_decay=config.weight_decay
+        )
+        milestones = [int(config.steps * f) for f in (0.4, 0.7, 0.9)]
+        self.schedule = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=0.3)
+        images = self.train_data.images.to(self.device)
+        self.stream = TaskStream(
+            images,
+            self.train_data.labels,
+            range(len(self.train_data)),
+            config.batch_size,
+            (config.seed, 0, 0),
+            padding=config.padding,
+            flip=config.flip,
+            mean=self.mean,
+            std=self.std,
+        )
+        self.step = 0
+        self.curve: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "strength": None if self.strength is None else self.strength.state_dict(),
+            "curve": json.dumps(self.curve),
+            "train_seconds": self.train_seconds,
+        }
+
+    def save_checkpoint(self) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(self._state(), buffer)
+        atomic_write(self.checkpoint_path, buffer.getvalue())
+
+    def maybe_resume(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        if state.get("id") != self.id:
+            raise ValueError(
+                f"{self.checkpoint_path} belongs to run {state.get('id')!r}, not {self.id!r}: "
+                "delete it or use another output folder."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.strength is not None:
+            self.strength.load_state_dict(state["strength"])
+        self.step = int(state["step"])
+        self.curve = json.loads(state["curve"])
+        self.train_seconds = float(state["train_seconds"])
+        return True
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.model.train()
+        bar = tqdm(
+            total=config.steps, initial=self.step, unit="step", disable=not progress, leave=False
+        )
+        started = time.perf_counter()
+        while self.step < config.steps:
+            torch.manual_seed(derive_seed(config.seed, _NOISE_KEY, self.step))
+            images, labels = self.stream.batch(self.step)
+            labels = labels.to(self.device)
+            if self.mixup is not None:
+                loss = self.mixup.loss(images, labels)
+            else:
+                loss = F.cross_entropy(self.model(images), labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"run {self.id}: the training loss is {loss.item()} at step {self.step}; "
+                    "lower the learning rate or check the data."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+            if self.strength is not None:
+                self.strength.step()
+            self.loss_sum += loss.item()
+            self.loss_count += 1
+            self.step += 1
+            bar.update(1)
+            if config.curve_every and self.step % config.curve_every == 0:
+                self.train_seconds += time.perf_counter() - started
+                self._curve_point()
+                started = time.perf_counter()
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.train_seconds += time.perf_counter() - started
+                if self.step < config.steps:
+                    self.save_checkpoint()
+                started = time.perf_counter()
+        self.train_seconds += time.perf_counter() - started
+        bar.close()
+
+    def _curve_point(self) -> None:
+        count = min(self.config.curve_images, len(self.test_data))
+        rows = torch.linspace(0, len(self.test_data) - 1, count).long()
+        probabilities = self.predict(rows)
+        accuracy = float((probabilities.argmax(1) == self.test_data.labels[rows]).float().mean())
+        train_loss = self.loss_sum / max(1, self.loss_count)
+        self.curve.append({"step": self.step, "test_accuracy": accuracy, "train_loss": train_loss})
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.model.train()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, rows: Tensor | None = None, samples: int | None = None) -> Tensor:
+        """Class probabilities of test ``rows`` (all by default) in eval mode."""
+        data: ImageData = self.test_data
+        rows = torch.arange(len(data)) if rows is None else rows
+        self.model.eval()
+        outputs = []
+        for chunk in rows.split(500):
+            batch = normalize(data.images[chunk].to(self.device), self.mean, self.std)
+            if samples is not None:
+                outputs.append(mc_predict(self.model, batch, samples).cpu())
+            else:
+                outputs.append(self.model(batch).float().softmax(dim=1).cpu())
+        return torch.cat(outputs)
+
+    def _scores(self, probabilities: Tensor, seconds: float) -> dict[str, Any]:
+        labels = self.test_data.labels
+        nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
+        report = calibration(probabilities, labels)
+        return {
+            "accuracy": float((probabilities.argmax(1) == labels).float().mean()),
+            "nll": nll,
+            "ece": report["ece"],
+            "reliability": report["bins"],
+            "seconds": seconds,
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        def timed(**kwargs: Any) -> dict[str, Any]:
+            torch.manual_seed(derive_seed(self.config.seed, _NOISE_KEY, -1))
+            started = time.perf_counter()
+            probabilities = self.predict(**kwargs)
+            return self._scores(probabilities, time.perf_counter() - started)
+
+        results = {"default": timed()}
+        if self.config.phi is not None:
+            controller = get_controller(self.model)
+            results["default"]["mode"] = controller.eval_mode
+            if self.config.eval_modes:
+                for mode in ("sample", "off"):
+                    set_eval_mode(self.model, mode)
+                    results[mode] = timed()
+                set_eval_mode(self.model, "expectation")
+            for samples in self.config.mc_samples:
+                results[f"mc{samples}"] = timed(samples=samples)
+        return results
+
+    def scales(self) -> dict[str, float] | None:
+        """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
+        if self.config.phi is None:
+            return None
+        controller = get_controller(self.model)
+        out = {}
+        with torch.no_grad():
+            for index, name in enumerate(controller.site_names):
+                state = cast(SiteState, controller.sites[index])
+                height = controller.plan.sites[index].height
+                spatial_norm = controller.phi.config.spatial_norm
+                ratio = height / spatial_norm if spatial_norm else height / self.input_size[1]
+                s = controller.phi.channel_scale(
+                    state.running_mean,
+                    state.running_var,
+                    controller.channel_ratios[index],
+                    torch.tensor(ratio),
+                )
+                out[name] = float(s.mean())
+        return out
+
+
+def run_transfer(
+    config: TransferConfig, output_dir: str | Path, *, progress: bool = True
+) -> dict[str, Any]:
+    """Train, test and record one run; returns the result (also in ``<output_dir>/<id>.json``).
+
+    A finished run (its JSON exists) is not repeated: its result is read back. A run stopped
+    part-way resumes from its checkpoint.
+    """
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    result_path = output / f"{run_id(config)}.json"
+    if result_path.is_file():
+        result: dict[str, Any] = json.loads(result_path.read_text())
+        return result
+    run = _Run(config, output)
+    resumed = run.maybe_resume()
+    run.train(progress)
+    evaluation = run.evaluate()
+    result = {
+        "id": run.id,
+        "target": config.target,
+        "model": config.model,
+        "method": config.method,
+        "seed": config.seed,
+        "steps": config.steps,
+        "accuracy": evaluation["default"]["accuracy"],
+        "ece": evaluation["default"]["ece"],
+        "evaluation": evaluation,
+        "curve": run.curve,
+        "scales": run.scales(),
+        "train_seconds": run.train_seconds,
+        "resumed": resumed,
+        "train_images": len(run.train_data),
+        "test_images": len(run.test_data),
+        "classes": run.train_data.num_classes,
+        "reinitialised_keys": run.reinitialised,
+        "config": asdict(config),
+        "machine": {
+            "platform": platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(run.device),
+        },
+    }
+    if not math.isfinite(result["accuracy"]):
+        raise FloatingPointError(f"run {run.id}: accuracy is {result['accuracy']}.")
+    atomic_write(result_path, json.dumps(result, indent=1) + "\n")
+    run.checkpoint_path.unlink(missing_ok=True)
+    return result

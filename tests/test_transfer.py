@@ -1,0 +1,215 @@
+"""The evaluation harness: targets, calibration, regularizers, and one run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaperturb.phi import Perturbation
+from metaperturb.transfer import (
+    DropBlock,
+    ManifoldMixup,
+    Target,
+    TransferConfig,
+    calibration,
+    load_target,
+    resolve_target,
+    run_id,
+    run_transfer,
+)
+from metaperturb.transfer import run as run_module
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST = DATA / "mnist-10k"
+needs_mnist = pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} not present")
+
+
+def tiny_target() -> dict[str, object]:
+    """6 training and 4 test digits of each of 3 classes, from MNIST-10k's single split."""
+    return {
+        "data": str(MNIST),
+        "classes": 3,
+        "per_class": 6,
+        "test_split": "train",
+        "test_skip_per_class": 6,
+        "test_per_class": 4,
+        "image_size": 16,
+        "channels": 1,
+    }
+
+
+def test_a_target_whose_slices_overlap_is_refused() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        Target("mnist", per_class=500, test_split="train", test_skip_per_class=100)
+    with pytest.raises(ValueError, match="overlap"):
+        Target("mnist", test_split="train")
+    Target("mnist", per_class=500, test_split="train", test_skip_per_class=500)
+
+
+def test_presets_resolve_under_a_data_root() -> None:
+    target = resolve_target("s-cifar10", "/data")
+    assert target.data == "/data/cifar10" and target.per_class == 500
+    with pytest.raises(ValueError, match="presets"):
+        resolve_target("cifar-11")
+
+
+@needs_mnist
+def test_train_and_test_slices_are_disjoint_and_share_classes() -> None:
+    train, test = load_target(Target(**tiny_target()))  # type: ignore[arg-type]
+    assert torch.bincount(train.labels).tolist() == [6, 6, 6]
+    assert torch.bincount(test.labels).tolist() == [4, 4, 4]
+    assert train.original_labels == test.original_labels == [0, 1, 2]
+    seen = {bytes(image.numpy()) for image in train.images}
+    assert not seen & {bytes(image.numpy()) for image in test.images}
+
+
+def test_calibration_of_a_known_case() -> None:
+    # Two examples at confidence 0.9 (one right), two at 0.6 (both right): bins (0.8, 0.867],
+    # (0.867, 0.933] and (0.533, 0.6]... with 10 bins: 0.9 -> bin 8, 0.6 -> bin 5.
+    probabilities = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 1, 1])
+    report = calibration(probabilities, labels, bins=10)
+    expected = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6)
+    assert report["ece"] == pytest.approx(expected)
+    counts = [b["count"] for b in report["bins"]]
+    assert counts[8] == 2 and counts[5] == 2 and sum(counts) == 4
+    assert calibration(torch.eye(3), torch.arange(3))["ece"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="labels"):
+        calibration(torch.ones(3, 2), torch.zeros(4, dtype=torch.long))
+
+
+def _small_cnn() -> torch.nn.Module:
+    import timm
+
+    import metaperturb.models  # noqa: F401
+
+    return timm.create_model("conv4", num_classes=3, in_chans=1)
+
+
+def test_dropblock_drops_in_training_only_and_unhooks() -> None:
+    torch.manual_seed(0)
+    model = _small_cnn()
+    x = torch.randn(8, 1, 16, 16)
+    model.eval()
+    reference = model(x)
+    drop = DropBlock(model, rate=0.5, block_size=3, input_size=(1, 16, 16))
+    assert torch.equal(model(x), reference)  # eval: no effect
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    features = []
+    handle = model.get_submodule(_last_site(model)).register_forward_hook(
+        lambda m, a, out: features.append(out)
+    )
+    model(x)
+    handle.remove()
+    assert (features[-1] == 0).float().mean() > 0.2  # blocks of zeros
+    drop.remove()
+    model.load_state_dict(state)  # the train-mode pass moved BatchNorm's running statistics
+    model.eval()
+    assert torch.equal(model(x), reference)
+
+
+def _last_site(model: torch.nn.Module) -> str:
+    from metaperturb.discovery import plan_sites
+
+    return plan_sites(model, input_size=(1, 16, 16)).sites[-1].name
+
+
+def test_manifold_mixup_mixes_inside_loss_only() -> None:
+    torch.manual_seed(0)
+    model = _small_cnn().eval()  # eval: BatchNorm does not see the mix in its statistics
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8,))
+    plain = model(x)
+    mixup = ManifoldMixup(model, alpha=1.0, input_size=(1, 16, 16))
+    assert mixup.layers == 5  # the input and conv4's four blocks
+    assert torch.equal(model(x), plain)  # outside loss(): untouched
+    losses = {round(mixup.loss(x, y).item(), 5) for _ in range(6)}
+    assert len(losses) > 1  # a new layer, lambda and partner every batch
+    assert F.cross_entropy(plain, y).item() not in losses
+    mixup.remove()
+    assert torch.equal(model(x), plain)
+
+
+@needs_mnist
+def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
+    phi_folder = Perturbation().save_pretrained(tmp_path / "phi")
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        phi=str(phi_folder),
+        phi_name="fresh",
+        steps=6,
+        batch_size=8,
+        curve_every=3,
+        curve_images=5,
+        mc_samples=[2],
+        checkpoint_every=2,
+    )
+    result = run_transfer(config, tmp_path / "results", progress=False)
+    path = tmp_path / "results" / f"{run_id(config)}.json"
+    assert json.loads(path.read_text())["accuracy"] == result["accuracy"]
+    assert result["method"] == "metaperturb[fresh]" and result["test_images"] == 12
+    assert set(result["evaluation"]) == {"default", "sample", "off", "mc2"}
+    assert result["evaluation"]["default"]["mode"] == "expectation"
+    assert [point["step"] for point in result["curve"]] == [3, 6]
+    assert len(result["scales"]) == 4 and all(0 < s < 1 for s in result["scales"].values())
+    assert not list((tmp_path / "results").glob("*.ckpt"))  # removed when done
+    stamp = path.stat().st_mtime_ns
+    assert run_transfer(config, tmp_path / "results", progress=False) == result
+    assert path.stat().st_mtime_ns == stamp
+
+
+@needs_mnist
+def test_a_stopped_run_resumes_to_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        mixup_alpha=1.0,
+        steps=6,
+        batch_size=8,
+        curve_every=2,
+        curve_images=5,
+        checkpoint_every=2,
+    )
+    whole = run_transfer(config, tmp_path / "whole", progress=False)
+
+    original = run_module._Run.save_checkpoint
+
+    def stop_after_step_four(self: run_module._Run) -> None:
+        original(self)
+        if self.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module._Run, "save_checkpoint", stop_after_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(config, tmp_path / "split", progress=False)
+    assert (tmp_path / "split" / f"{run_id(config)}.ckpt").is_file()
+    monkeypatch.setattr(run_module._Run, "save_checkpoint", original)
+    resumed = run_transfer(config, tmp_path / "split", progress=False)
+    assert resumed["resumed"] and not whole["resumed"]
+    assert resumed["curve"] == whole["curve"]
+    assert resumed["evaluation"]["default"]["nll"] == pytest.approx(
+        whole["evaluation"]["default"]["nll"], abs=1e-6
+    )
+
+
+@needs_mnist
+def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from metaperturb.cli import main
+
+    args = ["eval", "--data", str(MNIST), "--test-split", "train", "--classes", "2"]
+    args += ["--per-class", "4", "--test-skip-per-class", "4", "--test-per-class", "2"]
+    args += ["--size", "16", "--channels", "1", "--model", "conv4", "--steps", "2"]
+    args += ["--batch-size", "4", "--dropblock-rate", "0.1", "--curve-every", "0"]
+    args += ["--output-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["id"].startswith("custom-mnist-10k__conv4__dropblock[0.1,3]__2steps")
+    assert (tmp_path / f"{summary['id']}.json").is_file()
+    assert main(["eval", "--target", "s-cifar10", "--data", str(MNIST)]) == 1
