@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gain", "relu_mean", "sampled_gain", "softplus", "standard_normal_like"]
+__all__ = [
+    "gain",
+    "relu_mean",
+    "sampled_gain",
+    "saturating_cast",
+    "softplus",
+    "standard_normal_like",
+]
 
 
 def softplus(x: Tensor, beta: float = 1.0) -> Tensor:
@@ -65,6 +72,18 @@ def gain(z: Tensor, scale: Tensor, strength: Tensor) -> Tensor:
     return torch.addcmul(1.0 - c, (scale.to(z.dtype) * c).view(1, -1, 1, 1), z)
 
 
+def saturating_cast(factor: Tensor, dtype: torch.dtype) -> Tensor:
+    """A non-negative gain cast to ``dtype``, clamped to its largest finite value.
+
+    Only a cast down to fp16 (largest value 65504) can overflow. There, a gain of ``inf`` would
+    turn a feature of exactly 0 (every ReLU zero) into ``0 * inf = NaN``; the clamped gain gives 0
+    there and still overflows to ``inf`` wherever the perturbed feature does not fit fp16.
+    """
+    if dtype == torch.float16 and factor.dtype != torch.float16:
+        return factor.clamp(max=torch.finfo(torch.float16).max).to(dtype)
+    return factor.to(dtype)
+
+
 class _SampledGain(torch.autograd.Function):
     """``h * ((s * softplus(mu + noise) - 1) * c + 1)``, clamped from above, in one function.
 
@@ -84,7 +103,7 @@ class _SampledGain(torch.autograd.Function):
     ) -> Tensor:
         z = softplus(mu + noise)
         factor = gain(z, scale, strength)
-        out = h * factor.to(h.dtype)
+        out = h * saturating_cast(factor, h.dtype)
         keep = None
         if clip is not None:
             keep = out <= clip
@@ -101,7 +120,7 @@ class _SampledGain(torch.autograd.Function):
         c = strength.to(z.dtype)
         grad_h = grad_mu = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_h = grad_out * gain(z, scale, strength).to(grad_out.dtype)
+            grad_h = grad_out * saturating_cast(gain(z, scale, strength), grad_out.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_gain = grad_out.to(z.dtype) * h.to(z.dtype) * c
             if ctx.needs_input_grad[3]:

@@ -184,6 +184,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         header = json.loads(data[8 : 8 + header_length])
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise invalid("the header is not JSON") from None
+    except RecursionError:  # e.g. "[[[[...": Python's JSON parser recurses per nesting level
+        raise invalid("the header is JSON nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise invalid("the header is not a JSON object")
     metadata = header.get("__metadata__") or {}
@@ -238,7 +240,7 @@ def _config_from(
         where = str(config_path)
         try:
             data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise PhiFormatError(
                 f"{where} is not valid JSON ({error}). Save phi again with save_pretrained."
             ) from None
@@ -250,7 +252,7 @@ def _config_from(
         where = f"{weights} (header {_CONFIG_KEY!r})"
         try:
             data = json.loads(header[_CONFIG_KEY])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise PhiFormatError(f"{where} is not valid JSON; the file is damaged.") from None
         if not isinstance(data, dict):
             raise PhiFormatError(f"{where} must hold a JSON object; the file is damaged.")

@@ -7,13 +7,16 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "DefaultPhiUnavailableError",
+    "HubCacheError",
     "LaunchError",
     "MetaPerturbError",
+    "ModelChangedError",
     "NoSitesError",
     "NotWrappedError",
     "PhiFormatError",
     "PhiNotFoundError",
     "RunExistsError",
+    "SiteDtypeError",
     "SiteShapeError",
     "SplitError",
 ]
@@ -37,6 +40,18 @@ class NotWrappedError(MetaPerturbError, ValueError):
 
 class SiteShapeError(MetaPerturbError, RuntimeError):
     """A site received a tensor it was not planned for (the model changed after ``wrap``)."""
+
+
+class SiteDtypeError(MetaPerturbError, TypeError):
+    """A site received a tensor that is not floating point (phi perturbs feature maps)."""
+
+
+class ModelChangedError(MetaPerturbError, RuntimeError):
+    """A site module was replaced after ``wrap``, so its site would silently stop firing."""
+
+
+class HubCacheError(MetaPerturbError, PermissionError):
+    """A phi not yet in the Hub cache cannot be downloaded because the cache is not writable."""
 
 
 class PhiFormatError(MetaPerturbError, ValueError):

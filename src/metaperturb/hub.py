@@ -10,6 +10,7 @@ exact shape, finite, floating point, nothing else) and never unpickles; see
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import re
@@ -42,7 +43,7 @@ from ._serialization import (
     write_folder,
 )
 from ._version import __version__
-from .errors import DefaultPhiUnavailableError, PhiNotFoundError
+from .errors import DefaultPhiUnavailableError, HubCacheError, PhiNotFoundError
 from .phi import Perturbation
 
 __all__ = [
@@ -304,6 +305,14 @@ def _hub_errors(repo_id: str, options: Mapping[str, Any]) -> Iterator[None]:
         raise PhiNotFoundError(
             f"Could not load phi from Hub repository {repo_id!r}{at} ({error}). "
             "Retry later; " + _offline_hint()
+        ) from error
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise HubCacheError(
+            f"Could not download phi from Hub repository {repo_id!r}{at}: the Hub cache {cache} "
+            f"is not writable ({error}). Pass cache_dir= a writable folder or set HF_HUB_CACHE; "
+            "a phi already in the cache loads from a read-only cache without writing."
         ) from error
 
 

@@ -34,6 +34,8 @@ __all__ = [
 #: pooled scale maps over the batch, then ``C / channel_norm`` and ``H / spatial_norm``.
 NUM_SCALE_FEATURES = 10
 _SCALE_MAPS = 4
+# Bound on the scale head's inputs: any finite statistic below it passes unchanged.
+_FEATURE_LIMIT = 1e30
 
 
 @dataclass
@@ -246,7 +248,13 @@ class Perturbation(nn.Module):
         weight = self._weight(self.scale_weight)
         descriptors = torch.stack([mean.new_full((), channel_ratio), spatial_ratio.to(mean.dtype)])
         features = torch.cat([mean, var, descriptors.expand(channels, 2)], dim=1)
-        return torch.sigmoid(features.to(weight.dtype) @ weight.t()).squeeze(1)
+        # In at least fp32 and as an elementwise product (which autocast leaves alone): a 16-bit
+        # matmul overflows once a variance passes 65504 (features of a few hundred), and inf - inf
+        # would make s NaN. The clamp keeps an overflowed (infinite) statistic from doing the same;
+        # it never changes a finite one below 1e30, where the sigmoid saturated long before.
+        wide = features.to(torch.promote_types(features.dtype, torch.float32))
+        logits = (wide.clamp(-_FEATURE_LIMIT, _FEATURE_LIMIT) * weight).sum(dim=1)
+        return torch.sigmoid(logits).to(weight.dtype)
 
     def extra_repr(self) -> str:
         fields = {k: v for k, v in self.config.to_dict().items() if k != "metadata"}

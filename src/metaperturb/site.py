@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._kernels import gain, sampled_gain, standard_normal_like
-from .errors import SiteShapeError
+from ._kernels import gain, sampled_gain, saturating_cast, standard_normal_like
+from .errors import SiteDtypeError, SiteShapeError
 from .phi import Perturbation, expected_softplus
 
 __all__ = ["EvalMode", "SiteState", "perturb"]
@@ -67,6 +67,12 @@ def perturb(
             f"{tuple(h.shape)}. The model changed after wrap(): call metaperturb.unwrap(model) "
             "and wrap it again."
         )
+    if not h.is_floating_point():
+        raise SiteDtypeError(
+            f"a MetaPerturb site received a {h.dtype} tensor; phi perturbs floating-point "
+            "feature maps (a gain rounded to an integer would be wrong). The module at this site "
+            "returns integers: cast its output to float, or leave it out with sites=[...]."
+        )
     if h.shape[0] == 0 or (not training and eval_mode == "off"):
         return h
 
@@ -91,4 +97,4 @@ def perturb(
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
         clip = phi.config.clip if training else None
         return sampled_gain(h, mu, draw, scale, strength, clip)
-    return h * gain(expected_softplus(mu), scale, strength).to(h.dtype)
+    return h * saturating_cast(gain(expected_softplus(mu), scale, strength), h.dtype)

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
 from .discovery import SitePlan, Strategy, plan_sites
-from .errors import AlreadyWrappedError, NotWrappedError
+from .errors import AlreadyWrappedError, ModelChangedError, NotWrappedError
 from .phi import Perturbation
 from .site import EvalMode, SiteState, perturb
 
@@ -60,8 +60,18 @@ class _InputHook:
         self.controller = controller
 
     def __call__(self, module: nn.Module, args: Any) -> None:
+        self.controller.check_sites(module)
         if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
             self.controller.input_height.fill_(args[0].shape[-2])
+
+
+def _find_submodule(root: nn.Module, name: str) -> nn.Module | None:
+    module: Any = root
+    for part in name.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return cast(nn.Module, module)
 
 
 def _drop_own_missing_keys(module: nn.Module, incompatible_keys: Any) -> None:
@@ -110,6 +120,23 @@ class MetaPerturb(nn.Module):
         self.site_function: Callable[..., Tensor] = perturb
         #: Handles of the hooks ``wrap`` registered, removed by ``unwrap``.
         self.handles: list[RemovableHandle] = []
+        #: The module of each site, as hooked by ``wrap`` (a plain list: not submodules).
+        self.site_modules: list[nn.Module] = []
+
+    def check_sites(self, host: nn.Module) -> None:
+        """Raise :class:`ModelChangedError` if a site's module was replaced after ``wrap``.
+
+        The replacement carries no hook, so without this check its site would silently stop
+        perturbing. A few attribute lookups per forward pass, not per site call.
+        """
+        for name, module in zip(self.site_names, self.site_modules, strict=False):
+            if _find_submodule(host, name) is not module:
+                raise ModelChangedError(
+                    f"the MetaPerturb site {name!r} no longer holds the module wrap() hooked "
+                    "(it was replaced or removed after wrap), so phi would silently stop being "
+                    "applied there. Call metaperturb.unwrap(model) and wrap it again after "
+                    "changing the model."
+                )
 
     def apply_site(self, index: int, h: Tensor) -> Tensor:
         """Perturb the output ``h`` of site ``index`` (called by the site's forward hook)."""
@@ -215,7 +242,8 @@ def wrap(
         >>> model = timm.create_model("resnet18", num_classes=10)
         >>> model = metaperturb.wrap(model, phi=metaperturb.Perturbation())  # doctest: +SKIP
     """
-    if is_wrapped(model):
+    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel
+    if is_wrapped(model) or (isinstance(inner, nn.Module) and is_wrapped(inner)):
         raise AlreadyWrappedError(
             f"{type(model).__name__} is already wrapped by MetaPerturb; call metaperturb.unwrap(model) first."
         )
@@ -249,6 +277,7 @@ def wrap(
     handles.append(model.register_forward_pre_hook(_InputHook(controller)))
     handles.append(model.register_load_state_dict_post_hook(_drop_own_missing_keys))
     controller.handles = handles
+    controller.site_modules = [modules[name] for name in controller.site_names]
     return model
 
 
