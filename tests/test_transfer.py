@@ -210,6 +210,7 @@ def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     args += ["--output-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["id"].startswith("custom-mnist-10k__conv4__dropblock[0.1,3]__2steps")
+    assert summary["id"].startswith("mnist-10k-")
+    assert summary["id"].endswith("__conv4__dropblock[0.1,3]__2steps__seed0")
     assert (tmp_path / f"{summary['id']}.json").is_file()
     assert main(["eval", "--target", "s-cifar10", "--data", str(MNIST)]) == 1

@@ -8,6 +8,7 @@ and its strength ramps from 0 to 1 over the first 40% of the steps. A run checkp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -81,6 +82,9 @@ class TransferConfig:
     eval_modes: bool = True
     checkpoint_every: int = 1000
     device: str = "auto"
+    #: Also write the trained network's weights (``<run id>.safetensors``, wrapper state left
+    #: out), e.g. a source network for fine-tuning runs.
+    save_weights: bool = False
 
     @property
     def method(self) -> str:
@@ -102,12 +106,18 @@ def _short(source: str) -> str:
 
 
 def run_id(config: TransferConfig) -> str:
-    """A file-name-safe id from the settings that change results."""
-    target = (
-        config.target
-        if isinstance(config.target, str)
-        else "custom-" + Path(str(config.target["data"])).name
-    )
+    """A file-name-safe id from the settings that change results.
+
+    A preset target is named by the preset; any other by its dataset's folder name and a short
+    hash of the whole slice definition, so two slices of one dataset never share an id.
+    """
+    if isinstance(config.target, str):
+        target = config.target
+    else:
+        # The folder's name, not its path: the same slice gets the same id on every machine.
+        name = Path(str(config.target["data"])).name
+        spec = json.dumps({**config.target, "data": name}, sort_keys=True)
+        target = f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
     text = f"{target}__{config.model}__{config.method}__{config.steps}steps__seed{config.seed}"
     return re.sub(r"[^A-Za-z0-9_.,+\-\[\]]", "-", text)
 
@@ -309,13 +319,19 @@ class _Run:
 
     def _scores(self, probabilities: Tensor, seconds: float) -> dict[str, Any]:
         labels = self.test_data.labels
-        nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
-        report = calibration(probabilities, labels)
+        # A diverged network can overflow to inf/NaN on some inputs: those count as wrong,
+        # NLL and ECE cover the rest, and how many there were is part of the result.
+        finite = torch.isfinite(probabilities).all(dim=1)
+        correct = (probabilities.argmax(1) == labels) & finite
+        kept, kept_labels = probabilities[finite], labels[finite]
+        nll = F.nll_loss(kept.clamp_min(1e-12).log(), kept_labels).item() if len(kept) else math.nan
+        report = calibration(kept, kept_labels)
         return {
-            "accuracy": float((probabilities.argmax(1) == labels).float().mean()),
+            "accuracy": float(correct.float().mean()),
             "nll": nll,
             "ece": report["ece"],
             "reliability": report["bins"],
+            "nonfinite_predictions": int((~finite).sum()),
             "seconds": seconds,
         }
 
@@ -407,6 +423,17 @@ def run_transfer(
     }
     if not math.isfinite(result["accuracy"]):
         raise FloatingPointError(f"run {run.id}: accuracy is {result['accuracy']}.")
+    if config.save_weights:
+        from safetensors.torch import save as safetensors_bytes
+
+        from ..wrapper import ATTRIBUTE
+
+        own = {
+            k: v.detach().cpu().contiguous()
+            for k, v in run.model.state_dict().items()
+            if not k.startswith(f"{ATTRIBUTE}.")
+        }
+        atomic_write(output / f"{run.id}.safetensors", safetensors_bytes(own))
     atomic_write(result_path, json.dumps(result, indent=1) + "\n")
     run.checkpoint_path.unlink(missing_ok=True)
     return result

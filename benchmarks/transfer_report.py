@@ -1,0 +1,219 @@
+"""Tables and plots from the evaluation results (``benchmarks/results/transfer/*.json``).
+
+    python benchmarks/transfer_report.py                 # the paper's schedule (10,000 steps)
+    python benchmarks/transfer_report.py --steps 4000    # a shorter sweep, labelled as such
+
+Writes ``benchmarks/results/transfer.md`` (the README's results tables) and PNGs in
+``benchmarks/results/transfer-plots/``. Cells are mean +- standard deviation over seeds, with
+the number of seeds; a cell without runs is left empty rather than guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "transfer"
+TARGETS = ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100")
+
+
+def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    return [r for r in results if r.get("steps") == steps and isinstance(r.get("target"), str)]
+
+
+def cell(values: Iterable[float], scale: float = 100.0) -> str:
+    """``mean +- std (n)`` in percent; ``-`` when there is nothing to show."""
+    values = [v * scale for v in values]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1)"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
+
+
+def grouped(
+    results: list[dict[str, Any]], *keys: str
+) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        groups[tuple(result[key] for key in keys)].append(result)
+    return groups
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def datasets_table(results: list[dict[str, Any]]) -> list[str]:
+    runs = [r for r in results if r["model"] == "cifar_resnet20"]
+    groups = grouped(runs, "method", "target")
+    methods = sorted({r["method"] for r in runs}, key=lambda m: (m != "base", m))
+    targets = [t for t in TARGETS if any(r["target"] == t for r in runs)]
+    rows = [
+        [m] + [cell(r["accuracy"] for r in groups.get((m, t), [])) for t in targets]
+        for m in methods
+    ]
+    return table(["method \\ target (ResNet-20, test accuracy %)", *targets], rows)
+
+
+def architectures_table(results: list[dict[str, Any]]) -> list[str]:
+    runs = [r for r in results if r["target"] == "s-cifar10"]
+    groups = grouped(runs, "model", "method")
+    models = sorted({r["model"] for r in runs})
+    methods = [m for m in ("base", "metaperturb[phi-star]") if any(r["method"] == m for r in runs)]
+    rows = [
+        [model] + [cell(r["accuracy"] for r in groups.get((model, m), [])) for m in methods]
+        for model in models
+    ]
+    return table(["network (s-CIFAR10, test accuracy %)", *methods], rows)
+
+
+def modes_table(results: list[dict[str, Any]]) -> list[str]:
+    rows = []
+    for result in results:
+        evaluation = result["evaluation"]
+        if "sample" not in evaluation:
+            continue
+        for mode, scores in evaluation.items():
+            label = {
+                "default": f"default ({scores.get('mode', 'expectation')})",
+                "sample": "one sample (MC-1)",
+            }
+            rows.append(
+                [
+                    result["target"],
+                    result["method"],
+                    str(result["seed"]),
+                    label.get(mode, mode),
+                    f"{scores['accuracy'] * 100:.2f}",
+                    f"{scores['ece'] * 100:.2f}",
+                    f"{scores['seconds']:.1f}",
+                    str(scores.get("nonfinite_predictions", 0)),
+                ]
+            )
+    return table(
+        [
+            "target",
+            "method",
+            "seed",
+            "eval mode",
+            "accuracy %",
+            "ECE %",
+            "seconds",
+            "non-finite outputs",
+        ],
+        rows,
+    )
+
+
+def calibration_table(results: list[dict[str, Any]]) -> list[str]:
+    groups = grouped([r for r in results if r["model"] == "cifar_resnet20"], "target", "method")
+    rows = [
+        [target, method, cell(r["accuracy"] for r in runs), cell(r["ece"] for r in runs)]
+        for (target, method), runs in sorted(groups.items())
+    ]
+    return table(["target", "method", "accuracy %", "ECE % (15 bins)"], rows)
+
+
+def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    resnet = [r for r in results if r["model"] == "cifar_resnet20"]
+    for target, runs in grouped(resnet, "target").items():
+        figure, (curve, reliability, scales) = plt.subplots(
+            1, 3, figsize=(15, 4), constrained_layout=True
+        )
+        for run in runs:
+            label = f"{run['method']} seed {run['seed']}"
+            if run["curve"]:
+                curve.plot(
+                    [p["step"] for p in run["curve"]],
+                    [p["test_accuracy"] for p in run["curve"]],
+                    label=label,
+                )
+            bins = [b for b in run["evaluation"]["default"]["reliability"] if b["count"]]
+            reliability.plot(
+                [b["confidence"] for b in bins],
+                [b["accuracy"] for b in bins],
+                marker="o",
+                label=label,
+            )
+            if run["scales"]:
+                scales.plot(
+                    range(len(run["scales"])), list(run["scales"].values()), marker="o", label=label
+                )
+        reliability.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        curve.set(xlabel="step", ylabel="test accuracy (curve subset)", title="accuracy vs step")
+        reliability.set(xlabel="confidence", ylabel="accuracy", title="reliability")
+        scales.set(
+            xlabel="site (input -> output)",
+            ylabel="mean channel scale s",
+            title="phi's scale per block",
+        )
+        for axis in (curve, reliability, scales):
+            axis.legend(fontsize="x-small")
+        figure.suptitle(f"{target[0]}: ResNet-20, {runs[0]['steps']} steps")
+        path = folder / f"{target[0]}.png"
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "benchmarks" / "results" / "transfer.md"
+    )
+    args = parser.parse_args()
+    results = load_results(args.results, args.steps)
+    schedule = (
+        "the paper's schedule" if args.steps == 10_000 else "a SHORTER schedule than the paper's"
+    )
+    lines = [
+        f"Evaluation results: {len(results)} runs of {args.steps} steps ({schedule}), batch 128.",
+        (
+            "Command: `python benchmarks/transfer.py <grid>` then "
+            f"`python benchmarks/transfer_report.py --steps {args.steps}`."
+        ),
+        "",
+        "### Datasets",
+        "",
+        *datasets_table(results),
+        "",
+        "### Architectures",
+        "",
+        *architectures_table(results),
+        "",
+        "### Evaluation modes",
+        "",
+        *modes_table(results),
+        "",
+        "### Calibration",
+        "",
+        *calibration_table(results),
+        "",
+    ]
+    for path in plots(results, args.output.parent / "transfer-plots"):
+        lines.append(f"![{path.stem}]({path.relative_to(args.output.parent).as_posix()})")
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
