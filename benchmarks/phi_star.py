@@ -5,6 +5,7 @@ Three steps, each resumable and safe to rerun (a finished step is skipped):
     python benchmarks/phi_star.py train --runs 5      # metaperturb train, seeds 0..4
     python benchmarks/phi_star.py select              # metaperturb select on a CIFAR-10 slice
     python benchmarks/phi_star.py install             # winner -> weights/phi-star/
+    python benchmarks/phi_star.py status              # progress of every run
 
 ``train`` runs the paper's recipe (10 class-wise tasks of Tiny ImageNet-200 at 32px, ResNet-20,
 750 steps, batch 128) once per seed into ``runs/phi-star/seed-<k>/`` with ``--resume``, so a
@@ -134,6 +135,38 @@ def install(args: argparse.Namespace) -> None:
     print(f"phi* installed in {TARGET} from {run.name} (validation accuracy {score:.4f})")
 
 
+def status(args: argparse.Namespace) -> None:
+    """One line per run: progress, wall time, last metrics, divergence; also written to
+    ``benchmarks/results/phi-star-runs.md``."""
+    import math
+
+    from metaperturb.train.metrics import read_metrics
+
+    lines = [
+        "| run | steps done | wall time (h) | steps/s | train acc | held-out acc | held-out loss | state |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for run in sorted(p for p in RUNS.glob("seed-*") if p.is_dir()):
+        log = run / "metrics.jsonl"
+        records = read_metrics(log) if log.is_file() else []
+        if not records:
+            lines.append(f"| {run.name} | 0 | | | | | | started |")
+            continue
+        total = json.loads((run / "train_config.json").read_text()).get("steps", "?")
+        last = records[-1]
+        mean = last["mean"]
+        diverged = any(not math.isfinite(v) for r in records for v in r["mean"].values())
+        state = "diverged" if diverged else ("finished" if _finished(run) else "running/stopped")
+        lines.append(
+            f"| {run.name} | {last['step']} / {total} | {last['elapsed_s'] / 3600:.2f} | "
+            f"{last['steps_per_s']:.3f} | {mean['train_acc']:.3f} | {mean['heldout_acc']:.3f} | "
+            f"{mean['heldout_loss']:.3f} | {state} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (ROOT / "benchmarks" / "results" / "phi-star-runs.md").write_text(text)
+    print(text, end="")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     steps = parser.add_subparsers(dest="step", required=True)
@@ -146,8 +179,9 @@ def main() -> None:
     select_parser.add_argument("--seeds", type=int, default=1)
     select_parser.add_argument("--data", type=Path, default=VALIDATION)
     steps.add_parser("install", help="copy the winner to weights/phi-star with its model card")
+    steps.add_parser("status", help="progress, wall time and last metrics of every run")
     args = parser.parse_args()
-    {"train": train, "select": select, "install": install}[args.step](args)
+    {"train": train, "select": select, "install": install, "status": status}[args.step](args)
 
 
 if __name__ == "__main__":
