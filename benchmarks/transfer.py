@@ -47,8 +47,7 @@ VALIDATION = {
     "test_skip_per_class": 750,
     "test_per_class": 250,
 }
-# Chosen by `tune` (benchmarks/results/transfer/tuning.md); the first value of each grid until
-# that has run.
+# The tuning grids; `datasets` uses the best of each by `tune`'s validation accuracy.
 DROPBLOCK_RATES, DROPBLOCK_SIZES, MIXUP_ALPHAS = (0.1, 0.05, 0.2), (3, 5), (1.0, 0.2, 2.0)
 
 
@@ -101,8 +100,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
     elif name == "datasets":
         pretrained = RESULTS / f"{_pretrain_id(steps)}.safetensors"
         methods = _phi_methods()
-        methods.append({"dropblock_rate": DROPBLOCK_RATES[0], "dropblock_size": DROPBLOCK_SIZES[0]})
-        methods.append({"mixup_alpha": MIXUP_ALPHAS[0]})
+        methods += _tuned(steps)
         if pretrained.is_file():
             methods.append({"init": str(pretrained), "init_name": PRETRAINED})
             if (PHI_STAR / "model.safetensors").is_file():
@@ -141,6 +139,34 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
     else:
         raise SystemExit(f"unknown grid {name!r}")
     return runs
+
+
+def _tuned(steps: int) -> list[dict[str, object]]:
+    """DropBlock's and Mixup's settings with the best validation accuracy in the `tune` runs of
+    this schedule; a grid's first value (with a note) while those runs are missing."""
+    import json
+
+    best: list[dict[str, object]] = []
+    for family in ("dropblock", "mixup"):
+        scored = []
+        for config in grid("tune", steps, [0]):
+            path = RESULTS / f"{run_id(config)}.json"
+            if config.method.startswith(family) and path.is_file():
+                scored.append((json.loads(path.read_text())["accuracy"], config))
+        if scored:
+            config = max(scored, key=lambda item: item[0])[1]
+        else:
+            print(
+                f"note: no `tune` results for {family} at {steps} steps: untuned", file=sys.stderr
+            )
+            config = next(c for c in grid("tune", steps, [0]) if c.method.startswith(family))
+        if family == "dropblock":
+            best.append(
+                {"dropblock_rate": config.dropblock_rate, "dropblock_size": config.dropblock_size}
+            )
+        else:
+            best.append({"mixup_alpha": config.mixup_alpha})
+    return best
 
 
 def _pretrain_config(steps: int) -> TransferConfig:
