@@ -3,6 +3,7 @@
 Three steps, each resumable and safe to rerun (a finished step is skipped):
 
     python benchmarks/phi_star.py train --runs 5      # metaperturb train, seeds 0..4
+    python benchmarks/phi_star.py train --seeds 1 --threads 1 &   # or one process per seed
     python benchmarks/phi_star.py select              # metaperturb select on a CIFAR-10 slice
     python benchmarks/phi_star.py install             # winner -> weights/phi-star/
     python benchmarks/phi_star.py status              # progress of every run
@@ -37,7 +38,8 @@ def _finished(run: Path) -> bool:
 
 
 def train(args: argparse.Namespace) -> None:
-    for seed in range(args.runs):
+    seeds = args.seeds if args.seeds is not None else list(range(args.runs))
+    for seed in seeds:
         run = RUNS / f"seed-{seed}"
         if _finished(run):
             print(f"{run.name}: finished, skipped")
@@ -45,8 +47,12 @@ def train(args: argparse.Namespace) -> None:
         command = [
             sys.executable, "-m", "metaperturb.train",
             "--data", str(args.data), "--output-dir", str(run), "--seed", str(seed),
-            "--steps", str(args.steps), "--checkpoint-every", "25", "--resume", "--no-progress",
+            "--steps", str(args.steps), "--checkpoint-every", "25", "--no-progress",
         ]  # fmt: skip
+        if (run / "checkpoint.pt").is_file():
+            command.append("--resume")
+        if args.threads:
+            command += ["--threads", str(args.threads)]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True)
 
@@ -174,6 +180,10 @@ def main() -> None:
     train_parser.add_argument("--runs", type=int, default=5)
     train_parser.add_argument("--steps", type=int, default=750)
     train_parser.add_argument("--data", type=Path, default=SOURCE)
+    train_parser.add_argument(
+        "--seeds", type=int, nargs="+", help="only these seeds (one process each, in parallel)"
+    )
+    train_parser.add_argument("--threads", type=int, help="torch CPU threads per run")
     select_parser = steps.add_parser("select", help="score the finished runs")
     select_parser.add_argument("--steps", type=int, default=2000)
     select_parser.add_argument("--seeds", type=int, default=1)

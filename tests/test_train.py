@@ -301,3 +301,15 @@ def test_select_scores_candidates_and_keeps_the_best(
     best = metaperturb.Perturbation.from_pretrained(tmp_path / "selected" / "best")
     assert best.scale_weight.shape == (1, 10)
     assert f"best: {report['best']}" in capsys.readouterr().out
+
+
+def test_resume_compares_a_local_data_path_by_the_folder_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with a relative --data resumes with the absolute path, and vice versa."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = TrainConfig(data="data")
+    assert relative.differences(TrainConfig(data=str(tmp_path / "data"))) == []
+    assert relative.differences(TrainConfig(data="data", seed=1)) == ["seed: run has 0, asked 1"]
+    assert TrainConfig(data="org/hub-id").differences(TrainConfig(data="org/other")) != []

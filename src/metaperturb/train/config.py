@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 __all__ = ["RESUMABLE_CHANGES", "TrainConfig"]
@@ -24,6 +25,14 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir",
     }
 )
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """``value`` as resume compares it: a local data path by the folder it names, so that
+    ``../data/x`` and ``/abs/data/x`` are the same dataset."""
+    if name == "data" and isinstance(value, str) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -56,6 +65,12 @@ class TrainConfig:
     classes: int | None = _setting(None, "keep only the first N classes (default: all)")
     max_per_class: int | None = _setting(
         None, "keep only the first N images of each class (default: all)"
+    )
+    on_bad_image: str = _setting(
+        "error",
+        "an image that cannot be decoded: error stops with its row and path, skip leaves it "
+        "out with a warning",
+        choices=("error", "skip"),
     )
     cache_dir: str | None = _setting(None, "datasets cache folder (default: HF_DATASETS_CACHE)")
     # -- tasks -----------------------------------------------------------------------------
@@ -163,5 +178,6 @@ class TrainConfig:
             f"{spec.name}: run has {getattr(self, spec.name)!r}, asked {getattr(other, spec.name)!r}"
             for spec in fields(self)
             if spec.name not in RESUMABLE_CHANGES
-            and getattr(self, spec.name) != getattr(other, spec.name)
+            and _comparable(spec.name, getattr(self, spec.name))
+            != _comparable(spec.name, getattr(other, spec.name))
         ]
