@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor
 from .errors import DataError
 
 __all__ = [
+    "BadImagePolicy",
     "DataError",
     "ImageData",
     "load_images",
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 _DECODE_CHUNK = 2048
+#: What :func:`load_images` does with an image it cannot decode: stop, or leave it out.
+BadImagePolicy = Literal["error", "skip"]
 
 
 @dataclass
@@ -53,6 +56,8 @@ class ImageData:
     source: str
     #: Label of each kept class in the original dataset (``original_labels[k]`` for class ``k``).
     original_labels: list[int] = field(default_factory=list)
+    #: Dataset rows left out because their image could not be decoded (``on_bad_image="skip"``).
+    skipped_rows: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -85,6 +90,7 @@ def load_images(
     classes: int | Sequence[int] | None = None,
     max_per_class: int | None = None,
     skip_per_class: int = 0,
+    on_bad_image: BadImagePolicy = "error",
     cache_dir: str | Path | None = None,
 ) -> ImageData:
     """Load a labelled image dataset and decode it to uint8 tensors at ``image_size``.
@@ -104,10 +110,14 @@ def load_images(
             ``skip_per_class``.
         skip_per_class: leave out the first N images of each class, so that a validation slice
             can be disjoint from an evaluation slice that took the first N.
+        on_bad_image: an image that cannot be decoded (corrupt, truncated, not an image) is a
+            :class:`DataError` naming its row and path (``"error"``), or is left out with a
+            warning and listed in :attr:`ImageData.skipped_rows` (``"skip"``).
         cache_dir: the ``datasets`` cache folder; default: ``HF_DATASETS_CACHE``.
 
     Raises:
-        DataError: the source cannot be found or has no image or label column, or the
+        DataError: the source cannot be found or has no image or label column, labels are
+            negative or beyond the class names, an image cannot be decoded (by default), or the
             selection leaves nothing.
 
     Example:
@@ -123,26 +133,40 @@ def load_images(
         raise DataError(f"max_per_class must be positive, got {max_per_class}.")
     if skip_per_class < 0:
         raise DataError(f"skip_per_class must be 0 or more, got {skip_per_class}.")
+    if on_bad_image not in ("error", "skip"):
+        raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
     dataset, name = _load_split(source, split, cache_dir)
     image_column, label_column, names = _columns(dataset, name)
     labels = np.asarray(dataset.data.column(label_column).to_numpy(zero_copy_only=False))
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{name}: column {label_column!r} has negative labels (unlabelled rows?).")
     if labels.size == 0:
         raise DataError(f"{name} is empty.")
+    _check_labels(labels, names, label_column, name)
     rows, kept = _select(labels, classes, max_per_class, name, skip_per_class)
     if names is None:
         names = [str(k) for k in range(int(labels.max()) + 1)]
     remap = np.full(max(len(names), int(labels.max()) + 1), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     subset = dataset.select(rows.tolist()) if len(rows) != len(dataset) else dataset
-    images = _decode(subset, image_column, image_size, channels, name)
+    images, bad = _decode(subset, image_column, image_size, channels, name, rows, on_bad_image)
+    skipped: list[int] = []
+    if bad:
+        skipped = [int(row) for row in rows[bad]]
+        good = np.ones(len(rows), dtype=bool)
+        good[bad] = False
+        images, rows = images[torch.from_numpy(good)], rows[good]
+        empty = sorted(set(kept) - {int(k) for k in np.unique(labels[rows])})
+        if empty:
+            raise DataError(
+                f"{name}: no readable image left in classes {[names[k] for k in empty]} after "
+                f"skipping {len(bad)} unreadable ones; fix the files or leave the classes out."
+            )
     return ImageData(
         images=images,
         labels=torch.from_numpy(remap[labels[rows]]),
         class_names=[names[k] for k in kept],
         source=name,
         original_labels=[int(k) for k in kept],
+        skipped_rows=skipped,
     )
 
 
@@ -220,6 +244,24 @@ def _columns(dataset: Any, name: str) -> tuple[str, str, list[str] | None]:
     )
 
 
+def _check_labels(labels: np.ndarray, names: list[str] | None, column: str, name: str) -> None:
+    """Refuse labels below 0 or beyond the class names: they would index the wrong class."""
+    negative = np.flatnonzero(labels < 0)
+    if negative.size:
+        raise DataError(
+            f"{name}: column {column!r} has {negative.size} negative labels (unlabelled rows?), "
+            f"first at rows {negative[:5].tolist()}. Use a labelled split or drop those rows."
+        )
+    if names is not None:
+        beyond = np.flatnonzero(labels >= len(names))
+        if beyond.size:
+            raise DataError(
+                f"{name}: column {column!r} has {beyond.size} labels beyond its {len(names)} "
+                f"class names (0..{len(names) - 1}), first at rows {beyond[:5].tolist()} "
+                f"(labels {labels[beyond[:5]].tolist()}). Fix the labels or the ClassLabel names."
+            )
+
+
 def _select(
     labels: np.ndarray,
     classes: int | Sequence[int] | None,
@@ -262,29 +304,85 @@ def _select(
     return rows, kept
 
 
-def _decode(dataset: Any, column: str, size: int, channels: int, name: str) -> Tensor:
-    """Decode every image to (N, C, size, size) uint8 through the ``Image`` feature (PIL)."""
+def _decode(
+    dataset: Any,
+    column: str,
+    size: int,
+    channels: int,
+    name: str,
+    rows: np.ndarray,
+    on_bad_image: BadImagePolicy = "error",
+) -> tuple[Tensor, list[int]]:
+    """Decode every image to (N, C, size, size) uint8 through the ``Image`` feature (PIL).
+
+    ``rows`` are the dataset rows of ``dataset``'s items, for messages. Returns the images and
+    the positions that could not be decoded (left as zeros; only with ``on_bad_image="skip"``).
+    """
+    out = torch.empty(len(dataset), channels, size, size, dtype=torch.uint8)
+    bad: list[int] = []
+    for start in range(0, len(dataset), _DECODE_CHUNK):
+        stop = min(start + _DECODE_CHUNK, len(dataset))
+        try:
+            batch = dataset[start:stop][column]
+        except Exception:  # noqa: BLE001 - one bad image spoils the chunk: decode one by one
+            batch = [_decode_one(dataset, position, column) for position in range(start, stop)]
+        for offset, image in enumerate(batch):
+            position = start + offset
+            try:
+                if image is None:
+                    raise ValueError("the row has no image")
+                if isinstance(image, Exception):
+                    raise image
+                out[position] = _to_pixels(image, size, channels)
+            except Exception as error:
+                path = _image_path(dataset, position, column)
+                where = f"row {int(rows[position])}" + (f" ({path})" if path else "")
+                if on_bad_image == "error":
+                    raise DataError(
+                        f"{name}: the image of {where} cannot be decoded "
+                        f"({type(error).__name__}: {error}). Fix or remove it, or pass "
+                        "on_bad_image='skip' (--on-bad-image skip) to leave such images out."
+                    ) from error
+                logger.warning("%s: skipping the image of %s (%s)", name, where, error)
+                out[position] = 0
+                bad.append(position)
+    logger.info("decoded %d images of %s at %dx%d", len(dataset) - len(bad), name, size, size)
+    if bad:
+        logger.warning("%s: %d unreadable images skipped", name, len(bad))
+    return out, bad
+
+
+def _decode_one(dataset: Any, position: int, column: str) -> Any:
+    """The decoded image at ``position``, or the exception decoding it raised."""
+    try:
+        return dataset[position][column]
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds; reported by the caller
+        return error
+
+
+def _image_path(dataset: Any, position: int, column: str) -> str | None:
+    """The file name recorded with an image (without decoding it), for messages."""
+    try:
+        value = dataset.with_format("arrow")[position][column][0].as_py()
+        return value.get("path") if isinstance(value, dict) else None
+    except Exception:  # noqa: BLE001 - only for a message: never hide the decoding error
+        return None
+
+
+def _to_pixels(image: Any, size: int, channels: int) -> Tensor:
+    """A PIL image as (C, size, size) uint8: converted, resized (shorter side), center-cropped."""
     from PIL import Image
 
-    mode = "RGB" if channels == 3 else "L"
-    out = torch.empty(len(dataset), channels, size, size, dtype=torch.uint8)
-    for start in range(0, len(dataset), _DECODE_CHUNK):
-        batch = dataset[start : start + _DECODE_CHUNK][column]
-        for offset, image in enumerate(batch):
-            if image is None:
-                raise DataError(f"{name}: row {start + offset} has no image.")
-            image = image.convert(mode)
-            if image.size != (size, size):
-                width, height = image.size
-                scale = size / min(width, height)
-                new = (max(size, round(width * scale)), max(size, round(height * scale)))
-                image = image.resize(new, Image.Resampling.BICUBIC)
-                left, top = (new[0] - size) // 2, (new[1] - size) // 2
-                image = image.crop((left, top, left + size, top + size))
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-            out[start + offset] = pixels.permute(2, 0, 1) if channels == 3 else pixels[None]
-    logger.info("decoded %d images of %s at %dx%d", len(dataset), name, size, size)
-    return out
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (size, size):
+        width, height = image.size
+        scale = size / min(width, height)
+        new = (max(size, round(width * scale)), max(size, round(height * scale)))
+        image = image.resize(new, Image.Resampling.BICUBIC)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1) if channels == 3 else pixels[None]
 
 
 def random_crop_flip(

@@ -19,6 +19,7 @@ __all__ = [
     "SiteDtypeError",
     "SiteShapeError",
     "SplitError",
+    "TrainingStoppedError",
 ]
 
 
@@ -84,3 +85,7 @@ class LaunchError(MetaPerturbError, ValueError):
 
 class SplitError(MetaPerturbError, ValueError):
     """The dataset cannot make the requested task split (too few classes or images)."""
+
+
+class TrainingStoppedError(MetaPerturbError, RuntimeError):
+    """Meta-training stopped part-way (a rank died, a write failed, SIGTERM); says how to resume."""

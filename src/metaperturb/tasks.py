@@ -157,8 +157,9 @@ def make_split(
         class_names: names of the K classes, recorded in the split.
 
     Raises:
-        SplitError: T is odd or below 2, or the dataset has too few classes or images for
-            the split; the message says which and how many.
+        SplitError: T is odd or below 2, a label is negative or beyond ``class_names``, or
+            the dataset has too few classes or images for the split; the message says which
+            and how many.
 
     Example:
         >>> split = make_split([0, 0, 1, 1, 2, 2, 3, 3], num_tasks=2, group_size=4)
@@ -173,6 +174,7 @@ def make_split(
             f"halves of a group), got {num_tasks}."
         )
     labels = [int(label) for label in labels]
+    _check_labels(labels, class_names)
     rows_of: dict[int, list[int]] = {}
     for row, label in enumerate(labels):
         rows_of.setdefault(label, []).append(row)
@@ -234,6 +236,23 @@ def make_split(
     )
     split.check(labels)
     return split
+
+
+def _check_labels(labels: list[int], class_names: Sequence[str] | None) -> None:
+    """Refuse labels below 0 or beyond the class names: ``local_label_map`` would index them
+    from the end or fail, and a task would silently train on the wrong classes."""
+    negative = [row for row, label in enumerate(labels) if label < 0]
+    if negative:
+        raise SplitError(
+            f"labels must be 0 or more; {len(negative)} rows have negative labels, first rows "
+            f"{negative[:5]}. Drop unlabelled rows before splitting."
+        )
+    if class_names is not None and labels and max(labels) >= len(class_names):
+        beyond = [row for row, label in enumerate(labels) if label >= len(class_names)]
+        raise SplitError(
+            f"{len(beyond)} rows have labels beyond the {len(class_names)} class names "
+            f"(0..{len(class_names) - 1}), first rows {beyond[:5]}."
+        )
 
 
 def _halve(per_class: list[list[int]]) -> tuple[list[int], list[int]]:

@@ -18,7 +18,15 @@ import torch
 from .._atomic import atomic_write
 from ..errors import CheckpointError
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT_VERSION", "CheckpointError", "load", "save", "to_cpu"]
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "load",
+    "remove_temporaries",
+    "save",
+    "to_cpu",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -58,3 +66,15 @@ def load(path: Path) -> dict[str, Any]:
             f"{path} has checkpoint format {version!r}, this metaperturb reads {FORMAT_VERSION}."
         )
     return payload
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the half-written temporary checkpoints a killed run left in ``folder``.
+
+    Called by a resuming run, which owns the folder: each is as large as a checkpoint, and
+    every crash mid-write would otherwise leave one more behind.
+    """
+    removed = sorted(folder.glob(f".{CHECKPOINT_NAME}.*.tmp"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
-from ..data import ImageData, load_images
-from ..errors import RunExistsError
+from ..data import BadImagePolicy, ImageData, load_images
+from ..errors import MetaPerturbError, RunExistsError, TrainingStoppedError
 from ..phi import Perturbation, PerturbationConfig
 from ..tasks import TaskMode, TaskSplit, make_split
 from . import checkpoint
@@ -38,7 +38,7 @@ from .learner import TaskLearner
 from .metrics import MetricsLog, site_scales, summarize
 from .sampling import TaskStream, derive_seed
 
-__all__ = ["RunExistsError", "train"]
+__all__ = ["RunExistsError", "TrainingStoppedError", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def train(config: TrainConfig) -> Path:
         CheckpointError: ``config.resume`` and no usable checkpoint, or settings that differ
             from the checkpoint's (other than those in ``RESUMABLE_CHANGES``).
         DataError, SplitError: the data cannot be loaded or split as asked.
+        TrainingStoppedError: the loop stopped part-way (another rank died or timed out, a
+            write failed); the message names the last checkpoint and says how to resume.
 
     Example:
         >>> from metaperturb.train import TrainConfig, train
@@ -97,6 +99,7 @@ class _MetaTrainer:
             channels=config.channels,
             classes=config.classes,
             max_per_class=config.max_per_class,
+            on_bad_image=cast(BadImagePolicy, config.on_bad_image),  # checked by TrainConfig
             cache_dir=config.cache_dir,
         )
         self.split = self._split()
@@ -118,9 +121,12 @@ class _MetaTrainer:
         self.learners = self._learners(self.data)
         self.start = 0
         self.last_record: dict[str, Any] | None = None
+        #: The step of the last checkpoint this rank knows of (rank 0: written and renamed).
+        self.checkpointed = self.resumed_from
         if self.resumed is not None:
             self._restore(self.resumed)
             self.resumed = None  # free the memory
+        self.step = self.start  # the step being taken, for messages
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -138,6 +144,9 @@ class _MetaTrainer:
         exists, payload, problem = self.comm.broadcast((exists, payload, problem))
         if problem is not None:
             raise checkpoint.CheckpointError(problem)
+        if self.comm.is_main and payload is not None:
+            for stale in checkpoint.remove_temporaries(self.output):
+                logger.warning("removed %s, a checkpoint the stopped run left half-written", stale)
         if exists and payload is None:
             raise RunExistsError(
                 f"{self.output} already holds a run ({path.name}). Pass --resume to continue it, "
@@ -244,6 +253,32 @@ class _MetaTrainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> Path:
+        """The loop; any failure in it becomes a :class:`TrainingStoppedError` naming the last
+        checkpoint, so that a crashed rank or a full disk ends with a way to continue."""
+        try:
+            return self._run()
+        except MetaPerturbError:
+            raise
+        except Exception as error:
+            raise TrainingStoppedError(self._stopped(error)) from error
+
+    def _stopped(self, error: BaseException) -> str:
+        if self.checkpointed is None:
+            resume = "no checkpoint was written yet: rerun the same command to start over"
+        else:
+            holder = "" if self.comm.is_main else " (on rank 0's machine)"
+            resume = (
+                f"the checkpoint of step {self.checkpointed} in {self.output}{holder} is intact: "
+                "fix the cause and rerun the same command with --resume to continue from it"
+            )
+            if self.comm.distributed:
+                resume += " (torchrun --max-restarts N does this by itself)"
+        return (
+            f"meta-training stopped at step {self.step + 1} of {self.config.steps} "
+            f"({type(error).__name__}: {error}); {resume}."
+        )
+
+    def _run(self) -> Path:
         config, comm = self.config, self.comm
         metrics = None
         if comm.is_main:
@@ -263,6 +298,7 @@ class _MetaTrainer:
         # Elapsed time counts the earlier attempts of a resumed run too.
         started = clock - (self.last_record or {}).get("elapsed_s", 0.0)
         for step in range(self.start, config.steps):
+            self.step = step
             grads = [torch.zeros_like(p) for p in parameters]
             for learner in self.learners:
                 learner.step(step, grads)
@@ -333,6 +369,7 @@ class _MetaTrainer:
         }
         gathered = self.comm.gather(local)
         if gathered is None:
+            self.checkpointed = step  # rank 0 writes it; a failed write stops rank 0 too
             return
         payload = {
             "step": step,
@@ -347,6 +384,7 @@ class _MetaTrainer:
             "world_size": self.comm.world_size,
         }
         checkpoint.save(self.output / checkpoint.CHECKPOINT_NAME, payload)
+        self.checkpointed = step
 
     # -- the result -------------------------------------------------------------------------
 

@@ -1,0 +1,463 @@
+"""Faults injected into meta-training: killed runs and ranks, hung ranks, a full disk, bad data.
+
+Each fault ends in one of two ways: the run continues from its last checkpoint to the same phi
+as a run never interrupted (bit for bit: one thread per process everywhere), or it stops with a
+message that names the problem and says how to continue. Nothing may hang: every subprocess has
+a hard timeout, after which its whole process group is killed. The faults are injected by
+tests/fault_driver.py (a wrapper of ``metaperturb train``) or by monkeypatching in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metaperturb import _atomic
+from metaperturb.data import DataError, load_images
+from metaperturb.errors import SplitError, TrainingStoppedError
+from metaperturb.tasks import make_split
+from metaperturb.train import TrainConfig, read_metrics, train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = DATA / "tiny-imagenet-200-32px"
+DRIVER = Path(__file__).with_name("fault_driver.py")
+needs_tiny = pytest.mark.skipif(not TINY.is_dir(), reason=f"{TINY} not present")
+needs_dist = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+needs_posix = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, process groups")
+
+STEPS, EVERY = 6, 2  # checkpoints at steps 2, 4 and 6
+SETTINGS: dict[str, Any] = {
+    "data": str(TINY), "classes": 4, "max_per_class": 20, "image_size": 16, "num_tasks": 2,
+    "batch_size": 8, "steps": STEPS, "log_every": 1, "checkpoint_every": EVERY,
+    "device": "cpu", "threads": 1, "progress": False,
+}  # fmt: skip
+ARGS = [
+    "--data", str(TINY), "--classes", "4", "--max-per-class", "20", "--image-size", "16",
+    "--num-tasks", "2", "--batch-size", "8", "--steps", str(STEPS), "--log-every", "1",
+    "--checkpoint-every", str(EVERY), "--device", "cpu", "--threads", "1", "--no-progress",
+]  # fmt: skip
+TIMEOUT = 120  # seconds any one subprocess may take before it counts as hung
+
+
+def _phi(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "phi" / "model.safetensors")
+
+
+def _assert_same_phi(run: Path, reference: dict[str, torch.Tensor]) -> None:
+    phi = _phi(run)
+    assert phi.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(phi[name], tensor), name
+
+
+def _checkpoint_step(run: Path) -> int:
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    return int(state["step"])
+
+
+def _temporaries(run: Path) -> list[Path]:
+    return sorted(run.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """phi of the run never interrupted, in this process."""
+    if not TINY.is_dir():
+        pytest.skip(f"{TINY} not present")
+    output = tmp_path_factory.mktemp("reference")
+    train(TrainConfig(**SETTINGS, output_dir=str(output)))
+    return _phi(output)
+
+
+def _start(command: list[str], fault: str = "") -> subprocess.Popen[str]:
+    """A new process group, so that a timeout or a kill takes torchrun's workers too."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "METAPERTURB_FAULT": fault}
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    """SIGKILL the process and everything it started (kill -9 of its process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=30)
+
+
+def _finish(process: subprocess.Popen[str], timeout: float = TIMEOUT) -> tuple[int, str]:
+    """The exit status and stdout + stderr; a process still running after ``timeout`` is hung."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(process)
+        pytest.fail(f"{process.args!r} still running after {timeout} s: it hangs")
+    return process.returncode, stdout + stderr
+
+
+def _wait_for(condition: Any, process: subprocess.Popen[str], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {process.communicate()}")
+        if time.monotonic() > deadline:
+            _kill(process)
+            pytest.fail(f"no {what} after {TIMEOUT} s")
+        time.sleep(0.02)
+
+
+def _logged_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    return [record["step"] for record in read_metrics(path)] if path.exists() else []
+
+
+# -- kill -9 of a single process ------------------------------------------------------------
+
+
+@needs_tiny
+@pytest.mark.slow
+@needs_posix
+def test_sigkill_mid_checkpoint_write_and_at_a_random_moment_loses_nothing(
+    tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    """kill -9 while checkpoint 2 (step 4) is half on disk, then at a random moment of the
+    resumed run, then resume to the end: the same phi as the run never killed."""
+    run = tmp_path / "run"
+    command = [sys.executable, str(DRIVER), *ARGS, "--output-dir", str(run)]
+
+    # 1. Killed with half of the step-4 checkpoint written to its temporary file.
+    process = _start(command, fault="hang-in-checkpoint-write:2")
+    _wait_for((run / "WRITING").exists, process, "checkpoint write")
+    _kill(process)
+    (run / "WRITING").unlink()
+    half_written = _temporaries(run)
+    assert len(half_written) == 1  # the half-written file is there...
+    assert _checkpoint_step(run) == EVERY  # ...and checkpoint.pt is still the whole previous one
+    assert max(_logged_steps(run)) - _checkpoint_step(run) <= EVERY  # lost: at most EVERY steps
+
+    # 2. Resumed, and killed at a random moment once it is past the checkpoint it resumed from.
+    moment = random.Random(0).uniform(0.0, 0.6)
+    log = run / "metrics.jsonl"
+    killed_log = log.stat().st_ino  # the resumed run replaces the log, cut at its checkpoint
+
+    def resumed_past_checkpoint() -> bool:
+        return log.stat().st_ino != killed_log and max(_logged_steps(run), default=0) > EVERY
+
+    process = _start([*command, "--resume"])
+    _wait_for(resumed_past_checkpoint, process, "resumed step")
+    time.sleep(moment)
+    _kill(process)
+    assert not half_written[0].exists()  # the resumed run deleted it, never read it
+    resumed_from = _checkpoint_step(run)
+    assert resumed_from >= EVERY
+    logged = _logged_steps(run)
+    assert max(logged) - resumed_from <= EVERY, (moment, logged, resumed_from)
+
+    # 3. Resumed to the end (in this process, to save a start-up).
+    train(TrainConfig(**SETTINGS, output_dir=str(run), resume=True))
+    assert not _temporaries(run)
+    assert _logged_steps(run) == list(range(1, STEPS + 1))
+    _assert_same_phi(run, reference)
+
+
+# -- a full disk ----------------------------------------------------------------------------
+
+
+class _FullDisk(io.BufferedWriter):
+    """A file that takes half of what it is given, then fails as a full disk does."""
+
+    def write(self, data: Any) -> int:
+        super().write(bytes(data)[: len(data) // 2])
+        self.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_disk_os(name: str, nth: int) -> types.SimpleNamespace:
+    """``os`` for metaperturb._atomic, where the ``nth`` write of ``name`` hits a full disk."""
+    fake = types.SimpleNamespace(**vars(os))
+    state: dict[str, Any] = {"path": None, "writes": 0}
+
+    def open_(path: Any, *args: Any) -> int:
+        state["path"] = Path(path)
+        return os.open(path, *args)
+
+    def fdopen(descriptor: int, *args: Any) -> Any:
+        if state["path"].name.startswith(f".{name}."):
+            state["writes"] += 1
+            if state["writes"] == nth:
+                return _FullDisk(io.FileIO(descriptor, "wb"))
+        return os.fdopen(descriptor, *args)
+
+    fake.open, fake.fdopen = open_, fdopen
+    return fake
+
+
+@needs_tiny
+def test_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, torch.Tensor]
+) -> None:
+    config = TrainConfig(**SETTINGS, output_dir=str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(_atomic, "os", _full_disk_os("checkpoint.pt", nth=2))
+        with pytest.raises(TrainingStoppedError) as stopped:
+            train(config)
+    message = str(stopped.value)
+    assert f"stopped at step {2 * EVERY} of {STEPS}" in message
+    assert "No space left on device" in message
+    assert f"checkpoint of step {EVERY} in {tmp_path} is intact" in message
+    assert "--resume" in message
+    assert isinstance(stopped.value.__cause__, OSError)
+    assert stopped.value.__cause__.errno == errno.ENOSPC
+    assert not _temporaries(tmp_path)  # the half-written temporary file was removed
+    assert _checkpoint_step(tmp_path) == EVERY  # the previous checkpoint loads
+    train(TrainConfig(**SETTINGS, output_dir=str(tmp_path), resume=True))
+    _assert_same_phi(tmp_path, reference)
+
+
+# -- one rank of two under torchrun ---------------------------------------------------------
+
+
+def _torchrun(run: Path, *options: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += ["--nproc-per-node", "2", *options, str(DRIVER)]
+    return [*launcher, *ARGS, "--output-dir", str(run)]
+
+
+@needs_tiny
+@needs_dist
+@needs_posix
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank_sigkilled_with_max_restarts_resumes_from_the_checkpoint(
+    tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    run = tmp_path / "run"
+    status, output = _finish(
+        _start(_torchrun(run, "--max-restarts", "1"), fault="sigkill-rank:1:4")
+    )
+    assert status == 0, output[-4000:]
+    assert "Signal 9 (SIGKILL)" in output or "exitcode: -9" in output  # the first attempt died
+    assert f"resuming {run} from step {EVERY}" in output
+    assert _logged_steps(run) == list(range(1, STEPS + 1))
+    _assert_same_phi(run, reference)
+
+
+@needs_tiny
+@needs_dist
+@needs_posix
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank_sigkilled_without_restarts_stops_and_says_how_to_resume(
+    tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    run = tmp_path / "run"
+    status, output = _finish(_start(_torchrun(run), fault="sigkill-rank:1:4"))
+    assert status != 0
+    # Rank 0 is stopped by torchrun (SIGTERM) or by the broken connection, and says what to do.
+    assert "error: meta-training stopped at step 4 of 6" in output, output[-4000:]
+    assert f"the checkpoint of step {EVERY} in {run} is intact" in output
+    assert "rerun the same command with --resume" in output
+    assert _checkpoint_step(run) == EVERY
+    # Doing as it says (here in one process) finishes the same phi.
+    train(TrainConfig(**SETTINGS, output_dir=str(run), resume=True))
+    _assert_same_phi(run, reference)
+
+
+def _rank_that_may_hang(rank: int, port: int, run: Path, results: Any) -> None:
+    """Rank ``rank`` of 2 in a forked process; rank 1 stops answering at step 4."""
+    from metaperturb.train.distributed import Collective
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    real = Collective.all_reduce_sum_
+    steps = 0
+
+    def all_reduce(self: Collective, flat: torch.Tensor) -> torch.Tensor:
+        nonlocal steps
+        steps += 1
+        if self.rank == 1 and steps == 4:
+            time.sleep(TIMEOUT)
+        return real(self, flat)
+
+    Collective.all_reduce_sum_ = all_reduce  # type: ignore[method-assign]
+    try:
+        train(TrainConfig(**SETTINGS, output_dir=str(run), dist_timeout=3))
+        results.put((rank, "finished"))
+    except Exception as error:  # noqa: BLE001 - sent to the test, which checks it
+        results.put((rank, f"{type(error).__name__}: {error}"))
+
+
+@needs_tiny
+@needs_dist
+@needs_posix
+@pytest.mark.distributed
+def test_hung_rank_times_out_instead_of_hanging(tmp_path: Path) -> None:
+    """Rank 1 stops answering at step 4; rank 0 gives up after dist_timeout (3 s), not never.
+
+    The two ranks are forked from this process (no torchrun), which saves their start-up."""
+    import multiprocessing
+    import queue
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=_rank_that_may_hang, args=(rank, port, tmp_path, results))
+        for rank in range(2)
+    ]
+    started = time.monotonic()
+    for process in ranks:
+        process.start()
+    try:
+        rank, outcome = results.get(timeout=TIMEOUT)
+    except queue.Empty:
+        pytest.fail(f"no rank finished or failed within {TIMEOUT} s: it hangs")
+    finally:
+        for process in ranks:
+            process.kill()
+            process.join(timeout=30)
+    assert rank == 0 and outcome.startswith("TrainingStoppedError"), outcome
+    assert "Timed out waiting 3000ms" in outcome
+    assert f"stopped at step 4 of {STEPS}" in outcome and "--resume" in outcome
+    assert time.monotonic() - started < 60
+    assert _checkpoint_step(tmp_path) == EVERY
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def _png(seed: int, size: int = 12) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=generator)
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _parquet(folder: Path, labels: list[int], bad: dict[int, bytes], classes: int = 4) -> Path:
+    """``folder/train.parquet``: a PNG per label (rows in ``bad`` get those bytes instead)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [
+        {"bytes": bad.get(row, _png(row)), "path": f"img-{row}.png"} for row in range(len(labels))
+    ]
+    names = [f"class-{k}" for k in range(classes)]
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    table = pa.table({"image": images, "label": labels}).replace_schema_metadata(
+        {"huggingface": json.dumps({"info": {"features": features}})}
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / "train.parquet")
+    return folder
+
+
+LABELS = [row % 4 for row in range(16)]  # 4 classes x 4 images
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"this is not an image", _png(99)[: len(_png(99)) // 2]],
+    ids=["not an image", "truncated png"],
+)
+def test_unreadable_image_is_named_then_fatal_or_skipped(tmp_path: Path, bad: bytes) -> None:
+    folder = _parquet(tmp_path, LABELS, {5: bad})
+    with pytest.raises(DataError, match=r"image of row 5 \(img-5\.png\) cannot be decoded") as info:
+        load_images(folder, image_size=8)
+    assert "on_bad_image='skip'" in str(info.value)
+    data = load_images(folder, image_size=8, on_bad_image="skip")
+    assert data.skipped_rows == [5] and len(data) == 15
+    assert torch.bincount(data.labels).tolist() == [4, 3, 4, 4]
+    clean = load_images(_parquet(tmp_path / "clean", LABELS, {}), image_size=8)
+    keep = [row for row in range(16) if row != 5]
+    assert torch.equal(data.images, clean.images[keep])  # the others, untouched and in order
+    assert torch.equal(data.labels, clean.labels[keep])
+    with pytest.raises(DataError, match="on_bad_image must be"):
+        load_images(folder, on_bad_image="ignore")  # type: ignore[arg-type]
+
+
+def test_a_class_with_no_readable_image_left_is_an_error(tmp_path: Path) -> None:
+    folder = _parquet(tmp_path, LABELS, dict.fromkeys((1, 5, 9, 13), b"junk"))
+    with pytest.raises(DataError, match=r"no readable image left in classes \['class-1'\]"):
+        load_images(folder, image_size=8, on_bad_image="skip")
+
+
+def test_train_cli_reports_or_skips_a_bad_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metaperturb.cli import main
+
+    folder = _parquet(tmp_path / "data", LABELS, {6: b"junk"})
+    argv = ["train", "--data", str(folder), "--image-size", "8", "--num-tasks", "2"]
+    argv += ["--batch-size", "2", "--steps", "1", "--no-progress", "--threads", "1"]
+    argv += ["--device", "cpu", "--padding", "0"]
+    assert main([*argv, "--output-dir", str(tmp_path / "a")]) == 1
+    error = capsys.readouterr().err
+    assert "row 6 (img-6.png) cannot be decoded" in error and "--on-bad-image skip" in error
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
+    run = tmp_path / "b"
+    assert main([*argv, "--on-bad-image", "skip", "--output-dir", str(run)]) == 0
+    assert (run / "phi" / "model.safetensors").is_file()
+    assert json.loads((run / "split.json").read_text())["num_images"] == 15
+    assert json.loads((run / "train_config.json").read_text())["on_bad_image"] == "skip"
+
+
+def test_too_few_images_for_the_split_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metaperturb.cli import main
+
+    folder = _parquet(tmp_path / "data", [0, 0, 1, 1, 2, 3, 3, 3], {})
+    argv = ["train", "--data", str(folder), "--image-size", "8", "--num-tasks", "2"]
+    argv += ["--steps", "1", "--no-progress", "--device", "cpu", "--output-dir", str(tmp_path)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "needs at least 2 images of each class, and 1 classes have fewer" in error
+    assert "{2: 1}" in error and "Use more images per class" in error
+    with pytest.raises(SplitError, match="need 4 classes; the dataset has 2"):
+        make_split([0, 0, 1, 1], num_tasks=2, group_size=4)
+
+
+def test_labels_out_of_range_are_clear_errors(tmp_path: Path) -> None:
+    folder = _parquet(tmp_path / "beyond", [0, 1, 2, 3, 7, 1], {})
+    with pytest.raises(
+        DataError, match=r"1 labels beyond its 4 class names \(0\.\.3\), first at rows \[4\]"
+    ):
+        load_images(folder, image_size=8)
+    folder = _parquet(tmp_path / "negative", [0, -1, 1, 1], {})
+    with pytest.raises(DataError, match=r"1 negative labels .* first at rows \[1\]"):
+        load_images(folder, image_size=8)
+    # make_split used to map -1 to the last class of a task without a word.
+    with pytest.raises(SplitError, match=r"negative labels, first rows \[2\]"):
+        make_split([0, 0, -1, 1, 1], num_tasks=2)
+    with pytest.raises(
+        SplitError, match=r"beyond the 2 class names \(0\.\.1\), first rows \[4, 5\]"
+    ):
+        make_split([0, 0, 1, 1, 2, 2], num_tasks=2, class_names=["a", "b"])
