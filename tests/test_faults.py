@@ -234,6 +234,37 @@ def test_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_so(
     _assert_same_phi(tmp_path, reference)
 
 
+class _Exploit:
+    """Unpickling this would create a file: the test checks that it never does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@needs_tiny
+def test_damaged_or_foreign_checkpoint_is_refused_not_resumed(tmp_path: Path) -> None:
+    """A checkpoint cut short (a copy interrupted) or a pickle carrying code: a clear
+    CheckpointError, and nothing unpickled."""
+    from metaperturb.train import CheckpointError
+
+    config = TrainConfig(**{**SETTINGS, "steps": EVERY}, output_dir=str(tmp_path))
+    train(config)
+    resume = TrainConfig(**SETTINGS, output_dir=str(tmp_path), resume=True)
+    path = tmp_path / "checkpoint.pt"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match="is not a readable metaperturb checkpoint"):
+        train(resume)
+    marker = tmp_path / "unpickled"
+    torch.save({"format_version": 1, "step": _Exploit(marker)}, path)
+    with pytest.raises(CheckpointError, match="is not a readable metaperturb checkpoint"):
+        train(resume)
+    assert not marker.exists()
+
+
 # -- one rank of two under torchrun ---------------------------------------------------------
 
 
