@@ -40,7 +40,7 @@ def _finished(run: Path) -> bool:
 def train(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else list(range(args.runs))
     for seed in seeds:
-        run = RUNS / f"seed-{seed}"
+        run = args.runs_dir / f"seed-{seed}"
         if _finished(run):
             print(f"{run.name}: finished, skipped")
             continue
@@ -58,14 +58,14 @@ def train(args: argparse.Namespace) -> None:
 
 
 def select(args: argparse.Namespace) -> None:
-    runs = sorted(str(run) for run in RUNS.glob("seed-*") if _finished(run))
+    runs = sorted(str(run) for run in args.runs_dir.glob("seed-*") if _finished(run))
     if not runs:
-        raise SystemExit(f"no finished run under {RUNS}: run `train` first.")
+        raise SystemExit(f"no finished run under {args.runs_dir}: run `train` first.")
     command = [
         sys.executable, "-m", "metaperturb", "select", *runs,
         "--data", str(args.data), "--skip-per-class", "500", "--max-per-class", "500",
         "--steps", str(args.steps), "--seeds", str(args.seeds), "--baseline",
-        "--output-dir", str(RUNS / "selection"), "--no-progress",
+        "--output-dir", str(args.runs_dir / "selection"), "--no-progress",
     ]  # fmt: skip
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
@@ -78,7 +78,8 @@ def _metrics_summary(run: Path) -> list[str]:
     first, last = records[0], records[-1]
     lines = ["| step | " + " | ".join(k.replace("_", " ") for k in last["mean"]) + " |"]
     lines.append("| ---: |" + " ---: |" * len(last["mean"]))
-    for record in (first, records[len(records) // 2], last):
+    chosen = {id(r): r for r in (first, records[len(records) // 2], last)}.values()
+    for record in chosen:
         values = " | ".join(f"{record['mean'][k]:.3f}" for k in last["mean"])
         lines.append(f"| {record['step']} | {values} |")
     return lines
@@ -88,7 +89,7 @@ def install(args: argparse.Namespace) -> None:
     from metaperturb import Perturbation
     from metaperturb.train.plot import plot_metrics
 
-    report = json.loads((RUNS / "selection" / "selection.json").read_text())
+    report = json.loads((args.runs_dir / "selection" / "selection.json").read_text())
     best = Path(report["best"])
     phi = Perturbation.from_pretrained(best / "phi" if (best / "phi").is_dir() else best)
     run = best if (best / "metrics.jsonl").is_file() else best.parent
@@ -129,6 +130,10 @@ def install(args: argparse.Namespace) -> None:
             "| --- | ---: |",
             *scores,
             "",
+            "### Every run (wall time on the machine that ran it)",
+            "",
+            *_status_lines(args.runs_dir),
+            "",
             f"### Meta-training log (`{run.name}`, mean over tasks)",
             "",
             *_metrics_summary(run),
@@ -136,14 +141,21 @@ def install(args: argparse.Namespace) -> None:
             "![phi's scale per site during meta-training](metrics.png)",
         ]
     )
-    phi.save_pretrained(TARGET, provenance=provenance, license="mit")
-    plot_metrics(run, TARGET / "metrics.png")
-    print(f"phi* installed in {TARGET} from {run.name} (validation accuracy {score:.4f})")
+    phi.save_pretrained(args.target_dir, provenance=provenance, license="mit")
+    plot_metrics(run, args.target_dir / "metrics.png")
+    print(f"phi* installed in {args.target_dir} from {run.name} (validation accuracy {score:.4f})")
 
 
 def status(args: argparse.Namespace) -> None:
     """One line per run: progress, wall time, last metrics, divergence; also written to
     ``benchmarks/results/phi-star-runs.md``."""
+    text = "\n".join(_status_lines(args.runs_dir)) + "\n"
+    report = ROOT / "benchmarks" / "results" / "phi-star-runs.md"
+    (report if args.runs_dir == RUNS else args.runs_dir / "status.md").write_text(text)
+    print(text, end="")
+
+
+def _status_lines(runs_dir: Path) -> list[str]:
     import math
 
     from metaperturb.train.metrics import read_metrics
@@ -152,7 +164,7 @@ def status(args: argparse.Namespace) -> None:
         "| run | steps done | wall time (h) | steps/s | train acc | held-out acc | held-out loss | state |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for run in sorted(p for p in RUNS.glob("seed-*") if p.is_dir()):
+    for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
         log = run / "metrics.jsonl"
         records = read_metrics(log) if log.is_file() else []
         if not records:
@@ -168,13 +180,13 @@ def status(args: argparse.Namespace) -> None:
             f"{last['steps_per_s']:.3f} | {mean['train_acc']:.3f} | {mean['heldout_acc']:.3f} | "
             f"{mean['heldout_loss']:.3f} | {state} |"
         )
-    text = "\n".join(lines) + "\n"
-    (ROOT / "benchmarks" / "results" / "phi-star-runs.md").write_text(text)
-    print(text, end="")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", type=Path, default=RUNS, help="where the runs go")
+    parser.add_argument("--target-dir", type=Path, default=TARGET, help="where install writes")
     steps = parser.add_subparsers(dest="step", required=True)
     train_parser = steps.add_parser("train", help="meta-train, one run per seed (resumable)")
     train_parser.add_argument("--runs", type=int, default=5)
