@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Keep long runs' state (checkpoints, metrics) in git without putting it on main.
+#
+#   benchmarks/runs_branch.sh save     # commit runs/phi-star and benchmarks' run folders to
+#                                      # the branch `phi-star-runs` (main's tree is untouched)
+#   benchmarks/runs_branch.sh restore  # put them back under runs/ (ignored on main)
+#
+# Why a side branch: a meta-training checkpoint is ~35 MB (10 task networks and their Adam
+# states); on main it would bloat every clone and push the working tree past the 64 MiB that a
+# device call may carry. The branch's tip holds only the latest state; older ones stay in its
+# history.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+branch=phi-star-runs
+case "${1:-}" in
+  save)
+    index=$(mktemp)
+    trap 'rm -f "$index"' EXIT
+    export GIT_INDEX_FILE="$index"
+    git read-tree --empty
+    git add -f runs/phi-star
+    tree=$(git write-tree)
+    parent=$(git rev-parse -q --verify "refs/heads/$branch" || true)
+    commit=$(git commit-tree "$tree" ${parent:+-p "$parent"} -m "runs/phi-star state $(date -u +%FT%TZ)")
+    git update-ref "refs/heads/$branch" "$commit"
+    git ls-tree -r --name-only "$branch" | sed 's/^/saved: /'
+    ;;
+  restore)
+    git archive "$branch" runs | tar -x
+    echo "restored runs/ from $branch"
+    ;;
+  *)
+    echo "usage: $0 save|restore" >&2
+    exit 2
+    ;;
+esac
