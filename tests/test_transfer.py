@@ -214,3 +214,17 @@ def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert summary["id"].endswith("__conv4__dropblock[0.1,3]__2steps__seed0")
     assert (tmp_path / f"{summary['id']}.json").is_file()
     assert main(["eval", "--target", "s-cifar10", "--data", str(MNIST)]) == 1
+
+
+@needs_mnist
+def test_a_result_made_with_other_settings_is_not_reused(tmp_path: Path) -> None:
+    """The run id names the main settings only: a changed lr must not pick up the old result."""
+    config = TransferConfig(
+        target=tiny_target(), model="conv4", steps=2, batch_size=4, curve_every=0
+    )
+    run_transfer(config, tmp_path, progress=False)
+    config.device = "cpu"  # does not change what is computed: the result is reused
+    assert run_transfer(config, tmp_path, progress=False)["steps"] == 2
+    config.lr = 0.01
+    with pytest.raises(ValueError, match="other settings .*lr: file has 0.001, asked 0.01"):
+        run_transfer(config, tmp_path, progress=False)

@@ -211,6 +211,7 @@ class _Run:
     def _state(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "config": json.dumps(asdict(self.config)),
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -236,6 +237,9 @@ class _Run:
                 f"{self.checkpoint_path} belongs to run {state.get('id')!r}, not {self.id!r}: "
                 "delete it or use another output folder."
             )
+        _check_same_settings(
+            json.loads(state.get("config", "{}")), self.config, self.checkpoint_path
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -377,6 +381,36 @@ class _Run:
         return out
 
 
+#: Settings that do not change what a run computes: they may differ when a result is reused.
+_NEUTRAL_SETTINGS = frozenset({"device", "checkpoint_every", "data_root"})
+
+
+def _portable(settings: dict[str, Any]) -> dict[str, Any]:
+    """A custom target's data folder by its name, as the run id has it (paths differ between
+    machines)."""
+    target = settings.get("target")
+    if isinstance(target, dict) and "data" in target:
+        settings = {**settings, "target": {**target, "data": Path(str(target["data"])).name}}
+    return settings
+
+
+def _check_same_settings(saved: dict[str, Any], config: TransferConfig, path: Path) -> None:
+    """Refuse to reuse a result or checkpoint made with other settings under the same run id
+    (the id names the main settings only; lr, batch size and the rest live in the file)."""
+    current = _portable(json.loads(json.dumps(asdict(config))))  # as the file holds them
+    saved = _portable(saved)
+    differences = [
+        f"{key}: file has {saved.get(key)!r}, asked {value!r}"
+        for key, value in current.items()
+        if key not in _NEUTRAL_SETTINGS and key in saved and saved[key] != value
+    ]
+    if differences:
+        raise ValueError(
+            f"{path} was made with other settings ({'; '.join(differences)}). Use another "
+            "--output-dir for these settings, or delete the file to redo the run."
+        )
+
+
 def run_transfer(
     config: TransferConfig, output_dir: str | Path, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -390,6 +424,7 @@ def run_transfer(
     result_path = output / f"{run_id(config)}.json"
     if result_path.is_file():
         result: dict[str, Any] = json.loads(result_path.read_text())
+        _check_same_settings(result.get("config", {}), config, result_path)
         return result
     run = _Run(config, output)
     resumed = run.maybe_resume()
