@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Keep long runs' state (checkpoints, metrics) in git without putting it on main.
 #
-#   benchmarks/runs_branch.sh save     # commit runs/phi-star and benchmarks' run folders to
-#                                      # the branch `phi-star-runs` (main's tree is untouched)
+#   benchmarks/runs_branch.sh save     # commit runs/phi-star and evaluation checkpoints
+#                                      # (benchmarks/results/transfer/*.ckpt) to the branch
+#                                      # `phi-star-runs` (main's tree is untouched)
 #   benchmarks/runs_branch.sh restore  # put them back under runs/ (ignored on main)
 #
 # Why a side branch: a meta-training checkpoint is ~35 MB (10 task networks and their Adam
@@ -19,6 +20,8 @@ case "${1:-}" in
     export GIT_INDEX_FILE="$index"
     git read-tree --empty
     git add -f runs/phi-star
+    # Evaluation runs stopped part-way (their finished results live on main).
+    git add -f benchmarks/results/transfer/*.ckpt 2>/dev/null || true
     tree=$(git write-tree)
     parent=$(git rev-parse -q --verify "refs/heads/$branch" || true)
     commit=$(git commit-tree "$tree" ${parent:+-p "$parent"} -m "runs/phi-star state $(date -u +%FT%TZ)")
@@ -26,8 +29,8 @@ case "${1:-}" in
     git ls-tree -r --name-only "$branch" | sed 's/^/saved: /'
     ;;
   restore)
-    git archive "$branch" runs | tar -x
-    echo "restored runs/ from $branch"
+    git archive "$branch" | tar -x
+    echo "restored runs/ (and any evaluation checkpoints) from $branch"
     ;;
   *)
     echo "usage: $0 save|restore" >&2

@@ -37,16 +37,20 @@ AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted here, never committed o
 PHI_STAR = ROOT / "weights" / "phi-star"
 PRETRAINED = "tiny-imagenet-resnet20"
 
+
 # Tuning slice: CIFAR-10 train images 500-749 of each class train, 750-999 test; disjoint from
 # s-CIFAR10 (the first 500) and from its test split.
-VALIDATION = {
-    "data": str(DATA / "cifar10"),
-    "skip_per_class": 500,
-    "per_class": 250,
-    "test_split": "train",
-    "test_skip_per_class": 750,
-    "test_per_class": 250,
-}
+def _validation() -> dict[str, object]:
+    return {
+        "data": str(DATA / "cifar10"),
+        "skip_per_class": 500,
+        "per_class": 250,
+        "test_split": "train",
+        "test_skip_per_class": 750,
+        "test_per_class": 250,
+    }
+
+
 # The tuning grids; `datasets` uses the best of each by `tune`'s validation accuracy.
 DROPBLOCK_RATES, DROPBLOCK_SIZES, MIXUP_ALPHAS = (0.1, 0.05, 0.2), (3, 5), (1.0, 0.2, 2.0)
 
@@ -126,14 +130,14 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
             for size in DROPBLOCK_SIZES:
                 runs.append(
                     TransferConfig(
-                        target=dict(VALIDATION),
+                        target=_validation(),
                         dropblock_rate=rate,
                         dropblock_size=size,
                         steps=steps,
                     )
                 )
         for alpha in MIXUP_ALPHAS:
-            runs.append(TransferConfig(target=dict(VALIDATION), mixup_alpha=alpha, steps=steps))
+            runs.append(TransferConfig(target=_validation(), mixup_alpha=alpha, steps=steps))
     elif name == "pretrain":
         runs.append(_pretrain_config(steps))
     else:
@@ -180,6 +184,7 @@ def _pretrain_id(steps: int) -> str:
 
 
 def main() -> None:
+    global DATA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "grid", choices=["priority", "architectures", "datasets", "tune", "pretrain"]
@@ -191,7 +196,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--list", action="store_true", help="print the runs and their state")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--data-root", type=Path, default=DATA, help="folder of the datasets (../shared/data)"
+    )
     args = parser.parse_args()
+    DATA = args.data_root.resolve()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = grid(args.grid, args.steps, args.seeds)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# On a lent GPU machine: run one grid of benchmarks/transfer.py as 8 processes sharing the GPU,
+# stop them before the call's time limit, and hand results and checkpoints back through $OUT.
+#
+#   bash benchmarks/device/sweep.sh GRID SECONDS [extra transfer.py flags]
+#
+# Each shard writes into benchmarks/results/transfer/ (carried in, so finished runs are skipped
+# and stopped ones resume from their checkpoints); at the end every shard's new files are packed
+# into $OUT/shard-<i>.tar (8 files, the most a call returns). Unpack here with
+#   for f in FILES_AT/shard-*.tar; do tar -xf "$f"; done
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+grid=$1; seconds=$2; shift 2
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+python=${PYTHON:-python3}
+if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+results=${RESULTS_DIR:-benchmarks/results/transfer}
+mkdir -p "$results"
+touch /tmp/sweep-start
+for i in 0 1 2 3 4 5 6 7; do
+  timeout --signal=TERM "$seconds" "$python" benchmarks/transfer.py "$grid" --shard "$i/8" \
+    --data-root shared/data --device "${DEVICE:-cuda}" --threads "${THREADS:-2}" --output-dir "$results" "$@" > "/tmp/shard-$i.log" 2>&1 &
+done
+wait
+for i in 0 1 2 3 4 5 6 7; do
+  cp "/tmp/shard-$i.log" "$results/device-shard-$i.log"
+done
+# Each shard's runs are every 8th of the grid: pack what changed since the start, by shard.
+"$python" - "$grid" "$out" "$results" "$@" <<'PY'
+import subprocess, sys, tarfile
+from pathlib import Path
+grid, out, results = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ids = subprocess.run(
+    [sys.executable, "benchmarks/transfer.py", grid, "--list", "--data-root", "shared/data", *sys.argv[4:]],
+    capture_output=True, text=True, check=True,
+).stdout.split()[1::2]
+start = Path("/tmp/sweep-start").stat().st_mtime
+for shard in range(8):
+    with tarfile.open(out / f"shard-{shard}.tar", "w") as tar:
+        for run_id in ids[shard::8]:
+            for suffix in (".json", ".ckpt"):
+                path = results / f"{run_id}{suffix}"
+                if path.is_file() and path.stat().st_mtime >= start:
+                    tar.add(path)
+        tar.add(results / f"device-shard-{shard}.log")
+PY
+nvidia-smi --query-gpu=name,memory.used --format=csv || true
+tail -n 3 /tmp/shard-*.log
