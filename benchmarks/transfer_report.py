@@ -25,7 +25,30 @@ TARGETS = ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100")
 
 def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
     results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
-    return [r for r in results if r.get("steps") == steps and isinstance(r.get("target"), str)]
+    results = [r for r in results if r.get("steps") == steps and isinstance(r.get("target"), str)]
+    current = _phi_star_fingerprint()
+    stale = [
+        r for r in results if "phi-star" in r["method"] and r.get("phi_fingerprint") != current
+    ]
+    if stale:
+        print(f"note: left out {len(stale)} phi* runs made with another phi* than weights/phi-star")
+    return [r for r in results if r not in stale]
+
+
+def _phi_star_fingerprint() -> str | None:
+    """The fingerprint metaperturb eval records for the phi* now in weights/ (None: none yet)."""
+    import hashlib
+
+    from metaperturb.hub import default_phi_path, load_phi
+
+    path = default_phi_path()
+    if not (path / "model.safetensors").is_file():
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in load_phi(path).state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def cell(values: Iterable[float], scale: float = 100.0) -> str:

@@ -157,6 +157,7 @@ def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
     assert result["evaluation"]["default"]["mode"] == "expectation"
     assert [point["step"] for point in result["curve"]] == [3, 6]
     assert len(result["scales"]) == 4 and all(0 < s < 1 for s in result["scales"].values())
+    assert len(result["phi_fingerprint"]) == 64
     assert not list((tmp_path / "results").glob("*.ckpt"))  # removed when done
     stamp = path.stat().st_mtime_ns
     assert run_transfer(config, tmp_path / "results", progress=False) == result

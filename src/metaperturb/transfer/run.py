@@ -359,6 +359,18 @@ class _Run:
                 results[f"mc{samples}"] = timed(samples=samples)
         return results
 
+    def phi_fingerprint(self) -> str | None:
+        """SHA-256 of phi's 82 numbers (fp32, in state_dict order): which phi made this result,
+        even after the bundled phi* or a folder is replaced."""
+        if self.config.phi is None:
+            return None
+        phi = get_controller(self.model).phi
+        digest = hashlib.sha256()
+        for name, tensor in phi.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def scales(self) -> dict[str, float] | None:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
         if self.config.phi is None:
@@ -448,6 +460,7 @@ def run_transfer(
         "test_images": len(run.test_data),
         "classes": run.train_data.num_classes,
         "reinitialised_keys": run.reinitialised,
+        "phi_fingerprint": run.phi_fingerprint(),
         "config": asdict(config),
         "machine": {
             "platform": platform.machine(),
