@@ -37,18 +37,11 @@ def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
 
 def _phi_star_fingerprint() -> str | None:
     """The fingerprint metaperturb eval records for the phi* now in weights/ (None: none yet)."""
-    import hashlib
-
     from metaperturb.hub import default_phi_path, load_phi
+    from metaperturb.transfer.run import phi_fingerprint
 
     path = default_phi_path()
-    if not (path / "model.safetensors").is_file():
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in load_phi(path).state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return phi_fingerprint(load_phi(path)) if (path / "model.safetensors").is_file() else None
 
 
 def cell(values: Iterable[float], scale: float = 100.0) -> str:

@@ -27,6 +27,7 @@ from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..evaluation import mc_predict
 from ..hub import load_phi
+from ..phi import Perturbation
 from ..site import SiteState
 from ..train.learner import create_task_network
 from ..train.sampling import TaskStream, derive_seed
@@ -35,7 +36,7 @@ from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .targets import Target, load_target, resolve_target
 
-__all__ = ["TransferConfig", "run_id", "run_transfer"]
+__all__ = ["TransferConfig", "phi_fingerprint", "run_id", "run_transfer"]
 
 _NOISE_KEY = 3
 _INIT_KEY = 1
@@ -103,6 +104,16 @@ class TransferConfig:
 def _short(source: str) -> str:
     path = Path(source)
     return path.name if path.name not in ("phi", "best", "") else path.parent.name
+
+
+def phi_fingerprint(phi: Perturbation) -> str:
+    """SHA-256 of phi's 82 numbers (fp32, in state_dict order): which phi made a result, even
+    after the bundled phi* or a folder is replaced."""
+    digest = hashlib.sha256()
+    for name, tensor in phi.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_id(config: TransferConfig) -> str:
@@ -360,16 +371,7 @@ class _Run:
         return results
 
     def phi_fingerprint(self) -> str | None:
-        """SHA-256 of phi's 82 numbers (fp32, in state_dict order): which phi made this result,
-        even after the bundled phi* or a folder is replaced."""
-        if self.config.phi is None:
-            return None
-        phi = get_controller(self.model).phi
-        digest = hashlib.sha256()
-        for name, tensor in phi.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return None if self.config.phi is None else phi_fingerprint(get_controller(self.model).phi)
 
     def scales(self) -> dict[str, float] | None:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
