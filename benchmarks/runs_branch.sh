@@ -8,8 +8,7 @@
 #
 # Why a side branch: a meta-training checkpoint is ~35 MB (10 task networks and their Adam
 # states); on main it would bloat every clone and push the working tree past the 64 MiB that a
-# device call may carry. The branch's tip holds only the latest state; older ones stay in its
-# history.
+# device call may carry. The branch holds only the latest state (one commit, no history).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 branch=phi-star-runs
@@ -23,8 +22,9 @@ case "${1:-}" in
     # Evaluation runs stopped part-way (their finished results live on main).
     git add -f benchmarks/results/transfer/*.ckpt 2>/dev/null || true
     tree=$(git write-tree)
-    parent=$(git rev-parse -q --verify "refs/heads/$branch" || true)
-    commit=$(git commit-tree "$tree" ${parent:+-p "$parent"} -m "runs/phi-star state $(date -u +%FT%TZ)")
+    # No parent: the branch holds the latest state only, so older checkpoints become
+    # unreachable and `git gc` can drop them.
+    commit=$(git commit-tree "$tree" -m "runs/phi-star state $(date -u +%FT%TZ)")
     git update-ref "refs/heads/$branch" "$commit"
     git ls-tree -r --name-only "$branch" | sed 's/^/saved: /'
     ;;
