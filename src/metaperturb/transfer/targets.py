@@ -94,24 +94,20 @@ def resolve_target(name_or_target: str | Target, data_root: str | Path | None = 
 
 def load_target(target: Target) -> tuple[ImageData, ImageData]:
     """Decode the train and the test slice (same classes, same label indices)."""
-    train = load_images(
-        target.data,
-        target.split,
-        image_size=target.image_size,
-        channels=target.channels,
-        classes=target.classes,
-        max_per_class=target.per_class,
-        skip_per_class=target.skip_per_class,
-    )
-    test = load_images(
-        target.data,
-        target.test_split,
-        image_size=target.image_size,
-        channels=target.channels,
-        classes=target.classes,
-        max_per_class=target.test_per_class,
-        skip_per_class=target.test_skip_per_class,
-    )
+
+    def load(split: str, per_class: int | None, skip: int) -> ImageData:
+        return load_images(
+            target.data,
+            split,
+            image_size=target.image_size,
+            channels=target.channels,
+            classes=target.classes,
+            max_per_class=per_class,
+            skip_per_class=skip,
+        )
+
+    train = load(target.split, target.per_class, target.skip_per_class)
+    test = load(target.test_split, target.test_per_class, target.test_skip_per_class)
     if test.original_labels != train.original_labels:
         raise ValueError(
             f"{target.data}: the test slice has classes {test.original_labels[:5]}... and the "
