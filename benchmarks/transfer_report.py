@@ -38,10 +38,9 @@ def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
 def _phi_star_fingerprint() -> str | None:
     """The fingerprint metaperturb eval records for the phi* now in weights/ (None: none yet)."""
     from metaperturb.hub import default_phi_path, load_phi
-    from metaperturb.transfer.run import phi_fingerprint
 
     path = default_phi_path()
-    return phi_fingerprint(load_phi(path)) if (path / "model.safetensors").is_file() else None
+    return load_phi(path).fingerprint() if (path / "model.safetensors").is_file() else None
 
 
 def cell(values: Iterable[float], scale: float = 100.0) -> str:

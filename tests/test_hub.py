@@ -153,6 +153,16 @@ def test_folder_round_trip(tmp_path: Path) -> None:
     }
 
 
+def test_fingerprint_follows_the_numbers_not_the_file(tmp_path: Path) -> None:
+    phi = make_phi(source_dataset="tiny-imagenet")
+    loaded = load_phi(save_pretrained(phi, tmp_path / "phi"))
+    loaded.config.metadata["source_dataset"] = "elsewhere"
+    assert loaded.fingerprint() == phi.fingerprint() and len(phi.fingerprint()) == 64
+    with torch.no_grad():
+        loaded.scale_weight[0, 3] += 1e-6
+    assert loaded.fingerprint() != phi.fingerprint()
+
+
 def test_saved_file_layout(tmp_path: Path) -> None:
     phi = make_phi(source_dataset="tiny-imagenet").double()
     folder = save_pretrained(phi, tmp_path / "phi")

@@ -229,3 +229,30 @@ def test_a_result_made_with_other_settings_is_not_reused(tmp_path: Path) -> None
     config.lr = 0.01
     with pytest.raises(ValueError, match="other settings .*lr: file has 0.001, asked 0.01"):
         run_transfer(config, tmp_path, progress=False)
+
+
+@needs_mnist
+def test_a_result_is_reused_by_phi_numbers_not_by_phi_path(tmp_path: Path) -> None:
+    """Moved to another folder (another machine), phi's results are reused; replaced by other
+    numbers at the same path, they are refused."""
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "here" / "phi")
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        phi=str(tmp_path / "here" / "phi"),
+        phi_name="candidate",
+        steps=2,
+        batch_size=4,
+        curve_every=0,
+        eval_modes=False,
+    )
+    first = run_transfer(config, tmp_path / "results", progress=False)
+    phi.save_pretrained(tmp_path / "there" / "phi")
+    config.phi = str(tmp_path / "there" / "phi")
+    assert run_transfer(config, tmp_path / "results", progress=False) == first
+    with torch.no_grad():
+        phi.scale_weight.add_(0.1)
+    phi.save_pretrained(tmp_path / "there" / "phi")
+    with pytest.raises(ValueError, match="made with another phi"):
+        run_transfer(config, tmp_path / "results", progress=False)

@@ -11,6 +11,7 @@ were written.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import struct
@@ -38,6 +39,7 @@ __all__ = [
     "UNKNOWN",
     "WEIGHTS_NAME",
     "config_bytes",
+    "fingerprint",
     "load_file",
     "validate_tensors",
     "weights_bytes",
@@ -90,6 +92,19 @@ def weights_bytes(phi: Perturbation) -> bytes:
         for name, tensor in phi.state_dict().items()
     }
     return safetensors_save(tensors, metadata=header)
+
+
+def fingerprint(phi: Perturbation) -> str:
+    """SHA-256 of phi's 82 numbers (fp32, in ``state_dict`` order, with their names).
+
+    Names which phi made a result even after the file it came from was replaced; unlike a hash
+    of ``model.safetensors`` it ignores the header (metadata, format version).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in phi.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def config_bytes(config: PerturbationConfig) -> bytes:

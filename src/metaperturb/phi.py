@@ -203,6 +203,12 @@ class Perturbation(nn.Module):
 
         return push_to_hub(self, repo_id, **kwargs)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the 82 numbers: tells two phi apart whatever their files or names."""
+        from ._serialization import fingerprint
+
+        return fingerprint(self)
+
     def freeze(self, frozen: bool = True) -> Perturbation:
         """Stop (or restart) learning: sets ``requires_grad`` and the detach guard together."""
         self.frozen = frozen

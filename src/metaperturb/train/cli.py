@@ -122,11 +122,17 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     add = parser.add_argument
     add("candidates", nargs="+", metavar="PHI", help="phi folders, train run folders or Hub ids")
     add("--data", required=True, help="validation dataset, disjoint from your evaluation targets")
-    add("--split", default="train", help="its split, halved per class into train and test")
+    add("--split", default="train", help="its split (default: train)")
     add("--image-size", type=int, default=32, metavar="N", help="resolution (default: 32)")
     add("--channels", type=int, default=3, metavar="N", help="3 (RGB) or 1 (default: 3)")
     add("--classes", type=int, metavar="N", help="keep the first N classes")
-    add("--max-per-class", type=int, metavar="N", help="keep the first N images of each class")
+    add(
+        "--max-per-class",
+        type=int,
+        required=True,
+        metavar="N",
+        help="use N images of each class: the first half trains, the second half tests",
+    )
     add(
         "--skip-per-class",
         type=int,
@@ -145,7 +151,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    add("--seed", type=int, default=0, metavar="N", help="seed of the halves and meta-tests")
+    add("--seed", type=int, default=0, metavar="N", help="seed of the first meta-test")
     return parser
 
 

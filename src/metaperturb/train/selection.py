@@ -2,42 +2,39 @@
 
 Meta-training is noisy: the authors ran it 5 times and kept the phi that did best on a
 validation task disjoint from the tasks they report (a held-apart part of CIFAR-100). Here each
-candidate phi is frozen on a fresh network trained from scratch on the validation data's train
-half (the meta-test recipe of METHOD.md, shortened: Adam, lr x0.3 at 40/70/90% of the steps,
-strength ramped over the first 40%), and scored by accuracy on the other half. Every candidate
-sees the same initialisation, batches and noise draws, so the comparison is paired; ``seeds``
-repeats it with other draws and averages.
+candidate phi is frozen on a fresh network trained from scratch on the first half of each
+validation class and scored by accuracy on the second half. Each meta-test is one run of the
+evaluation harness (:func:`metaperturb.transfer.run_transfer`, the meta-test recipe of METHOD.md
+on a shorter schedule), so selection and evaluation train in exactly the same way, and a stopped
+selection resumes: finished meta-tests are read back from ``output_dir/meta-tests``. Every
+candidate sees the same initialisation, batches and noise draws, so the comparison is paired;
+``seeds`` repeats it with other draws and averages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import random
 import shutil
-from collections.abc import Sequence
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
-from ..annealing import StrengthScheduler
-from ..data import ImageData, load_images, normalize
 from ..hub import load_phi
-from ..phi import Perturbation
-from ..wrapper import set_eval_mode, wrap
-from .learner import create_task_network
-from .sampling import TaskStream, derive_seed
+from ..transfer.targets import Target
 
-__all__ = ["SelectConfig", "meta_test", "select"]
+if TYPE_CHECKING:
+    from ..transfer.run import TransferConfig
+
+__all__ = ["SelectConfig", "select"]
 
 logger = logging.getLogger(__name__)
-
-_NOISE_KEY = 11
 
 
 @dataclass
@@ -50,13 +47,15 @@ class SelectConfig:
     #: The validation dataset (any source :func:`metaperturb.data.load_images` reads); keep it
     #: disjoint from the datasets you will report results on.
     data: str
-    #: Its split; it is halved class by class into train and test rows.
+    #: Its split; each class's images are halved into train and test rows.
     split: str = "train"
     #: Training resolution and channels of the validation images.
     image_size: int = 32
     channels: int = 3
-    #: Keep the first N classes / N images of each class (default: all).
+    #: Keep the first N classes (default: all).
     classes: int | None = None
+    #: Images of each class used (after ``skip_per_class``): the first half trains, the second
+    #: half tests. Required: the halves are cut by position, so their size must be known.
     max_per_class: int | None = None
     #: Leave out the first N images of each class (those an evaluation slice takes).
     skip_per_class: int = 0
@@ -77,7 +76,7 @@ class SelectConfig:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
-    #: Seed of the validation halves and of every meta-test.
+    #: Seed of the first meta-test (repetition k uses ``seed + k``).
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +85,55 @@ class SelectConfig:
         for name in ("steps", "batch_size", "seeds", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SelectConfig.{name} must be positive.")
+        if self.max_per_class is None or self.max_per_class < 2:
+            raise ValueError(
+                "select halves the first N images of each validation class into train and test: "
+                "give max_per_class (--max-per-class) N >= 2, e.g. 500."
+            )
+
+    def target(self) -> Target:
+        """The validation task: each class's first half trains, its second half tests."""
+        assert self.max_per_class is not None  # checked above
+        train = (self.max_per_class + 1) // 2
+        return Target(
+            data=self.data,
+            split=self.split,
+            classes=self.classes,
+            per_class=train,
+            skip_per_class=self.skip_per_class,
+            test_split=self.split,
+            test_per_class=self.max_per_class - train,
+            test_skip_per_class=self.skip_per_class + train,
+            image_size=self.image_size,
+            channels=self.channels,
+        )
+
+    def meta_test(self, phi: str | None, phi_name: str | None, repeat: int) -> TransferConfig:
+        """The evaluation run that scores ``phi`` (``None``: the plain network)."""
+        # Imported here: the evaluation harness builds on this package's task networks.
+        from ..transfer.run import TransferConfig
+
+        return TransferConfig(
+            target=asdict(self.target()),
+            model=self.model,
+            phi=phi,
+            phi_name=phi_name,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            seed=self.seed + repeat,
+            curve_every=0,
+            eval_modes=False,
+            checkpoint_every=max(1, self.steps // 4),
+            device=self.device,
+        )
+
+
+def _label(candidate: str) -> str:
+    """A short readable name for a candidate: its folder (the run's, for ``run/phi``)."""
+    path = Path(candidate)
+    return path.parent.name if path.name in ("phi", "best", "") else path.name
 
 
 def _resolve(candidate: str) -> Path | str:
@@ -93,85 +141,6 @@ def _resolve(candidate: str) -> Path | str:
     if (path / "phi" / "model.safetensors").is_file():
         return path / "phi"
     return path if path.exists() else candidate
-
-
-def _halves(labels: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
-    """Train and test rows: each class's rows shuffled and halved."""
-    rows_of: dict[int, list[int]] = {}
-    for row, label in enumerate(labels):
-        rows_of.setdefault(int(label), []).append(row)
-    shuffle = random.Random(seed)
-    train: list[int] = []
-    test: list[int] = []
-    for label in sorted(rows_of):
-        rows = rows_of[label]
-        shuffle.shuffle(rows)
-        train += rows[: (len(rows) + 1) // 2]
-        test += rows[(len(rows) + 1) // 2 :]
-    return sorted(train), sorted(test)
-
-
-def meta_test(
-    phi: Perturbation | None,
-    data: ImageData,
-    train_rows: Sequence[int],
-    test_rows: Sequence[int],
-    config: SelectConfig,
-    seed: int,
-    device: torch.device,
-) -> float:
-    """Train a fresh network on ``train_rows`` with ``phi`` frozen; its accuracy on ``test_rows``.
-
-    ``phi=None`` trains the plain network (the baseline).
-    """
-    mean, std = data.channel_stats()
-    images = data.images.to(device)
-    stream = TaskStream(
-        images,
-        data.labels,
-        train_rows,
-        config.batch_size,
-        (seed, 0, 0),
-        padding=4,
-        flip=True,
-        mean=mean,
-        std=std,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 1))
-        model = create_task_network(config.model, data.num_classes, config.channels)
-    model.to(device)
-    scheduler = None
-    if phi is not None:
-        size = (config.channels, config.image_size, config.image_size)
-        model = wrap(model, phi=phi, input_size=size)  # frozen: only the network learns
-        scheduler = StrengthScheduler(model, total_steps=config.steps)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    milestones = [int(config.steps * f) for f in (0.4, 0.7, 0.9)]
-    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.3)
-    model.train()
-    for step in range(config.steps):
-        torch.manual_seed(derive_seed(seed, _NOISE_KEY, step))
-        batch, labels = stream.batch(step)
-        loss = F.cross_entropy(model(batch), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        if scheduler is not None:
-            scheduler.step()
-    model.eval()
-    if phi is not None:
-        set_eval_mode(model, "expectation")
-    correct = 0
-    rows = torch.as_tensor(list(test_rows), dtype=torch.long)
-    with torch.no_grad():
-        for chunk in rows.split(512):
-            batch = normalize(images[chunk.to(device)], mean, std)
-            predictions = model(batch).argmax(dim=1).cpu()
-            correct += int((predictions == data.labels[chunk]).sum())
-    return correct / max(1, len(rows))
 
 
 def select(config: SelectConfig) -> dict[str, Any]:
@@ -186,37 +155,35 @@ def select(config: SelectConfig) -> dict[str, Any]:
         >>> report["best"]  # doctest: +SKIP
         'runs/phi-1'
     """
+    from ..transfer.run import run_transfer
+
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu")
-        if config.device == "auto"
-        else config.device
-    )
-    data = load_images(
-        config.data,
-        config.split,
-        image_size=config.image_size,
-        channels=config.channels,
-        classes=config.classes,
-        max_per_class=config.max_per_class,
-        skip_per_class=config.skip_per_class,
-    )
-    train_rows, test_rows = _halves(data.labels.tolist(), config.seed)
     candidates = {name: _resolve(name) for name in config.candidates}
     phis = {name: load_phi(source) for name, source in candidates.items()}  # fail early
-    entries: list[tuple[str, Perturbation | None]] = list(phis.items())
+    # Meta-test results are named by phi's numbers, so the same phi under two names is one run
+    # and two different phi never share a result file.
+    entries: list[tuple[str, str | None, str | None]] = [
+        (name, str(candidates[name]), f"{_label(name)}-{phi.fingerprint()[:8]}")
+        for name, phi in phis.items()
+    ]
     if config.baseline:
-        entries.append(("(no phi)", None))
-    per_seed: dict[str, list[float]] = {name: [] for name, _ in entries}
-    total = len(entries) * config.seeds
-    with tqdm(total=total, unit="meta-test", disable=not config.progress) as bar:
+        entries.append(("(no phi)", None, None))
+    per_seed: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+    with contextlib.ExitStack() as stack:
+        if config.output_dir is not None:
+            results = Path(config.output_dir) / "meta-tests"
+        else:
+            results = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        total = len(entries) * config.seeds
+        bar = stack.enter_context(tqdm(total=total, unit="meta-test", disable=not config.progress))
         for repeat in range(config.seeds):
-            seed = derive_seed(config.seed, repeat)
-            for name, phi in entries:
-                accuracy = meta_test(phi, data, train_rows, test_rows, config, seed, device)
-                per_seed[name].append(accuracy)
-                logger.info("%s, seed %d: accuracy %.4f", name, repeat, accuracy)
+            for name, phi, phi_name in entries:
+                result = run_transfer(
+                    config.meta_test(phi, phi_name, repeat), results, progress=False
+                )
+                per_seed[name].append(result["accuracy"])
+                logger.info("%s, seed %d: accuracy %.4f", name, repeat, result["accuracy"])
                 bar.update(1)
     scores = {name: sum(v) / len(v) for name, v in per_seed.items()}
     best = max(phis, key=lambda name: scores[name])
@@ -225,7 +192,11 @@ def select(config: SelectConfig) -> dict[str, Any]:
         "scores": {name: scores[name] for name in phis},
         "per_seed": per_seed,
         "baseline": scores.get("(no phi)"),
-        "validation": {"data": data.source, "train": len(train_rows), "test": len(test_rows)},
+        "validation": {
+            "target": asdict(config.target()),
+            "train": result["train_images"],
+            "test": result["test_images"],
+        },
         "config": asdict(config),
     }
     if config.output_dir is not None:

@@ -26,8 +26,7 @@ from .._atomic import atomic_write
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..evaluation import mc_predict
-from ..hub import load_phi
-from ..phi import Perturbation
+from ..hub import load_default_phi, load_phi
 from ..site import SiteState
 from ..train.learner import create_task_network
 from ..train.sampling import TaskStream, derive_seed
@@ -36,7 +35,7 @@ from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .targets import Target, load_target, resolve_target
 
-__all__ = ["TransferConfig", "phi_fingerprint", "run_id", "run_transfer"]
+__all__ = ["TransferConfig", "run_id", "run_transfer"]
 
 _NOISE_KEY = 3
 _INIT_KEY = 1
@@ -104,16 +103,6 @@ class TransferConfig:
 def _short(source: str) -> str:
     path = Path(source)
     return path.name if path.name not in ("phi", "best", "") else path.parent.name
-
-
-def phi_fingerprint(phi: Perturbation) -> str:
-    """SHA-256 of phi's 82 numbers (fp32, in state_dict order): which phi made a result, even
-    after the bundled phi* or a folder is replaced."""
-    digest = hashlib.sha256()
-    for name, tensor in phi.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def run_id(config: TransferConfig) -> str:
@@ -230,6 +219,7 @@ class _Run:
             "strength": None if self.strength is None else self.strength.state_dict(),
             "curve": json.dumps(self.curve),
             "train_seconds": self.train_seconds,
+            "phi_fingerprint": self.phi_fingerprint(),
         }
 
     def save_checkpoint(self) -> None:
@@ -251,6 +241,7 @@ class _Run:
         _check_same_settings(
             json.loads(state.get("config", "{}")), self.config, self.checkpoint_path
         )
+        _check_same_phi(state.get("phi_fingerprint"), self.config, self.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -371,7 +362,7 @@ class _Run:
         return results
 
     def phi_fingerprint(self) -> str | None:
-        return None if self.config.phi is None else phi_fingerprint(get_controller(self.model).phi)
+        return None if self.config.phi is None else get_controller(self.model).phi.fingerprint()
 
     def scales(self) -> dict[str, float] | None:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
@@ -400,12 +391,30 @@ _NEUTRAL_SETTINGS = frozenset({"device", "checkpoint_every", "data_root"})
 
 
 def _portable(settings: dict[str, Any]) -> dict[str, Any]:
-    """A custom target's data folder by its name, as the run id has it (paths differ between
-    machines)."""
+    """Paths by their last part, as the run id has them: a custom target's data folder, phi's
+    folder and the fine-tuning weights (paths differ between machines; phi itself is compared by
+    its fingerprint)."""
     target = settings.get("target")
     if isinstance(target, dict) and "data" in target:
         settings = {**settings, "target": {**target, "data": Path(str(target["data"])).name}}
+    for key in ("phi", "init"):
+        if settings.get(key) is not None:
+            settings = {**settings, key: Path(str(settings[key])).name}
     return settings
+
+
+def _check_same_phi(saved: str | None, config: TransferConfig, path: Path) -> None:
+    """Refuse a result or checkpoint made with other phi numbers than ``config.phi`` holds now
+    (the bundled phi* or a folder replaced since)."""
+    if config.phi is None or saved is None:
+        return
+    phi = load_default_phi() if config.phi == "default" else load_phi(config.phi)
+    if phi.fingerprint() != saved:
+        raise ValueError(
+            f"{path} was made with another phi than {config.phi!r} holds now (phi fingerprint "
+            f"{saved[:12]}..., now {phi.fingerprint()[:12]}...). Delete the file to redo the run "
+            "with this phi, or use another --output-dir."
+        )
 
 
 def _check_same_settings(saved: dict[str, Any], config: TransferConfig, path: Path) -> None:
@@ -439,6 +448,7 @@ def run_transfer(
     if result_path.is_file():
         result: dict[str, Any] = json.loads(result_path.read_text())
         _check_same_settings(result.get("config", {}), config, result_path)
+        _check_same_phi(result.get("phi_fingerprint"), config, result_path)
         return result
     run = _Run(config, output)
     resumed = run.maybe_resume()
