@@ -26,11 +26,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "phi-star"
 TARGET = ROOT / "weights" / "phi-star"
 SOURCE = ROOT.parent / "shared" / "data" / "tiny-imagenet-200-32px"
 VALIDATION = ROOT.parent / "shared" / "data" / "cifar10"
+AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
 
 
 def _finished(run: Path) -> bool:
@@ -147,8 +150,8 @@ def install(args: argparse.Namespace) -> None:
 
 
 def status(args: argparse.Namespace) -> None:
-    """One line per run: progress, wall time, last metrics, divergence; also written to
-    ``benchmarks/results/phi-star-runs.md``."""
+    """One line per run: progress, wall time, last metrics, divergence, and a table of phi's
+    weight magnitudes; also written to ``benchmarks/results/phi-star-runs.md``."""
     text = "\n".join(_status_lines(args.runs_dir)) + "\n"
     report = ROOT / "benchmarks" / "results" / "phi-star-runs.md"
     (report if args.runs_dir == RUNS else args.runs_dir / "status.md").write_text(text)
@@ -180,6 +183,46 @@ def _status_lines(runs_dir: Path) -> list[str]:
             f"{last['steps_per_s']:.3f} | {mean['train_acc']:.3f} | {mean['heldout_acc']:.3f} | "
             f"{mean['heldout_loss']:.3f} | {state} |"
         )
+    return lines + ["", *_magnitude_lines(runs_dir)]
+
+
+def _phi_state(run: Path) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """A run's phi (final, else from its latest checkpoint) as ``(label, state_dict)``."""
+    from metaperturb.hub import load_phi
+
+    if _finished(run):
+        return "final", load_phi(run / "phi").state_dict()
+    checkpoint = run / "checkpoint.pt"
+    if not checkpoint.is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return f"step {state['step']}", state["phi"]
+
+
+def _magnitude_lines(runs_dir: Path) -> list[str]:
+    """Mean |w| of each of phi's weight tensors per run, beside the authors' phi when converted
+    (untrained: about 0.008). A part near 0 has decayed away (see metaperturb.train.metrics)."""
+    from metaperturb.hub import load_phi
+
+    entries = []
+    for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
+        found = _phi_state(run)
+        if found is not None:
+            entries.append((f"{run.name} ({found[0]})", found[1]))
+    if (AUTHORS_PHI / "model.safetensors").is_file():
+        entries.append(("authors' phi (perturb_750)", load_phi(AUTHORS_PHI).state_dict()))
+    if not entries:
+        return []
+    names = list(entries[0][1])
+    lines = [
+        "phi's weights, mean absolute value per tensor:",
+        "",
+        "| phi | " + " | ".join(names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for label, state in entries:
+        cells = " | ".join(f"{float(state[name].abs().mean()):.4f}" for name in names)
+        lines.append(f"| {label} | {cells} |")
     return lines
 
 

@@ -88,6 +88,10 @@ def test_metrics_log(finished_run: Path) -> None:
             assert set(metrics) == {"train_loss", "train_acc", "heldout_loss", "heldout_acc"}
             assert 0.0 <= metrics["heldout_acc"] <= 1.0 and metrics["train_loss"] > 0
         assert len(record["scale"]) == 9 and all(0 < s < 1 for s in record["scale"].values())
+    # phi's weight magnitudes, as the run ended: the log's last line matches the saved phi.
+    phi = metaperturb.Perturbation.from_pretrained(finished_run / "phi")
+    expected = {name: p.abs().mean().item() for name, p in phi.named_parameters()}
+    assert records[-1]["phi"] == pytest.approx(expected)
 
 
 @needs_tiny

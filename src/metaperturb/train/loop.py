@@ -35,7 +35,7 @@ from . import checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import Collective, session, task_range
 from .learner import TaskLearner
-from .metrics import MetricsLog, site_scales, summarize
+from .metrics import MetricsLog, phi_magnitudes, site_scales, summarize
 from .sampling import TaskStream, derive_seed
 
 __all__ = ["RunExistsError", "TrainingStoppedError", "train"]
@@ -352,7 +352,12 @@ class _MetaTrainer:
             raise RuntimeError(f"phi differs between rank 0 and ranks {diverged} at step {step}.")
         merged = {task: record for part in gathered for task, record in part["tasks"].items()}
         record = {"step": step, "elapsed_s": round(elapsed, 3), "steps_per_s": rate}
-        self.last_record = {**record, **summarize(merged), "ranks": self.comm.world_size}
+        self.last_record = {
+            **record,
+            **summarize(merged),
+            "phi": phi_magnitudes(self.phi),
+            "ranks": self.comm.world_size,
+        }
         return self.last_record
 
     def _checkpoint(self, step: int) -> None:

@@ -5,11 +5,14 @@ One JSON object per line, written by rank 0 every ``log_every`` steps::
     {"step": 20, "elapsed_s": 41.2, "steps_per_s": 0.49,
      "tasks": {"0": {"train_loss": 4.1, "train_acc": 0.05, "heldout_loss": 4.3, "heldout_acc": 0.04}, ...},
      "mean": {"train_loss": ..., "train_acc": ..., "heldout_loss": ..., "heldout_acc": ...},
-     "scale": {"stages.0.0": 0.51, ...}}
+     "scale": {"stages.0.0": 0.51, ...},
+     "phi": {"noise_in.self_weight": 0.012, ...}}
 
 Losses and accuracies are averaged over the steps since the previous line; ``scale`` is phi's
 channel scale s at each site computed from the running statistics (what a network sees at test
-time), averaged over channels and tasks.
+time), averaged over channels and tasks; ``phi`` is the mean absolute value of each of phi's
+weight tensors, which shows a weight growing or a part of phi decaying to zero (its weight decay
+winning over its gradient: the noise mean ``mu`` near 0 makes the noise input-independent).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .._atomic import atomic_write
 from ..site import SiteState
 from ..wrapper import get_controller
 
-__all__ = ["Meter", "MetricsLog", "read_metrics", "site_scales", "summarize"]
+__all__ = ["Meter", "MetricsLog", "phi_magnitudes", "read_metrics", "site_scales", "summarize"]
 
 _FIELDS = ("train_loss", "train_acc", "heldout_loss", "heldout_acc")
 
@@ -77,6 +80,12 @@ def site_scales(model: nn.Module) -> dict[str, float]:
         )
         out[site.name] = float(scale.mean())
     return out
+
+
+@torch.no_grad()
+def phi_magnitudes(phi: nn.Module) -> dict[str, float]:
+    """Mean absolute value of each of phi's weight tensors (untrained: about 0.008)."""
+    return {name: float(p.abs().mean()) for name, p in phi.named_parameters()}
 
 
 def summarize(task_records: dict[int, dict[str, Any]]) -> dict[str, Any]:
