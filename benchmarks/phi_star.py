@@ -88,6 +88,20 @@ def _metrics_summary(run: Path) -> list[str]:
     return lines
 
 
+def _selection_sentence(report: dict) -> str:
+    validation, config = report["validation"], report["config"]
+    target = validation["target"]
+    first = target["skip_per_class"]
+    last = target["test_skip_per_class"] + target["test_per_class"] - 1
+    return (
+        f"Each candidate scored by a {config['steps']}-step meta-test of `{config['model']}` on "
+        f"`{validation['data']}` (images {first}-{last} of each class: the first "
+        f"{target['per_class']} of each class train, the next {target['test_per_class']} test; "
+        f"{validation['train']} train / {validation['test']} test images), accuracy averaged "
+        f"over {config['seeds']} seed(s); the highest ships."
+    )
+
+
 def install(args: argparse.Namespace) -> None:
     from metaperturb import Perturbation
     from metaperturb.train.plot import plot_metrics
@@ -121,13 +135,7 @@ def install(args: argparse.Namespace) -> None:
             "",
             "### Selection",
             "",
-            (
-                f"Each candidate scored by a {report['config']['steps']}-step meta-test of "
-                f"`{report['config']['model']}` on `{report['validation']['data']}` (train "
-                f"images 500-999 of each class, halved: {report['validation']['train']} train "
-                f"/ {report['validation']['test']} test), accuracy averaged over "
-                f"{report['config']['seeds']} seed(s); the highest ships."
-            ),
+            _selection_sentence(report),
             "",
             "| candidate | validation accuracy |",
             "| --- | ---: |",

@@ -193,6 +193,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         "per_seed": per_seed,
         "baseline": scores.get("(no phi)"),
         "validation": {
+            "data": f"{Path(config.data).name}/{config.split}",
             "target": asdict(config.target()),
             "train": result["train_images"],
             "test": result["test_images"],
