@@ -194,43 +194,73 @@ def _status_lines(runs_dir: Path) -> list[str]:
     return lines + ["", *_magnitude_lines(runs_dir)]
 
 
-def _phi_state(run: Path) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """A run's phi (final, else from its latest checkpoint) as ``(label, state_dict)``."""
+def _phi_state(run: Path) -> tuple[str, dict[str, torch.Tensor], dict | None] | None:
+    """A run's phi from its latest checkpoint (with phi's Adam state), else its final phi."""
     from metaperturb.hub import load_phi
 
-    if _finished(run):
-        return "final", load_phi(run / "phi").state_dict()
     checkpoint = run / "checkpoint.pt"
-    if not checkpoint.is_file():
-        return None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    return f"step {state['step']}", state["phi"]
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return f"step {state['step']}", state["phi"], state["phi_optimizer"]
+    if _finished(run):
+        return "final", load_phi(run / "phi").state_dict(), None
+    return None
+
+
+def _signal_over_decay(
+    weights: dict[str, torch.Tensor], optimizer: dict, decay: float
+) -> list[str]:
+    """Per tensor, |Adam's first moment| / (weight decay x |w|). Adam's first moment averages the
+    gradient plus the L2 term over the last ~10 steps: about 1 means the gradient averages to
+    nothing and the decay alone moves the tensor (toward 0); >> 1 means it learns."""
+    beta1 = optimizer["param_groups"][0]["betas"][0]
+    cells = []
+    for index, tensor in enumerate(weights.values()):
+        moment = optimizer["state"][index]
+        first = moment["exp_avg"] / (1 - beta1 ** float(moment["step"]))
+        cells.append(f"{float(first.abs().mean() / (decay * tensor.abs().mean())):.3g}")
+    return cells
 
 
 def _magnitude_lines(runs_dir: Path) -> list[str]:
     """Mean |w| of each of phi's weight tensors per run, beside the authors' phi when converted
-    (untrained: about 0.008). A part near 0 has decayed away (see metaperturb.train.metrics)."""
+    (untrained: about 0.008), and how much of each tensor's movement is weight decay."""
     from metaperturb.hub import load_phi
 
-    entries = []
+    entries, signals = [], []
     for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
         found = _phi_state(run)
-        if found is not None:
-            entries.append((f"{run.name} ({found[0]})", found[1]))
+        if found is None:
+            continue
+        label = f"{run.name} ({found[0]})"
+        entries.append((label, found[1]))
+        if found[2] is not None:
+            config = json.loads((run / "train_config.json").read_text())
+            signals.append(
+                (label, _signal_over_decay(found[1], found[2], config["phi_weight_decay"]))
+            )
     if (AUTHORS_PHI / "model.safetensors").is_file():
         entries.append(("authors' phi (perturb_750)", load_phi(AUTHORS_PHI).state_dict()))
     if not entries:
         return []
     names = list(entries[0][1])
-    lines = [
-        "phi's weights, mean absolute value per tensor:",
-        "",
-        "| phi | " + " | ".join(names) + " |",
-        "| --- |" + " ---: |" * len(names),
-    ]
+    header = ["| phi | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines = ["phi's weights, mean absolute value per tensor:", "", *header]
     for label, state in entries:
         cells = " | ".join(f"{float(state[name].abs().mean()):.4f}" for name in names)
         lines.append(f"| {label} | {cells} |")
+    if signals:
+        lines += [
+            "",
+            (
+                "Gradient signal over weight decay, |Adam's first moment| / (decay x |w|) per "
+                "tensor: about 1, the gradient averages to nothing and the decay alone moves the "
+                "tensor toward 0; much more than 1, the tensor learns."
+            ),
+            "",
+            *header,
+        ]
+        lines += [f"| {label} | {' | '.join(cells)} |" for label, cells in signals]
     return lines
 
 
