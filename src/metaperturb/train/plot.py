@@ -1,4 +1,4 @@
-"""A PNG of a run's metrics log: losses, accuracies and phi's channel scale per site."""
+"""A PNG of a run's metrics log: losses, accuracies, phi's channel scale per site and its weights."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ __all__ = ["plot_metrics"]
 def plot_metrics(run: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
     """Draw the metrics log of ``run`` (a run folder or a ``metrics.jsonl``) to a PNG.
 
-    Three panels against the step: train and held-out loss, train and held-out accuracy (mean
-    over tasks, each task faint behind), and phi's channel scale s at every site.
+    Panels against the step: train and held-out loss, train and held-out accuracy (mean over
+    tasks, each task faint behind), phi's channel scale s at every site, and (logs that record
+    it) the mean |w| of each of phi's weight tensors on a log scale, where a part of phi
+    decaying to zero shows.
 
     Args:
         run: the run folder, or the metrics file itself.
@@ -44,7 +46,9 @@ def plot_metrics(run: str | os.PathLike[str], output: str | os.PathLike[str] | N
     steps = [record["step"] for record in records]
     tasks = sorted(records[-1]["tasks"], key=int)
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    weights = list(next((r["phi"] for r in reversed(records) if "phi" in r), {}))
+    panels = 4 if weights else 3
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
     for axis, metric in zip(axes[:2], ("loss", "acc"), strict=True):
         for half, colour in (("train", "tab:blue"), ("heldout", "tab:orange")):
             key = f"{half}_{metric}"
@@ -68,6 +72,15 @@ def plot_metrics(run: str | os.PathLike[str], output: str | os.PathLike[str] | N
     axes[0].set_title("loss")
     axes[1].set_title("accuracy")
     axes[2].set_title("phi's scale per site (running statistics)")
+    if weights:
+        for name in weights:
+            values = [r.get("phi", {}).get(name, math.nan) for r in records]
+            axes[3].plot(steps, values, label=name)
+        axes[3].set_yscale("log")
+        axes[3].set_xlabel("step")
+        axes[3].set_ylabel("mean |w|")
+        axes[3].legend(fontsize="small")
+        axes[3].set_title("phi's weights")
     figure.suptitle(f"meta-training: {log.parent.name}")
     figure.savefig(target, dpi=100)
     plt.close(figure)
