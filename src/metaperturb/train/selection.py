@@ -108,7 +108,9 @@ class SelectConfig:
             channels=self.channels,
         )
 
-    def meta_test(self, phi: str | None, phi_name: str | None, repeat: int) -> TransferConfig:
+    def meta_test_config(
+        self, phi: str | None, phi_name: str | None, repeat: int
+    ) -> TransferConfig:
         """The evaluation run that scores ``phi`` (``None``: the plain network)."""
         # Imported here: the evaluation harness builds on this package's task networks.
         from ..transfer.run import TransferConfig
@@ -180,7 +182,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         for repeat in range(config.seeds):
             for name, phi, phi_name in entries:
                 result = run_transfer(
-                    config.meta_test(phi, phi_name, repeat), results, progress=False
+                    config.meta_test_config(phi, phi_name, repeat), results, progress=False
                 )
                 per_seed[name].append(result["accuracy"])
                 logger.info("%s, seed %d: accuracy %.4f", name, repeat, result["accuracy"])
