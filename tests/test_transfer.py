@@ -256,3 +256,36 @@ def test_a_result_is_reused_by_phi_numbers_not_by_phi_path(tmp_path: Path) -> No
     phi.save_pretrained(tmp_path / "there" / "phi")
     with pytest.raises(ValueError, match="made with another phi"):
         run_transfer(config, tmp_path / "results", progress=False)
+
+
+@needs_mnist
+def test_a_checkpoint_made_with_other_phi_numbers_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "phi")
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        phi=str(tmp_path / "phi"),
+        steps=4,
+        batch_size=4,
+        curve_every=0,
+        eval_modes=False,
+        checkpoint_every=2,
+    )
+    original = run_module._Run.save_checkpoint
+
+    def stop_after_saving(self: run_module._Run) -> None:
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module._Run, "save_checkpoint", stop_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(config, tmp_path / "results", progress=False)
+    monkeypatch.setattr(run_module._Run, "save_checkpoint", original)
+    with torch.no_grad():
+        phi.noise_in.self_weight.add_(0.1)
+    phi.save_pretrained(tmp_path / "phi")
+    with pytest.raises(ValueError, match=r"\.ckpt was made with another phi"):
+        run_transfer(config, tmp_path / "results", progress=False)
