@@ -132,12 +132,6 @@ class SelectConfig:
         )
 
 
-def _label(candidate: str) -> str:
-    """A short readable name for a candidate: its folder (the run's, for ``run/phi``)."""
-    path = Path(candidate)
-    return path.parent.name if path.name in ("phi", "best", "") else path.name
-
-
 def _resolve(candidate: str) -> Path | str:
     path = Path(candidate)
     if (path / "phi" / "model.safetensors").is_file():
@@ -157,7 +151,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         >>> report["best"]  # doctest: +SKIP
         'runs/phi-1'
     """
-    from ..transfer.run import run_transfer
+    from ..transfer.run import phi_label, run_transfer
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -166,12 +160,13 @@ def select(config: SelectConfig) -> dict[str, Any]:
     # Meta-test results are named by phi's numbers, so the same phi under two names is one run
     # and two different phi never share a result file.
     entries: list[tuple[str, str | None, str | None]] = [
-        (name, str(candidates[name]), f"{_label(name)}-{phi.fingerprint()[:8]}")
+        (name, str(candidates[name]), f"{phi_label(name)}-{phi.fingerprint()[:8]}")
         for name, phi in phis.items()
     ]
     if config.baseline:
         entries.append(("(no phi)", None, None))
     per_seed: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+    images: dict[str, int] = {}  # train and test image counts, the same in every meta-test
     with contextlib.ExitStack() as stack:
         if config.output_dir is not None:
             results = Path(config.output_dir) / "meta-tests"
@@ -185,6 +180,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
                     config.meta_test_config(phi, phi_name, repeat), results, progress=False
                 )
                 per_seed[name].append(result["accuracy"])
+                images = {"train": result["train_images"], "test": result["test_images"]}
                 logger.info("%s, seed %d: accuracy %.4f", name, repeat, result["accuracy"])
                 bar.update(1)
     scores = {name: sum(v) / len(v) for name, v in per_seed.items()}
@@ -197,8 +193,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         "validation": {
             "data": f"{Path(config.data).name}/{config.split}",
             "target": asdict(config.target()),
-            "train": result["train_images"],
-            "test": result["test_images"],
+            **images,
         },
         "config": asdict(config),
     }

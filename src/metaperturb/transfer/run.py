@@ -35,7 +35,7 @@ from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .targets import Target, load_target, resolve_target
 
-__all__ = ["TransferConfig", "run_id", "run_transfer"]
+__all__ = ["TransferConfig", "phi_label", "run_id", "run_transfer"]
 
 _NOISE_KEY = 3
 _INIT_KEY = 1
@@ -92,7 +92,7 @@ class TransferConfig:
         if self.init is not None:
             parts.append(f"finetune[{self.init_name or Path(self.init).stem}]")
         if self.phi is not None:
-            parts.append(f"metaperturb[{self.phi_name or _short(self.phi)}]")
+            parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
         if self.mixup_alpha > 0:
@@ -100,7 +100,9 @@ class TransferConfig:
         return "+".join(parts) or "base"
 
 
-def _short(source: str) -> str:
+def phi_label(source: str) -> str:
+    """A phi's short name for run ids and tables: its folder's name, or the run folder's for a
+    ``run/phi`` or ``selection/best`` folder."""
     path = Path(source)
     return path.name if path.name not in ("phi", "best", "") else path.parent.name
 
@@ -241,7 +243,7 @@ class _Run:
         _check_same_settings(
             json.loads(state.get("config", "{}")), self.config, self.checkpoint_path
         )
-        _check_same_phi(state.get("phi_fingerprint"), self.config, self.checkpoint_path)
+        _check_same_phi(state.get("phi_fingerprint"), self.phi_fingerprint(), self.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -403,17 +405,22 @@ def _portable(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def _check_same_phi(saved: str | None, config: TransferConfig, path: Path) -> None:
-    """Refuse a result or checkpoint made with other phi numbers than ``config.phi`` holds now
-    (the bundled phi* or a folder replaced since)."""
-    if config.phi is None or saved is None:
-        return
+def _current_fingerprint(config: TransferConfig) -> str | None:
+    """The fingerprint of the phi ``config.phi`` names now (``None``: no phi)."""
+    if config.phi is None:
+        return None
     phi = load_default_phi() if config.phi == "default" else load_phi(config.phi)
-    if phi.fingerprint() != saved:
+    return phi.fingerprint()
+
+
+def _check_same_phi(saved: str | None, current: str | None, path: Path) -> None:
+    """Refuse a result or checkpoint made with other phi numbers than the run's phi has now
+    (the bundled phi* or a folder replaced since)."""
+    if saved is not None and current is not None and saved != current:
         raise ValueError(
-            f"{path} was made with another phi than {config.phi!r} holds now (phi fingerprint "
-            f"{saved[:12]}..., now {phi.fingerprint()[:12]}...). Delete the file to redo the run "
-            "with this phi, or use another --output-dir."
+            f"{path} was made with another phi than this run's (phi fingerprint {saved[:12]}..., "
+            f"now {current[:12]}...). Delete the file to redo the run with this phi, or use "
+            "another --output-dir."
         )
 
 
@@ -448,7 +455,7 @@ def run_transfer(
     if result_path.is_file():
         result: dict[str, Any] = json.loads(result_path.read_text())
         _check_same_settings(result.get("config", {}), config, result_path)
-        _check_same_phi(result.get("phi_fingerprint"), config, result_path)
+        _check_same_phi(result.get("phi_fingerprint"), _current_fingerprint(config), result_path)
         return result
     run = _Run(config, output)
     resumed = run.maybe_resume()
