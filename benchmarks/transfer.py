@@ -11,6 +11,8 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
     python benchmarks/transfer.py tune                # DropBlock and Mixup settings, on a
                                                       # CIFAR-10 validation slice
     python benchmarks/transfer.py priority --list     # what would run, and what is done
+    python benchmarks/transfer.py priority --phi seed-0=runs/phi-star/seed-0/phi
+                                                      # also a phi not installed (a candidate)
     python benchmarks/transfer_report.py              # tables and plots from the results
 
 The paper's schedule (10,000 steps, batch 128) is the default; ``--steps`` shortens it, and the
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from metaperturb.transfer import TransferConfig, run_id, run_transfer
+from metaperturb.transfer import TransferConfig, find_equivalent_result, run_id, run_transfer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -66,6 +68,11 @@ def _authors_phi() -> str | None:
     return str(AUTHORS_PHI)
 
 
+#: Extra phi to evaluate beside phi* and the authors' (``--phi NAME=PATH``): e.g. the phi* runs
+#: before `select` has chosen one, so that a lent GPU can evaluate them all at once.
+EXTRA_PHI: dict[str, str] = {}
+
+
 def _phi_methods(include_authors: bool = True) -> list[dict[str, object]]:
     methods: list[dict[str, object]] = [{}]
     if (PHI_STAR / "model.safetensors").is_file():
@@ -75,6 +82,7 @@ def _phi_methods(include_authors: bool = True) -> list[dict[str, object]]:
     authors = _authors_phi() if include_authors else None
     if authors is not None:
         methods.append({"phi": authors, "phi_name": "authors"})
+    methods += [{"phi": path, "phi_name": name} for name, path in EXTRA_PHI.items()]
     return methods
 
 
@@ -193,6 +201,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from I")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--phi",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also evaluate this phi (a folder or .safetensors file), named NAME in the run ids",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=1000, help="steps between checkpoints"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--list", action="store_true", help="print the runs and their state")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
@@ -201,13 +219,21 @@ def main() -> None:
     )
     args = parser.parse_args()
     DATA = args.data_root.resolve()
+    for entry in args.phi:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not Path(path).exists():
+            parser.error(f"--phi {entry!r}: give NAME=PATH with an existing phi folder or file")
+        EXTRA_PHI[name] = str(Path(path).resolve())
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = grid(args.grid, args.steps, args.seeds)
     index, count = (int(part) for part in args.shard.split("/"))
     for position, config in enumerate(runs):
         config.device = args.device
-        done = (args.output_dir / f"{run_id(config)}.json").is_file()
+        config.checkpoint_every = args.checkpoint_every
+        done = (args.output_dir / f"{run_id(config)}.json").is_file() or (
+            config.phi is not None and find_equivalent_result(config, args.output_dir) is not None
+        )
         if args.list:
             print(f"{'done   ' if done else 'pending'} {run_id(config)}")
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from metaperturb.transfer import (
     Target,
     TransferConfig,
     calibration,
+    find_equivalent_result,
     load_target,
     resolve_target,
     run_id,
@@ -256,6 +258,36 @@ def test_a_result_is_reused_by_phi_numbers_not_by_phi_path(tmp_path: Path) -> No
     phi.save_pretrained(tmp_path / "there" / "phi")
     with pytest.raises(ValueError, match="made with another phi"):
         run_transfer(config, tmp_path / "results", progress=False)
+
+
+@needs_mnist
+def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> None:
+    """A phi* candidate's result answers the run of the same numbers under another name (the
+    installed phi*); other numbers under that name are a new run."""
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "seed-1" / "phi")
+    phi.save_pretrained(tmp_path / "installed")
+    common: dict[str, Any] = {
+        "target": tiny_target(),
+        "model": "conv4",
+        "steps": 2,
+        "batch_size": 4,
+        "curve_every": 0,
+        "eval_modes": False,
+    }
+    candidate = TransferConfig(phi=str(tmp_path / "seed-1" / "phi"), phi_name="seed-1", **common)
+    first = run_transfer(candidate, tmp_path / "results", progress=False)
+    installed = TransferConfig(phi=str(tmp_path / "installed"), phi_name="phi-star", **common)
+    found = find_equivalent_result(installed, tmp_path / "results")
+    assert found is not None and found.name == f"{run_id(candidate)}.json"
+    assert run_transfer(installed, tmp_path / "results", progress=False) == first
+    assert not (tmp_path / "results" / f"{run_id(installed)}.json").exists()
+    longer = TransferConfig(**{**common, "steps": 3}, phi=str(tmp_path / "installed"))
+    assert find_equivalent_result(longer, tmp_path / "results") is None
+    with torch.no_grad():
+        phi.scale_weight.add_(0.1)
+    phi.save_pretrained(tmp_path / "installed")
+    assert find_equivalent_result(installed, tmp_path / "results") is None
 
 
 @needs_mnist

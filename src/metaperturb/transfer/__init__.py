@@ -4,7 +4,7 @@ other regularizers, and record what each is worth (``metaperturb eval``,
 
 from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
-from .run import TransferConfig, run_id, run_transfer
+from .run import TransferConfig, find_equivalent_result, run_id, run_transfer
 from .targets import PRESETS, Target, load_target, resolve_target
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Target",
     "TransferConfig",
     "calibration",
+    "find_equivalent_result",
     "load_target",
     "resolve_target",
     "run_id",

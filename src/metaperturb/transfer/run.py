@@ -35,7 +35,7 @@ from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .targets import Target, load_target, resolve_target
 
-__all__ = ["TransferConfig", "phi_label", "run_id", "run_transfer"]
+__all__ = ["TransferConfig", "find_equivalent_result", "phi_label", "run_id", "run_transfer"]
 
 _NOISE_KEY = 3
 _INIT_KEY = 1
@@ -441,13 +441,44 @@ def _check_same_settings(saved: dict[str, Any], config: TransferConfig, path: Pa
         )
 
 
+def _settings_but_phi_name(settings: dict[str, Any]) -> dict[str, Any]:
+    portable = _portable(settings)
+    return {
+        key: value
+        for key, value in portable.items()
+        if key not in _NEUTRAL_SETTINGS and key not in ("phi", "phi_name")
+    }
+
+
+def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:
+    """A result in ``output_dir`` that answers ``config`` under another phi name: same settings,
+    same phi numbers (fingerprint). E.g. a phi* candidate evaluated before `select` installed it
+    as the bundled phi*: the ``phi="default"`` run is that result, not a new one."""
+    if config.phi is None:
+        return None
+    wanted = _settings_but_phi_name(json.loads(json.dumps(asdict(config))))
+    fingerprint = _current_fingerprint(config)
+    for path in sorted(Path(output_dir).glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(result, dict) or result.get("phi_fingerprint") != fingerprint:
+            continue
+        saved = result.get("config")
+        if isinstance(saved, dict) and _settings_but_phi_name(saved) == wanted:
+            return path
+    return None
+
+
 def run_transfer(
     config: TransferConfig, output_dir: str | Path, *, progress: bool = True
 ) -> dict[str, Any]:
     """Train, test and record one run; returns the result (also in ``<output_dir>/<id>.json``).
 
-    A finished run (its JSON exists) is not repeated: its result is read back. A run stopped
-    part-way resumes from its checkpoint.
+    A finished run (its JSON exists) is not repeated: its result is read back, also when it was
+    made under another phi name with the same phi numbers (:func:`find_equivalent_result`). A
+    run stopped part-way resumes from its checkpoint.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -457,6 +488,9 @@ def run_transfer(
         _check_same_settings(result.get("config", {}), config, result_path)
         _check_same_phi(result.get("phi_fingerprint"), _current_fingerprint(config), result_path)
         return result
+    same = find_equivalent_result(config, output)
+    if same is not None:
+        return cast(dict[str, Any], json.loads(same.read_text()))
     run = _Run(config, output)
     resumed = run.maybe_resume()
     run.train(progress)
