@@ -5,9 +5,10 @@
 #   bash benchmarks/device/sweep.sh GRID SECONDS [extra transfer.py flags]
 #
 # Each shard writes into benchmarks/results/transfer/ (carried in, so finished runs are skipped
-# and stopped ones resume from their checkpoints); at the end every shard's new files are packed
-# into $OUT/shard-<i>.tar (8 files, the most a call returns). Unpack here with
-#   for f in FILES_AT/shard-*.tar; do tar -xf "$f"; done
+# and stopped ones resume from their checkpoints); at the end the shards' new files are packed
+# into $OUT/shards-<k>.tar, k = shard mod PACKS (PACKS=8 by default; a call returns 8 files at
+# most, 16 MiB each, and a stopped run's checkpoint is ~3.4 MB). Unpack here with
+#   for f in FILES_AT/shards-*.tar; do tar -xf "$f"; done
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 grid=$1; seconds=$2; shift 2
@@ -31,23 +32,24 @@ for i in 0 1 2 3 4 5 6 7; do
   cp "/tmp/shard-$i.log" "$results/device-shard-$i.log"
 done
 # Each shard's runs are every 8th of the grid: pack what changed since the start, by shard.
-"$python" - "$grid" "$out" "$results" "$@" <<'PY'
+"$python" - "$grid" "$out" "$results" "${PACKS:-8}" "$@" <<'PY'
 import subprocess, sys, tarfile
 from pathlib import Path
-grid, out, results = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+grid, out, results, packs = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 ids = subprocess.run(
-    [sys.executable, "benchmarks/transfer.py", grid, "--list", "--data-root", "shared/data", *sys.argv[4:]],
+    [sys.executable, "benchmarks/transfer.py", grid, "--list", "--data-root", "shared/data", *sys.argv[5:]],
     capture_output=True, text=True, check=True,
 ).stdout.split()[1::2]
 start = Path("/tmp/sweep-start").stat().st_mtime
-for shard in range(8):
-    with tarfile.open(out / f"shard-{shard}.tar", "w") as tar:
-        for run_id in ids[shard::8]:
-            for suffix in (".json", ".ckpt"):
-                path = results / f"{run_id}{suffix}"
-                if path.is_file() and path.stat().st_mtime >= start:
-                    tar.add(path)
-        tar.add(results / f"device-shard-{shard}.log")
+for pack in range(packs):
+    with tarfile.open(out / f"shards-{pack}.tar", "w") as tar:
+        for shard in range(pack, 8, packs):
+            for run_id in ids[shard::8]:
+                for suffix in (".json", ".ckpt"):
+                    path = results / f"{run_id}{suffix}"
+                    if path.is_file() and path.stat().st_mtime >= start:
+                        tar.add(path)
+            tar.add(results / f"device-shard-{shard}.log")
 PY
 nvidia-smi --query-gpu=name,memory.used --format=csv || true
 tail -n 3 /tmp/shard-*.log

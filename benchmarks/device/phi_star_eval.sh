@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On a lent GPU machine, in one call: `select`'s meta-tests of the phi* candidates and the
+# priority evaluation (seed 0) of Base, the authors' phi and every candidate, all at once.
+#
+#   here:   benchmarks/device/prepare.sh
+#   device: command "bash benchmarks/device/phi_star_eval.sh 530",
+#           carry [".whl", "runs/authors-phi", "runs/phi-star/seed-0/phi", "runs/phi-star/seed-1/phi"]
+#   here:   for f in FILES_AT/*.tar; do tar -xf "$f"; done
+#           python benchmarks/phi_star.py select    # reads the meta-tests back, writes the report
+#
+# $OUT gets shards-{0..3}.tar (evaluation results or checkpoints of stopped runs),
+# selection.tar (runs/phi-star/selection/meta-tests) and gpu.csv (utilisation every 15 s).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+seconds=$1
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+python=${PYTHON:-python3}
+if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$out/gpu.csv" 2>&1 &
+sampler=$!
+candidates=()
+for phi in runs/phi-star/seed-*/phi; do
+  [ -f "$phi/model.safetensors" ] && candidates+=(--phi "phi-star-$(basename "$(dirname "$phi")")=$phi")
+done
+echo "candidates: ${candidates[*]}"
+timeout --signal=TERM "$seconds" "$python" benchmarks/phi_star.py select --data shared/data/cifar10 \
+  > /tmp/select.log 2>&1 &
+selection=$!
+SKIP_WHEELS=1 PACKS=4 bash benchmarks/device/sweep.sh priority "$seconds" --seeds 0 \
+  --checkpoint-every 250 "${candidates[@]}"
+wait "$selection"; echo "select exit status $?"
+kill "$sampler" 2>/dev/null
+mkdir -p runs/phi-star/selection
+cp /tmp/select.log runs/phi-star/selection/device-select.log
+tar -cf "$out/selection.tar" runs/phi-star/selection
+tail -n 5 /tmp/select.log
