@@ -230,3 +230,12 @@ def test_from_pretrained_save_pretrained_round_trip(tmp_path, phi: Perturbation)
         phi.state_dict().items(), loaded.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_channel_scale_takes_a_cpu_spatial_ratio_beside_statistics_on_another_device() -> None:
+    """The evaluation reads phi's scale per site with a CPU descriptor while the running
+    statistics live on the model's device (this crashed on CUDA; "meta" stands in for it)."""
+    phi = Perturbation().to("meta")
+    mean, var = torch.zeros(5, 4, device="meta"), torch.ones(5, 4, device="meta")
+    s = phi.channel_scale(mean, var, 0.5, torch.tensor(0.25))
+    assert s.shape == (5,) and s.device.type == "meta"

@@ -252,7 +252,12 @@ class Perturbation(nn.Module):
         """
         channels = mean.shape[0]
         weight = self._weight(self.scale_weight)
-        descriptors = torch.stack([mean.new_full((), channel_ratio), spatial_ratio.to(mean.dtype)])
+        descriptors = torch.stack(
+            [
+                mean.new_full((), channel_ratio),
+                spatial_ratio.to(device=mean.device, dtype=mean.dtype),
+            ]
+        )
         features = torch.cat([mean, var, descriptors.expand(channels, 2)], dim=1)
         # In at least fp32 and as an elementwise product (which autocast leaves alone): a 16-bit
         # matmul overflows once a variance passes 65504 (features of a few hundred), and inf - inf
