@@ -102,6 +102,14 @@ def _selection_sentence(report: dict) -> str:
     )
 
 
+BUNDLED_NOTE = (
+    "This is phi*, the phi bundled with the `metaperturb` package: `metaperturb.wrap(model)` "
+    "loads it from the installed package, offline, with no `phi=`. It is not on the Hub; "
+    '`Perturbation.from_pretrained(...).push_to_hub("<org>/phi-star")` would publish it with '
+    "this card."
+)
+
+
 def install(args: argparse.Namespace) -> None:
     from metaperturb import Perturbation
     from metaperturb.train.plot import plot_metrics
@@ -123,6 +131,8 @@ def install(args: argparse.Namespace) -> None:
     recipe = recipe.split("## Citation", 1)[0].split("\n\n", 2)[-1].strip()
     provenance = "\n".join(
         [
+            BUNDLED_NOTE,
+            "",
             recipe,
             "",
             "### Reproduce",
@@ -141,9 +151,9 @@ def install(args: argparse.Namespace) -> None:
             "| --- | ---: |",
             *scores,
             "",
-            "### Every run (wall time on the machine that ran it)",
+            "### Every candidate (wall time on the machine that ran it)",
             "",
-            *_status_lines(args.runs_dir),
+            *_status_lines(args.runs_dir, finished_only=True),
             "",
             f"### Meta-training log (`{run.name}`, mean over tasks)",
             "",
@@ -166,7 +176,7 @@ def status(args: argparse.Namespace) -> None:
     print(text, end="")
 
 
-def _status_lines(runs_dir: Path) -> list[str]:
+def _status_lines(runs_dir: Path, finished_only: bool = False) -> list[str]:
     import math
 
     from metaperturb.train.metrics import read_metrics
@@ -176,6 +186,8 @@ def _status_lines(runs_dir: Path) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
+        if finished_only and not _finished(run):
+            continue
         log = run / "metrics.jsonl"
         records = read_metrics(log) if log.is_file() else []
         if not records:
@@ -191,7 +203,7 @@ def _status_lines(runs_dir: Path) -> list[str]:
             f"{last['steps_per_s']:.3f} | {mean['train_acc']:.3f} | {mean['heldout_acc']:.3f} | "
             f"{mean['heldout_loss']:.3f} | {state} |"
         )
-    return lines + ["", *_magnitude_lines(runs_dir)]
+    return lines + ["", *_magnitude_lines(runs_dir, finished_only)]
 
 
 def _phi_state(run: Path) -> tuple[str, dict[str, torch.Tensor], dict | None] | None:
@@ -222,13 +234,15 @@ def _signal_over_decay(
     return cells
 
 
-def _magnitude_lines(runs_dir: Path) -> list[str]:
+def _magnitude_lines(runs_dir: Path, finished_only: bool = False) -> list[str]:
     """Mean |w| of each of phi's weight tensors per run, beside the authors' phi when converted
     (untrained: about 0.008), and how much of each tensor's movement is weight decay."""
     from metaperturb.hub import load_phi
 
     entries, signals = [], []
     for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
+        if finished_only and not _finished(run):
+            continue
         found = _phi_state(run)
         if found is None:
             continue
