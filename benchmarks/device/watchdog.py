@@ -5,7 +5,8 @@ lower-priority ones (their checkpoints stay and travel back) so that the others 
 
 At 45% of SECONDS after the sweep started (``/tmp/sweep-start``), each run's rate is read from
 its checkpoint (step, file time). If the slowest run whose id matches none of the PATTERNs would
-not finish (plus a minute of evaluation) in time, the shards running a matching id are stopped.
+not finish (plus a minute of evaluation) in time, the shards running a matching id that would
+not finish either are stopped.
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ def main() -> None:
     if slowest > left:
         for shard in range(8):
             log = Path(f"/tmp/shard-{shard}.log")
-            if log.exists() and any(x in log.read_text() for x in patterns):
-                print(f"watchdog: stopping shard {shard} so the others can finish", flush=True)
-                subprocess.run(["pkill", "-TERM", "-f", "--", f"--shard {shard}/8"], check=False)
+            running = (
+                [
+                    line.split()[-1]
+                    for line in log.read_text().splitlines()
+                    if line.startswith("running ")
+                ]
+                if log.exists()
+                else []
+            )
+            if not running or not any(x in running[-1] for x in patterns):
+                continue
+            if projections.get(running[-1], float("inf")) <= left:
+                continue  # it finishes in time anyway
+            print(f"watchdog: stopping shard {shard} so the others can finish", flush=True)
+            subprocess.run(["pkill", "-TERM", "-f", "--", f"--shard {shard}/8"], check=False)
 
 
 if __name__ == "__main__":
