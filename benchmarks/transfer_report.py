@@ -160,13 +160,15 @@ def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
         figure, (curve, reliability, scales) = plt.subplots(
             1, 3, figsize=(15, 4), constrained_layout=True
         )
-        for run in runs:
+        for index, run in enumerate(runs):
             label = f"{run['method']} seed {run['seed']}"
+            color = f"C{index % 10}"  # one colour per run in all three panels
             if run["curve"]:
                 curve.plot(
                     [p["step"] for p in run["curve"]],
                     [p["test_accuracy"] for p in run["curve"]],
                     label=label,
+                    color=color,
                 )
             bins = [b for b in run["evaluation"]["default"]["reliability"] if b["count"]]
             reliability.plot(
@@ -174,10 +176,15 @@ def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
                 [b["accuracy"] for b in bins],
                 marker="o",
                 label=label,
+                color=color,
             )
             if run["scales"]:
                 scales.plot(
-                    range(len(run["scales"])), list(run["scales"].values()), marker="o", label=label
+                    range(len(run["scales"])),
+                    list(run["scales"].values()),
+                    marker="o",
+                    label=label,
+                    color=color,
                 )
         reliability.plot([0, 1], [0, 1], color="grey", linestyle=":")
         curve.set(xlabel="step", ylabel="test accuracy (curve subset)", title="accuracy vs step")
@@ -188,7 +195,8 @@ def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
             title="phi's scale per block",
         )
         for axis in (curve, reliability, scales):
-            axis.legend(fontsize="x-small")
+            if axis.get_legend_handles_labels()[0]:  # Base runs have no scales to draw
+                axis.legend(fontsize="x-small")
         figure.suptitle(f"{target[0]}: ResNet-20, {runs[0]['steps']} steps")
         path = folder / f"{target[0]}.png"
         figure.savefig(path, dpi=90)
