@@ -105,8 +105,9 @@ def _selection_sentence(report: dict) -> str:
 BUNDLED_NOTE = (
     "This is phi*, the phi bundled with the `metaperturb` package: `metaperturb.wrap(model)` "
     "loads it from the installed package, offline, with no `phi=`. It is not on the Hub; "
-    '`Perturbation.from_pretrained(...).push_to_hub("<org>/phi-star")` would publish it with '
-    "this card."
+    '`huggingface_hub.HfApi().upload_folder(repo_id="<org>/phi-star", '
+    "folder_path=metaperturb.hub.default_phi_path())` would publish this folder as it is, "
+    "card and plot included."
 )
 
 
