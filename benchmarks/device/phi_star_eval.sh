@@ -14,14 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 budget=$1
 began=$(date +%s)
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-python=${PYTHON:-python3}
-if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/device/env.sh
 # Several small processes on one GPU: MPS lets their kernels run side by side. Kept only if a
 # CUDA program works under it within a minute.
 rm -f /tmp/sweep-start
@@ -51,7 +44,7 @@ selection=$!
 # s-Fashion-MNIST gives way to s-CIFAR10 and the selection if not everything can finish.
 "$python" benchmarks/device/watchdog.py "$seconds" benchmarks/results/transfer s-fashion-mnist \
   > /tmp/watchdog.log 2>&1 &
-SKIP_WHEELS=1 PACKS=4 bash benchmarks/device/sweep.sh priority "$seconds" --seeds 0 \
+PACKS=4 bash benchmarks/device/sweep.sh priority "$seconds" --seeds 0 \
   --checkpoint-every 250 "${candidates[@]}"
 wait "$selection"; echo "select exit status $?"
 kill "$sampler" 2>/dev/null

@@ -12,14 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 grid=$1; seconds=$2; shift 2
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-python=${PYTHON:-python3}
-if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/device/env.sh
 results=${RESULTS_DIR:-benchmarks/results/transfer}
 mkdir -p "$results"
 touch /tmp/sweep-start
