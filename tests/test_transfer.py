@@ -203,6 +203,34 @@ def test_a_stopped_run_resumes_to_the_same_result(
 
 
 @needs_mnist
+def test_channels_last_is_a_speed_setting(tmp_path: Path) -> None:
+    """Without phi (no noise) the layout gives the same network to float rounding, a result made
+    in one layout answers the other, and a CPU run defaults to channels_last."""
+    common: dict[str, Any] = {
+        "target": tiny_target(),
+        "model": "conv4",
+        "steps": 4,
+        "batch_size": 8,
+        "curve_every": 0,
+        "device": "cpu",
+    }
+    nchw = run_transfer(
+        TransferConfig(channels_last=False, **common), tmp_path / "a", progress=False
+    )
+    last = run_transfer(
+        TransferConfig(channels_last=True, **common), tmp_path / "b", progress=False
+    )
+    assert (nchw["machine"]["channels_last"], last["machine"]["channels_last"]) == (False, True)
+    assert last["evaluation"]["default"]["nll"] == pytest.approx(
+        nchw["evaluation"]["default"]["nll"], abs=1e-4
+    )
+    assert last["accuracy"] == nchw["accuracy"]
+    assert run_transfer(TransferConfig(**common), tmp_path / "a", progress=False) == nchw
+    default = run_transfer(TransferConfig(**common), tmp_path / "c", progress=False)
+    assert default["machine"]["channels_last"] is True
+
+
+@needs_mnist
 def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from metaperturb.cli import main
 

@@ -47,6 +47,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--checkpoint-every", type=int, default=1000, metavar="N")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add("--threads", type=int, metavar="N", help="torch CPU threads")
+    add(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="network and batches in channels_last (default: on a CPU only, where it is faster)",
+    )
     add("--output-dir", default="eval-results", help="where <run id>.json goes")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return parser
@@ -92,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         mc_samples=list(args.mc),
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        channels_last=args.channels_last,
     )
 
 
