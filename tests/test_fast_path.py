@@ -110,3 +110,41 @@ def test_vectorised_softplus_matches_torch(beta, dtype) -> None:
     tolerance = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
     assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance)
     assert (got >= 0).all()
+
+
+FORMS = [
+    ("depthwise", "depthwise"),
+    ("depthwise", "grouped"),
+    ("batched", "batched"),
+    ("batched", "depthwise"),
+]
+
+
+@pytest.mark.parametrize("forms", FORMS, ids=["+".join(f) for f in FORMS])
+@pytest.mark.parametrize("training,mode", MODES[:2])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_convolution_form_matches_reference(forms, training, mode, channels_last, device):
+    """The layouts phi's shared-kernel convolutions can take are speed settings, not
+    different functions: each matches the reference, values and gradients."""
+    phi = make_phi().to(device)
+    phi.conv_forms = forms
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 6, 7, 5, generator=generator).to(device)
+    noise = torch.randn(h.shape, generator=generator).to(device)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    fast = run(perturb, phi, h, noise, training, mode)
+    ref = run(reference_perturb, phi, h, noise, training, mode)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-4, atol=1e-5)
+    for name, expected in ref[2].items():
+        if expected is not None:
+            torch.testing.assert_close(fast[2][name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_unknown_convolution_form_is_refused() -> None:
+    phi = make_phi()
+    phi.conv_forms = ("winograd", "depthwise")  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="unknown convolution form 'winograd'"):
+        phi.noise_mean(torch.randn(2, 3, 4, 4))

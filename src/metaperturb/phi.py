@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,14 @@ from torch import Tensor, nn
 from ._kernels import relu_mean, softplus
 
 __all__ = [
+    "DEFAULT_CONV_FORMS",
     "NUM_SCALE_FEATURES",
     "ChannelEquivariantConv",
+    "ConvForm",
     "Perturbation",
     "PerturbationConfig",
     "expected_softplus",
+    "shared_kernel_conv",
 ]
 
 #: Length of the per-channel descriptor fed to the scale head: mean (4) and variance (4) of the
@@ -87,6 +90,44 @@ def _identity(weight: Tensor) -> Tensor:
     return weight
 
 
+#: How a 3x3 kernel shared by every channel runs over a (B, C, H, W) map. ``"depthwise"``: one
+#: convolution with ``groups=C`` (the kernel repeated C times); ``"batched"``: one single-channel
+#: convolution over the (B*C, 1, H, W) view; ``"grouped"`` (scale maps only): one grouped
+#: convolution with 4 outputs per channel. The same function every way; which is fastest depends
+#: on the backend (``benchmarks/conv_forms.py`` measures them).
+ConvForm = Literal["depthwise", "batched", "grouped"]
+#: Per device type: (noise-mean convolutions, scale maps). Measured on this project's machines
+#: (README, Performance); other device types use the CPU's.
+DEFAULT_CONV_FORMS: dict[str, tuple[ConvForm, ConvForm]] = {
+    "cpu": ("depthwise", "depthwise"),
+    "cuda": ("depthwise", "grouped"),
+}
+
+
+def shared_kernel_conv(x: Tensor, kernels: Tensor, form: ConvForm) -> Tensor:
+    """Each of the K kernels ``(K, 1, 3, 3)`` over each channel of ``x`` on its own, padding 1.
+
+    Returns (B, C*K, H, W), channel-major: output ``c*K + k`` is kernel ``k`` over channel ``c``.
+    """
+    if form not in get_args(ConvForm):
+        raise ValueError(f"unknown convolution form {form!r}; use one of {get_args(ConvForm)}.")
+    batch, channels, height, width = x.shape
+    count = kernels.shape[0]
+    if form == "batched":
+        flat = x.reshape(batch * channels, 1, height, width)
+        return F.conv2d(flat, kernels, padding=1).view(batch, channels * count, height, width)
+    if count == 1:  # "depthwise" and "grouped" are the same convolution
+        return F.conv2d(x, kernels.expand(channels, 1, 3, 3), padding=1, groups=channels)
+    if form == "grouped":
+        return F.conv2d(x, kernels.repeat(channels, 1, 1, 1), padding=1, groups=channels)
+    # K depthwise convolutions, interleaved channel-major.
+    outputs = [
+        F.conv2d(x, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels)
+        for kernel in kernels.split(1)
+    ]
+    return torch.stack(outputs, dim=2).view(batch, channels * count, height, width)
+
+
 class ChannelEquivariantConv(nn.Module):
     """A 3x3 op on C channels that commutes with any permutation of the channels.
 
@@ -105,11 +146,15 @@ class ChannelEquivariantConv(nn.Module):
         nn.init.normal_(self.self_weight, 0.0, 0.01)
         nn.init.normal_(self.mean_weight, 0.0, 0.01)
 
-    def forward(self, x: Tensor, weight: Callable[[Tensor], Tensor] = _identity) -> Tensor:
-        """Apply the op; ``weight`` maps each parameter before use (phi passes its freeze guard)."""
-        channels = x.shape[1]
-        own_kernel = weight(self.self_weight).to(x.dtype).expand(channels, 1, 3, 3)
-        own = F.conv2d(x, own_kernel, padding=1, groups=channels)
+    def forward(
+        self,
+        x: Tensor,
+        weight: Callable[[Tensor], Tensor] = _identity,
+        form: ConvForm = "depthwise",
+    ) -> Tensor:
+        """Apply the op; ``weight`` maps each parameter before use (phi passes its freeze guard),
+        ``form`` says how the per-channel kernel runs (:func:`shared_kernel_conv`)."""
+        own = shared_kernel_conv(x, weight(self.self_weight).to(x.dtype), form)
         mean_kernel = weight(self.mean_weight).to(x.dtype)
         shared = F.conv2d(x.mean(dim=1, keepdim=True), mean_kernel, padding=1)
         return own + shared
@@ -171,6 +216,9 @@ class Perturbation(nn.Module):
         self.scale_kernels = nn.Parameter(torch.empty(_SCALE_MAPS, 1, 3, 3))
         self.scale_weight = nn.Parameter(torch.empty(1, NUM_SCALE_FEATURES))
         self.frozen = False
+        #: (noise-mean, scale-maps) convolution forms; ``None``: the device's default
+        #: (:data:`DEFAULT_CONV_FORMS`). A speed setting: every form computes the same function.
+        self.conv_forms: tuple[ConvForm, ConvForm] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -218,10 +266,16 @@ class Perturbation(nn.Module):
     def _weight(self, weight: Tensor) -> Tensor:
         return weight.detach() if self.frozen else weight
 
+    def _forms(self, device: torch.device) -> tuple[ConvForm, ConvForm]:
+        if self.conv_forms is not None:
+            return self.conv_forms
+        return DEFAULT_CONV_FORMS.get(device.type, DEFAULT_CONV_FORMS["cpu"])
+
     def noise_mean(self, h: Tensor) -> Tensor:
         """``mu = E2(relu(E1(h)))``, same shape as ``h``."""
-        hidden = F.relu(self.noise_in(h, self._weight))
-        return self.noise_out(hidden, self._weight)
+        form = self._forms(h.device)[0]
+        hidden = F.relu(self.noise_in(h, self._weight, form))
+        return self.noise_out(hidden, self._weight, form)
 
     def scale_maps(self, h: Tensor) -> Tensor:
         """The 4 pooled scale maps of each (example, channel): shape (B, C, 4).
@@ -231,17 +285,17 @@ class Perturbation(nn.Module):
         """
         batch, channels = h.shape[:2]
         kernels = self._weight(self.scale_kernels).to(h.dtype)
-        if h.device.type == "cuda":
-            # One grouped convolution with 4 outputs per channel: fastest with cuDNN.
-            maps = F.conv2d(h, kernels.repeat(channels, 1, 1, 1), padding=1, groups=channels)
-            return relu_mean(maps).view(batch, channels, _SCALE_MAPS)
-        # On a CPU, oneDNN's grouped convolution with 4 outputs per group is several times slower
-        # than four depthwise convolutions (benchmarks/overhead.py).
-        pooled = [
-            relu_mean(F.conv2d(h, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels))
-            for kernel in kernels.split(1)
-        ]
-        return torch.stack(pooled, dim=2)
+        form = self._forms(h.device)[1]
+        if form == "depthwise":
+            # Pooled one kernel at a time: the four full-size maps never exist together. (On a
+            # CPU, oneDNN's grouped convolution with 4 outputs per group is several times slower
+            # than four depthwise ones.)
+            pooled = [
+                relu_mean(shared_kernel_conv(h, kernel, "depthwise")) for kernel in kernels.split(1)
+            ]
+            return torch.stack(pooled, dim=2)
+        maps = shared_kernel_conv(h, kernels, form)
+        return relu_mean(maps).view(batch, channels, _SCALE_MAPS)
 
     def channel_scale(
         self, mean: Tensor, var: Tensor, channel_ratio: float, spatial_ratio: Tensor
