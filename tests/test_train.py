@@ -161,7 +161,7 @@ def test_epoch_sampler_covers_every_row_once_per_epoch() -> None:
     assert torch.equal(EpochSampler(10, 4, 3).positions(3), sampler.positions(3))
 
 
-def _learner(seed: int = 0) -> TaskLearner:
+def _learner(seed: int = 0, placement: str = "output") -> TaskLearner:
     from metaperturb.tasks import make_split
 
     generator = torch.Generator().manual_seed(0)
@@ -196,6 +196,7 @@ def _learner(seed: int = 0) -> TaskLearner:
         seed=seed,
         sites="block",
         device=torch.device("cpu"),
+        placement=placement,
     )
 
 
@@ -317,3 +318,18 @@ def test_resume_compares_a_local_data_path_by_the_folder_it_names(
     assert relative.differences(TrainConfig(data=str(tmp_path / "data"))) == []
     assert relative.differences(TrainConfig(data="data", seed=1)) == ["seed: run has 0, asked 1"]
     assert TrainConfig(data="org/hub-id").differences(TrainConfig(data="org/other")) != []
+
+
+@needs_tiny
+def test_placement_before_activation_reaches_the_task_networks(tmp_path: Path) -> None:
+    """--placement before_activation: phi sits on the residual sums of the task ResNets, the run
+    trains, and the model card says where phi was."""
+    train(_config(tmp_path, placement="before_activation", steps=2))
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    assert config["placement"] == "before_activation"
+    assert "placement: before_activation" in (tmp_path / "phi" / "README.md").read_text()
+    with pytest.raises(ValueError, match="placement must be one of"):
+        TrainConfig(data="x", placement="inside")
+    plan = metaperturb.get_controller(_learner(placement="before_activation").model).plan
+    assert {site.hook for site in plan.sites} == {"input"}
+    assert all(site.name.endswith(".act2") for site in plan.sites)

@@ -349,3 +349,11 @@ def test_a_checkpoint_made_with_other_phi_numbers_is_refused(
     phi.save_pretrained(tmp_path / "phi")
     with pytest.raises(ValueError, match=r"\.ckpt was made with another phi"):
         run_transfer(config, tmp_path / "results", progress=False)
+
+
+def test_the_placement_is_part_of_the_method_and_the_run_id() -> None:
+    common: dict[str, Any] = {"target": "s-cifar10", "phi": "runs/x/phi", "phi_name": "x"}
+    before = TransferConfig(placement="before_activation", **common)
+    assert before.method == "metaperturb[x,pre-act]"
+    assert run_id(before) != run_id(TransferConfig(**common))
+    assert TransferConfig(**common).method == "metaperturb[x]"

@@ -288,3 +288,105 @@ def test_memory_efficient_sites_give_the_same_step_with_less_saved_memory() -> N
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(running_lean, running)  # updated once, not again in backward
     assert memory_lean < 0.8 * memory
+
+
+class ActBlock(MyBlock):
+    """MyBlock with its last ReLU a module, as timm writes its blocks (``act2``)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.nb(self.b(F.relu(self.na(self.a(x)))))
+        return self.act(y + self.skip(x))
+
+
+def phi_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """Record what phi receives at each site (a spy around the site function)."""
+    controller = metaperturb.get_controller(model)
+    seen: list[torch.Tensor] = []
+    real = controller.site_function
+
+    def spy(h: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(h.detach().clone())
+        return real(h, *args, **kwargs)
+
+    controller.site_function = spy
+    return seen
+
+
+def test_before_activation_places_phi_on_the_residual_sum() -> None:
+    host = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), ActBlock(8), ActBlock(8), MyBlock(8), nn.Flatten()
+    )
+    plan = metaperturb.inspect(host, input_size=(3, 16, 16), placement="before_activation")
+    assert [(s.name, s.hook) for s in plan.sites] == [
+        ("1.act", "input"),
+        ("2.act", "input"),
+        ("3", "output"),  # F.relu: no module to hook before, so the block's output
+    ]
+    assert "no final activation module" in plan.sites[2].role
+    model = wrapped(copy.deepcopy(host), placement="before_activation")
+    seen = phi_inputs(model)
+    model.train()
+    x = torch.randn(4, 3, 16, 16)
+    out = model(x)
+    # phi saw the signed sum at the first two sites and the relu'd output at the third; the
+    # block still ends in its relu.
+    assert [bool((h < 0).any()) for h in seen] == [True, True, False]
+    assert bool((out >= 0).all())
+    out.sum().backward()  # the in-place ReLU after the site leaves autograd intact
+    with metaperturb.disabled(model):
+        torch.testing.assert_close(model(x), host.train()(x))
+    metaperturb.unwrap(model)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_before_activation_gives_the_same_function_as_output_for_relu(
+    memory_efficient: bool,
+) -> None:
+    """relu(h * g) = relu(h) * g for g > 0: with phi fed the same features the two placements
+    compute the same network; here phi's input differs, so only shapes and finiteness match, but
+    a phi that ignores its input (zero weights) gives identical outputs and gradients."""
+    host = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ActBlock(8), ActBlock(8))
+    outputs = []
+    for placement in ("output", "before_activation"):
+        phi = Perturbation()
+        for parameter in phi.parameters():
+            torch.nn.init.zeros_(parameter)
+        model = metaperturb.wrap(
+            copy.deepcopy(host),
+            phi=phi,
+            input_size=(3, 16, 16),
+            placement=placement,
+            memory_efficient=memory_efficient,
+        )
+        torch.manual_seed(1)
+        x = torch.randn(4, 3, 16, 16, requires_grad=True)
+        out = model.train()(x)
+        out.square().sum().backward()
+        outputs.append((out.detach(), x.grad))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0])
+    torch.testing.assert_close(outputs[0][1], outputs[1][1])
+
+
+def test_an_unknown_placement_is_refused() -> None:
+    with pytest.raises(ValueError, match="placement must be one of"):
+        metaperturb.inspect(MyResNet(), input_size=(3, 16, 16), placement="inside")  # type: ignore[arg-type]
+
+
+def test_a_sequential_host_still_runs_with_the_controller_as_its_last_child() -> None:
+    """nn.Sequential calls every child in order, the added ``metaperturb`` module included."""
+    host = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(),
+    )  # fmt: skip
+    model = wrapped(copy.deepcopy(host))
+    x = torch.randn(2, 3, 16, 16)
+    assert model.train()(x).shape == (2, 8 * 16 * 16)
+    with metaperturb.disabled(model):
+        torch.testing.assert_close(model(x), host.train()(x))

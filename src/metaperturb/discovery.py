@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +30,14 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from .errors import NoSitesError
 
-__all__ = ["PlannedSite", "SitePlan", "SkippedModule", "Strategy", "plan_sites"]
+__all__ = ["Placement", "PlannedSite", "SitePlan", "SkippedModule", "Strategy", "plan_sites"]
 
 #: ``"block"``: a site after every block (the paper); ``"stage"``: one at the end of each stage.
 Strategy = Literal["block", "stage"]
+#: Where a site perturbs its block: ``"output"``, what the block returns; ``"before_activation"``,
+#: the input of the block's final activation module where it has one (the authors' ResNets:
+#: after the residual sum, before the last ReLU), else the output.
+Placement = Literal["output", "before_activation"]
 
 _PLAIN_FORWARDS = (nn.Sequential.forward, nn.Module.forward)
 _NORMS = (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -50,6 +54,9 @@ class PlannedSite:
     height: int
     width: int
     role: str
+    #: ``"output"``: phi perturbs what the module returns (a forward hook); ``"input"``: what it
+    #: receives (a forward pre-hook; the module is the block's final activation).
+    hook: str = "output"
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class SitePlan:
     strategy: str
     sites: list[PlannedSite]
     skipped: list[SkippedModule] = field(default_factory=list)
+    placement: str = "output"
 
     @property
     def widest(self) -> int:
@@ -80,7 +88,7 @@ class SitePlan:
         size = "x".join(str(d) for d in self.input_size)
         title = (
             f"MetaPerturb plan for {self.model_type} (planned at input {size}, "
-            f"strategy {self.strategy!r}): {len(self.sites)} sites"
+            f"strategy {self.strategy!r}, placement {self.placement!r}): {len(self.sites)} sites"
         )
         lines = [title]
         if self.sites:
@@ -292,6 +300,34 @@ class _Model:
     def skipped(self, name: str, reason: str) -> SkippedModule:
         return SkippedModule(name, type(self.modules[name]).__name__, reason)
 
+    def final_activation(self, name: str) -> str | None:
+        """The activation module whose output ``name`` returns (``name`` itself if it is one),
+        run once per forward pass; None if there is none."""
+        candidates = [name, *self.descendants(name)]
+        output = self.records[name].output
+        for candidate in candidates:
+            record = self.records.get(candidate)
+            module = self.modules[candidate]
+            if (
+                _is_act(module)
+                and not any(True for _ in module.children())  # a leaf, not e.g. an "ActBlock"
+                and record is not None
+                and record.calls == 1
+                and record.output is output
+            ):
+                return candidate
+        return None
+
+    def placed_site(self, name: str, role: str, placement: Placement) -> PlannedSite:
+        """The site for ``name`` under ``placement`` (see :data:`Placement`)."""
+        if placement == "output":
+            return self.site(name, role)
+        activation = self.final_activation(name)
+        if activation is None:
+            return self.site(name, f"{role}, output (no final activation module)")
+        site = self.site(activation, f"{role} {name}, before its final activation")
+        return replace(site, hook="input")
+
 
 def _find_blocks(traced: _Model, skipped: list[SkippedModule]) -> list[str]:
     blocks: list[str] = []
@@ -409,18 +445,22 @@ def plan_sites(
     *,
     strategy: Strategy | Sequence[str] = "block",
     input_size: Sequence[int] | None = None,
+    placement: Placement = "output",
 ) -> SitePlan:
     """Decide where phi goes in ``model``; see the module docstring for the rules.
 
     Args:
         model: any ``nn.Module`` whose forward takes one (B, C, H, W) image batch.
         strategy: ``"block"``, ``"stage"``, or an explicit list of module names.
+        placement: ``"output"`` or ``"before_activation"`` (see :data:`Placement`).
         input_size: (C, H, W) of the planning pass; by default from timm's ``pretrained_cfg``
             or 224 px. Only shapes depend on it, so any size the model accepts will do.
 
     Raises:
         NoSitesError: no module of ``model`` can take phi, or an explicit name is unusable.
     """
+    if placement not in get_args(Placement):
+        raise ValueError(f"placement must be one of {get_args(Placement)}, got {placement!r}.")
     size = tuple(input_size) if input_size is not None else default_input_size(model)
     if len(size) != 3:
         raise ValueError(f"input_size must be (C, H, W), got {size!r}.")
@@ -477,10 +517,11 @@ def plan_sites(
         model_type=type(model).__name__,
         input_size=size,
         strategy=strategy_name,
-        sites=[traced.site(n, role) for n in names],
+        sites=[traced.placed_site(n, role, placement) for n in names],
         skipped=sorted(
             skipped, key=lambda s: records[s.name].pre_order if s.name in records else 0
         ),
+        placement=placement,
     )
     if not plan.sites:
         raise NoSitesError(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-from .discovery import SitePlan, Strategy, plan_sites
+from .discovery import Placement, SitePlan, Strategy, plan_sites
 from .errors import AlreadyWrappedError, ModelChangedError, NotWrappedError
 from .phi import Perturbation
 from .site import EvalMode, SiteState, perturb
@@ -51,6 +51,16 @@ class _SiteHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Tensor) -> Tensor:
         return self.controller.apply_site(self.index, output)
+
+
+class _SiteInputHook(_SiteHook):
+    """Forward pre-hook of a site placed before a block's final activation: perturbs what the
+    activation module receives."""
+
+    def __call__(self, module: nn.Module, args: Any) -> Any:  # type: ignore[override]
+        if not args or not isinstance(args[0], Tensor):
+            return None
+        return (self.controller.apply_site(self.index, args[0]), *args[1:])
 
 
 class _InputHook:
@@ -122,6 +132,11 @@ class MetaPerturb(nn.Module):
         self.handles: list[RemovableHandle] = []
         #: The module of each site, as hooked by ``wrap`` (a plain list: not submodules).
         self.site_modules: list[nn.Module] = []
+
+    def forward(self, x: Any) -> Any:
+        """The identity. ``wrap`` appends this module as the host's last child, and a host that
+        runs its children in order (an ``nn.Sequential``) calls it after its own last layer."""
+        return x
 
     def check_sites(self, host: nn.Module) -> None:
         """Raise :class:`ModelChangedError` if a site's module was replaced after ``wrap``.
@@ -214,6 +229,7 @@ def wrap(
     channel_norm: float | None = None,
     revision: str | None = None,
     memory_efficient: bool = False,
+    placement: Placement = "output",
 ) -> nn.Module:
     """Apply MetaPerturb after every block of ``model``; returns the same model, wrapped.
 
@@ -232,6 +248,10 @@ def wrap(
         memory_efficient: keep only each site's input for the backward pass and recompute phi
             there (activation checkpointing of the sites): much less memory, one more phi
             forward per step. Same values and gradients.
+        placement: ``"output"`` (phi perturbs what each block returns) or
+            ``"before_activation"`` (the input of the block's final activation module where
+            there is one, as in the authors' ResNets; elsewhere the output). Since the gain is
+            positive, ``act(h * g) = act(h) * g`` for ReLU: the two differ in what phi sees.
 
     Raises:
         AlreadyWrappedError: ``model`` is already wrapped.
@@ -254,7 +274,7 @@ def wrap(
             f"wrap() got a {type(model).__name__}: wrap the plain model first, then apply "
             "DistributedDataParallel / torch.compile to the wrapped model."
         )
-    plan = plan_sites(model, strategy=sites, input_size=input_size)
+    plan = plan_sites(model, strategy=sites, input_size=input_size, placement=placement)
     perturbation = _resolve_phi(phi, revision)
     perturbation.freeze(not trainable)
     reference = next(iter(model.parameters()), None)
@@ -271,8 +291,10 @@ def wrap(
 
     modules = dict(model.named_modules())
     handles = [
-        modules[name].register_forward_hook(_SiteHook(controller, index))
-        for index, name in enumerate(controller.site_names)
+        modules[site.name].register_forward_pre_hook(_SiteInputHook(controller, index))
+        if site.hook == "input"
+        else modules[site.name].register_forward_hook(_SiteHook(controller, index))
+        for index, site in enumerate(plan.sites)
     ]
     handles.append(model.register_forward_pre_hook(_InputHook(controller)))
     handles.append(model.register_load_state_dict_post_hook(_drop_own_missing_keys))
@@ -300,6 +322,7 @@ def inspect(
     *,
     sites: Strategy | Sequence[str] = "block",
     input_size: Sequence[int] | None = None,
+    placement: Placement = "output",
 ) -> SitePlan:
     """The plan ``wrap`` would follow (or follows, for a wrapped model): print it to read it.
 
@@ -312,7 +335,7 @@ def inspect(
     """
     if is_wrapped(model):
         return get_controller(model).plan
-    return plan_sites(model, strategy=sites, input_size=input_size)
+    return plan_sites(model, strategy=sites, input_size=input_size, placement=placement)
 
 
 @contextlib.contextmanager

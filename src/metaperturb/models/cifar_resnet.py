@@ -169,6 +169,10 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_chs)
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chs)
+        # Activation modules (not F.relu) so that a hook can reach the residual sum before the
+        # last one: metaperturb.wrap(..., placement="before_activation").
+        self.act1 = nn.ReLU()
+        self.act2 = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_chs != out_chs:
             self.shortcut = nn.Sequential(
@@ -177,9 +181,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.act2(out + self.shortcut(x))
 
 
 class CifarResNet(PooledClassifier):

@@ -94,6 +94,12 @@ class TrainConfig:
         "where phi goes: after every block, or at the end of each stage",
         choices=("block", "stage"),
     )
+    placement: str = _setting(
+        "output",
+        "what phi perturbs: each block's output, or the input of its final activation module "
+        "where it has one (the authors' ResNets: the residual sum before the last ReLU)",
+        choices=("output", "before_activation"),
+    )
     # -- optimisation ----------------------------------------------------------------------
     steps: int = _setting(
         750, "meta-training steps (each: one train and one held-out batch per task)"

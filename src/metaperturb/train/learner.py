@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import models as _models  # noqa: F401  (registers cifar_resnet20 & co. with timm)
+from ..discovery import Placement
 from ..phi import Perturbation
 from ..tasks import Task
 from ..wrapper import ATTRIBUTE, wrap
@@ -72,7 +73,7 @@ class TaskLearner:
         input_size: (C, H, W) of the images.
         lr, weight_decay: Adam settings for theta_t.
         seed: the run's seed (initialisation and noise are derived from it and the task).
-        sites: where phi goes (see :func:`metaperturb.wrap`).
+        sites, placement: where phi goes (see :func:`metaperturb.wrap`).
         device: where the network lives.
     """
 
@@ -90,6 +91,7 @@ class TaskLearner:
         seed: int,
         sites: str,
         device: torch.device,
+        placement: str = "output",
     ) -> None:
         self.task = task
         self.phi = phi
@@ -101,7 +103,12 @@ class TaskLearner:
             torch.manual_seed(derive_seed(seed, _INIT_KEY, task.index))
             model = create_task_network(model_name, len(task.classes), int(input_size[0]))
         self.model = wrap(
-            model.to(device), phi=phi, trainable=True, sites=sites, input_size=input_size
+            model.to(device),
+            phi=phi,
+            trainable=True,
+            sites=sites,
+            input_size=input_size,
+            placement=cast(Placement, placement),
         )
         self.theta = [
             p for name, p in self.model.named_parameters() if not name.startswith(f"{ATTRIBUTE}.")

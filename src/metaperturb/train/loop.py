@@ -232,6 +232,7 @@ class _MetaTrainer:
                     weight_decay=config.weight_decay,
                     seed=config.seed,
                     sites=config.sites,
+                    placement=config.placement,
                     device=device,
                 )
             )
@@ -428,12 +429,16 @@ class _MetaTrainer:
             f"{config.phi_lr:g}, weight decay {config.phi_weight_decay:g} for phi; {clip}; "
             f"seed {config.seed}; {self.comm.world_size} process(es)."
         )
+        networks_line = (
+            f"- Networks: one `{config.model}` per task (sites: {config.sites}, placement: "
+            f"{config.placement}), phi shared."
+        )
         lines = [
             "Meta-trained with `metaperturb train` (MetaPerturb, Algorithm 1, first order).",
             "",
             data_line,
             tasks_line,
-            f"- Networks: one `{config.model}` per task (sites: {config.sites}), phi shared.",
+            networks_line,
             optimisation_line,
         ]
         if final:

@@ -46,6 +46,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add("--mc", type=int, nargs="*", default=[], metavar="K", help="also MC-K evaluations")
     add("--checkpoint-every", type=int, default=1000, metavar="N")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add(
+        "--placement",
+        choices=("output", "before_activation"),
+        default="output",
+        help="what phi perturbs: block outputs, or the input of each block's final activation",
+    )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
         "--channels-last",
@@ -83,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         model=args.model,
         phi=args.phi,
         phi_name=args.phi_name,
+        placement=args.placement,
         dropblock_rate=args.dropblock_rate,
         dropblock_size=args.dropblock_size,
         mixup_alpha=args.mixup_alpha,

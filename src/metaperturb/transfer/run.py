@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .._atomic import atomic_write
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
+from ..discovery import Placement
 from ..evaluation import mc_predict
 from ..hub import load_default_phi, load_phi
 from ..site import SiteState
@@ -57,6 +58,9 @@ class TransferConfig:
     phi: str | None = None
     #: A label for ``phi`` in the run id and tables (default: derived from the path).
     phi_name: str | None = None
+    #: What phi perturbs (:func:`metaperturb.wrap`'s ``placement``): ``"output"`` or
+    #: ``"before_activation"``.
+    placement: str = "output"
     #: DropBlock rate and block size (rate 0: not used).
     dropblock_rate: float = 0.0
     dropblock_size: int = 3
@@ -98,7 +102,8 @@ class TransferConfig:
         if self.init is not None:
             parts.append(f"finetune[{self.init_name or Path(self.init).stem}]")
         if self.phi is not None:
-            parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}]")
+            where = ",pre-act" if self.placement == "before_activation" else ""
+            parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
         if self.mixup_alpha > 0:
@@ -183,7 +188,12 @@ class _Run:
         self.strength: StrengthScheduler | None = None
         if config.phi is not None:
             phi = load_phi(config.phi) if config.phi != "default" else None
-            wrap(self.model, phi=phi, input_size=self.input_size)
+            wrap(
+                self.model,
+                phi=phi,
+                input_size=self.input_size,
+                placement=cast(Placement, config.placement),
+            )
             self.strength = StrengthScheduler(self.model, total_steps=config.steps)
         self.dropblock = (
             DropBlock(self.model, config.dropblock_rate, config.dropblock_size, self.input_size)
