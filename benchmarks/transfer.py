@@ -10,6 +10,8 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
     python benchmarks/transfer.py datasets            # every method on every target
     python benchmarks/transfer.py tune                # DropBlock and Mixup settings, on a
                                                       # CIFAR-10 validation slice
+    python benchmarks/transfer.py placement           # phi before the blocks' last ReLU
+                                                      # (the authors' placement), s-CIFAR10
     python benchmarks/transfer.py priority --list     # what would run, and what is done
     python benchmarks/transfer.py priority --phi seed-0=runs/phi-star/seed-0/phi
                                                       # also a phi not installed (a candidate)
@@ -133,6 +135,22 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
             for method in methods:
                 for seed in seeds:
                     runs.append(TransferConfig(target=target, seed=seed, **method, **common))  # type: ignore[arg-type]
+    elif name == "placement":
+        # Why (issue: evaluation): does phi on the residual sum before the last ReLU (the
+        # authors' placement, where their phi was meta-trained) do better than on the block
+        # output? Compared with the same runs of `priority`, which use the output.
+        for method in _phi_methods():
+            if method:
+                for seed in seeds:
+                    runs.append(
+                        TransferConfig(
+                            target="s-cifar10",
+                            seed=seed,
+                            placement="before_activation",
+                            **method,  # type: ignore[arg-type]
+                            **common,  # type: ignore[arg-type]
+                        )
+                    )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:
@@ -195,7 +213,8 @@ def main() -> None:
     global DATA
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "grid", choices=["priority", "architectures", "datasets", "tune", "pretrain"]
+        "grid",
+        choices=["priority", "architectures", "datasets", "tune", "pretrain", "placement"],
     )
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

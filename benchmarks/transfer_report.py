@@ -29,17 +29,19 @@ def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
     results = [r for r in results if r.get("steps") == steps and isinstance(r.get("target"), str)]
     current = _phi_star_fingerprint()
     stale = [
-        r for r in results if "[phi-star]" in r["method"] and r.get("phi_fingerprint") != current
+        r
+        for r in results
+        if re.search(r"\[phi-star[],]", r["method"]) and r.get("phi_fingerprint") != current
     ]
     if stale:
         print(f"note: left out {len(stale)} phi* runs made with another phi* than weights/phi-star")
     results = [r for r in results if r not in stale]
     # A phi evaluated under another name (a phi* candidate before `select` chose it) with the
-    # numbers of the installed phi* is phi*: one row, named so.
+    # numbers of the installed phi* is phi*: one row, named so (a ",pre-act" placement kept).
     for result in results:
         if current is not None and result.get("phi_fingerprint") == current:
             result["method"] = re.sub(
-                r"metaperturb\[[^\]]*\]", "metaperturb[phi-star]", result["method"]
+                r"metaperturb\[[^],]*", "metaperturb[phi-star", result["method"]
             )
     return results
 
