@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections.abc import Callable
 
 import torch
-from overhead import RESULTS, eval_fn, interleaved, make, train_step_fn, workloads
+from overhead import RESULTS, eval_fn, interleaved, make, setting, train_step_fn, workloads
 from torch import nn
 
 import metaperturb
@@ -90,17 +89,7 @@ def main() -> None:
         )
         print(render_rows(rows[-1:]), flush=True)
 
-    report = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "autocast": str(autocast),
-        "steps": steps,
-        "repeats": repeats,
-        "rows": rows,
-    }
+    report = {**setting(device, autocast, steps, repeats), "rows": rows}
     header = (
         f"{report['device']}, {report['threads']} threads, torch {report['torch']}, autocast "
         f"{report['autocast']}; medians of {repeats} interleaved rounds x {steps} steps"

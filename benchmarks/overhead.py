@@ -180,6 +180,22 @@ def saved_activation_bytes(
     return sum(seen.values())
 
 
+def setting(
+    device: torch.device, autocast: torch.dtype | None, steps: int, repeats: int
+) -> dict[str, object]:
+    """What a report's figures were measured on and how."""
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "autocast": str(autocast),
+        "steps": steps,
+        "repeats": repeats,
+    }
+
+
 def peak_cuda_bytes(step: Callable[[], None]) -> int:
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -245,17 +261,7 @@ def main() -> None:
             row["peak_cuda_bytes"] = peaks
         rows.append(row)
 
-    report = {
-        "device": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "autocast": str(autocast),
-        "steps": steps,
-        "repeats": repeats,
-        "rows": rows,
-    }
+    report = {**setting(device, autocast, steps, repeats), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     if not args.quick:
         (RESULTS / f"overhead-{device.type}.json").write_text(json.dumps(report, indent=2))
