@@ -35,8 +35,9 @@ def record_site_outputs(model: nn.Module) -> list[torch.Tensor]:
     return outputs
 
 
-def test_torch_compile_fullgraph_has_no_graph_break() -> None:
-    model = resnet20()
+@pytest.mark.parametrize("placement", ["output", "before_activation"])
+def test_torch_compile_fullgraph_has_no_graph_break(placement: str) -> None:
+    model = resnet20(placement=placement)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 3, 16, 16)
     compiled(x).sum().backward()  # train mode: sampled noise, batch statistics
@@ -93,11 +94,19 @@ def test_deepcopy_and_timm_model_ema() -> None:
     assert ema.module(x).shape == (4, 10)
 
 
-def test_timm_gradient_checkpointing_keeps_sites_firing_and_gradients_equal() -> None:
+@pytest.mark.parametrize("placement", ["output", "before_activation"])
+def test_timm_gradient_checkpointing_keeps_sites_firing_and_gradients_equal(
+    placement: str,
+) -> None:
     def grads(checkpointing: bool) -> tuple[int, list[torch.Tensor]]:
         torch.manual_seed(0)
         model = timm.create_model("resnet18", num_classes=4)
-        metaperturb.wrap(model, phi=Perturbation(), input_size=(3, 64, 64))
+        metaperturb.wrap(
+            model,
+            phi=Perturbation(),
+            input_size=(3, 64, 64),
+            placement=placement,  # type: ignore[arg-type]
+        )
         model.set_grad_checkpointing(checkpointing)
         fired = record_site_outputs(model)
         torch.manual_seed(1)

@@ -390,3 +390,30 @@ def test_a_sequential_host_still_runs_with_the_controller_as_its_last_child() ->
     assert model.train()(x).shape == (2, 8 * 16 * 16)
     with metaperturb.disabled(model):
         torch.testing.assert_close(model(x), host.train()(x))
+
+
+def test_before_activation_on_torchvision_perturbs_the_last_call_of_a_shared_relu() -> None:
+    """torchvision's BasicBlock runs one ``relu`` module twice; phi goes before the second call
+    only, once per forward of the block, in copies too."""
+    torchvision = pytest.importorskip("torchvision")
+    host = torchvision.models.resnet18(num_classes=5)
+    model = metaperturb.wrap(
+        copy.deepcopy(host),
+        phi=Perturbation(),
+        input_size=(3, 64, 64),
+        placement="before_activation",
+    )
+    plan = metaperturb.get_controller(model).plan
+    assert len(plan.sites) == 8
+    assert all(s.name == f"{s.block}.relu" and (s.hook, s.call) == ("input", 2) for s in plan.sites)
+    twin = copy.deepcopy(model)
+    seen, twin_seen = phi_inputs(model), phi_inputs(twin)
+    x = torch.randn(2, 3, 64, 64)
+    model.train(), twin.train()
+    model(x), model(x)
+    assert len(seen) == 16  # the count starts again with each forward of a block
+    assert all(bool((h < 0).any()) for h in seen)  # the residual sum, not the relu's output
+    twin(x)
+    assert len(twin_seen) == 8 and len(seen) == 16  # the copy's hooks drive the copy's sites
+    with metaperturb.disabled(model):
+        torch.testing.assert_close(model(x), host.train()(x))

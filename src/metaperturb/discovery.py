@@ -57,6 +57,10 @@ class PlannedSite:
     #: ``"output"``: phi perturbs what the module returns (a forward hook); ``"input"``: what it
     #: receives (a forward pre-hook; the module is the block's final activation).
     hook: str = "output"
+    #: For an ``"input"`` site: the block it ends, and which of the module's calls in one forward
+    #: of that block phi perturbs (torchvision's ResNet blocks run one ``relu`` module twice).
+    block: str = ""
+    call: int = 1
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class _Record:
     post_order: int = -1
     calls: int = 0
     output: Any = None
+    last_output: Any = None
     shape: tuple[int, ...] | None = None
     kind: str = "none"
 
@@ -144,6 +149,7 @@ def _trace(model: nn.Module, example: Tensor) -> dict[str, _Record]:
     def post_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             record = records[name]
+            record.last_output = output
             if record.post_order < 0:
                 record.post_order = next(counter)
                 record.output = output
@@ -300,9 +306,9 @@ class _Model:
     def skipped(self, name: str, reason: str) -> SkippedModule:
         return SkippedModule(name, type(self.modules[name]).__name__, reason)
 
-    def final_activation(self, name: str) -> str | None:
-        """The activation module whose output ``name`` returns (``name`` itself if it is one),
-        run once per forward pass; None if there is none."""
+    def final_activation(self, name: str) -> tuple[str, int] | None:
+        """The activation module whose output ``name`` returns (``name`` itself if it is one)
+        and how many times it runs in one forward of ``name``; None if there is none."""
         candidates = [name, *self.descendants(name)]
         output = self.records[name].output
         for candidate in candidates:
@@ -312,21 +318,22 @@ class _Model:
                 _is_act(module)
                 and not any(True for _ in module.children())  # a leaf, not e.g. an "ActBlock"
                 and record is not None
-                and record.calls == 1
-                and record.output is output
+                and record.last_output is output
             ):
-                return candidate
+                return candidate, record.calls
         return None
 
     def placed_site(self, name: str, role: str, placement: Placement) -> PlannedSite:
         """The site for ``name`` under ``placement`` (see :data:`Placement`)."""
         if placement == "output":
             return self.site(name, role)
-        activation = self.final_activation(name)
-        if activation is None:
+        found = self.final_activation(name)
+        if found is None:
             return self.site(name, f"{role}, output (no final activation module)")
-        site = self.site(activation, f"{role} {name}, before its final activation")
-        return replace(site, hook="input")
+        activation, calls = found
+        where = "before its final activation" + (f" (call {calls} of {calls})" if calls > 1 else "")
+        site = self.site(activation, f"{role} {name}, {where}")
+        return replace(site, hook="input", block=name, call=calls)
 
 
 def _find_blocks(traced: _Model, skipped: list[SkippedModule]) -> list[str]:

@@ -55,12 +55,30 @@ class _SiteHook:
 
 class _SiteInputHook(_SiteHook):
     """Forward pre-hook of a site placed before a block's final activation: perturbs what the
-    activation module receives."""
+    activation module receives on its ``call``-th call in one forward of the block (a block may
+    run one activation module several times; :class:`_CountReset` restarts the count)."""
+
+    def __init__(self, controller: MetaPerturb, index: int, call: int) -> None:
+        super().__init__(controller, index)
+        self.call = call
+        self.seen = 0
 
     def __call__(self, module: nn.Module, args: Any) -> Any:  # type: ignore[override]
-        if not args or not isinstance(args[0], Tensor):
+        self.seen += 1
+        if self.seen != self.call or not args or not isinstance(args[0], Tensor):
             return None
         return (self.controller.apply_site(self.index, args[0]), *args[1:])
+
+
+class _CountReset:
+    """Forward pre-hook of the block that holds an input site: a new forward of the block (or
+    its recomputation under activation checkpointing) counts the activation's calls anew."""
+
+    def __init__(self, site: _SiteInputHook) -> None:
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.site.seen = 0
 
 
 class _InputHook:
@@ -290,12 +308,15 @@ def wrap(
     model.add_module(ATTRIBUTE, controller)
 
     modules = dict(model.named_modules())
-    handles = [
-        modules[site.name].register_forward_pre_hook(_SiteInputHook(controller, index))
-        if site.hook == "input"
-        else modules[site.name].register_forward_hook(_SiteHook(controller, index))
-        for index, site in enumerate(plan.sites)
-    ]
+    handles = []
+    for index, site in enumerate(plan.sites):
+        if site.hook == "input":
+            hook = _SiteInputHook(controller, index, site.call)
+            # Registered first, so that a site on the block itself resets before it counts.
+            handles.append(modules[site.block].register_forward_pre_hook(_CountReset(hook)))
+            handles.append(modules[site.name].register_forward_pre_hook(hook))
+        else:
+            handles.append(modules[site.name].register_forward_hook(_SiteHook(controller, index)))
     handles.append(model.register_forward_pre_hook(_InputHook(controller)))
     handles.append(model.register_load_state_dict_post_hook(_drop_own_missing_keys))
     controller.handles = handles
