@@ -20,6 +20,13 @@ def test_inspect_torchvision_stage_mode(capsys: pytest.CaptureFixture[str]) -> N
     assert "4 sites" in capsys.readouterr().out
 
 
+def test_inspect_before_activation(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["inspect", "cifar_resnet20", "--input-size", "3", "32", "32"]
+    assert main([*args, "--placement", "before_activation"]) == 0
+    out = capsys.readouterr().out
+    assert "placement 'before_activation'" in out and "stages.2.2.act2" in out
+
+
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="timm knows no model"):
         main(["inspect", "no_such_net"])

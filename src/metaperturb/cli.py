@@ -38,7 +38,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .wrapper import inspect
 
     model = build_model(args.model, in_chans=args.input_size[0])
-    print(inspect(model, sites=args.sites, input_size=args.input_size))
+    print(inspect(model, sites=args.sites, input_size=args.input_size, placement=args.placement))
     return 0
 
 
@@ -98,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["block", "stage"],
         default="block",
         help="a site after every block, or only at the end of each stage",
+    )
+    inspect_parser.add_argument(
+        "--placement",
+        choices=["output", "before_activation"],
+        default="output",
+        help="phi on each block's output, or before its final activation module",
     )
     inspect_parser.set_defaults(run=_inspect)
 
