@@ -82,6 +82,7 @@ def test_official_checkpoint_converts_exactly(tmp_path: Path) -> None:
     assert metadata["source"].startswith("official MetaPerturb checkpoint (Ryu et al. 2020)")
     assert metadata["source_architecture"] == "resnet20 (pre-activation features)"
     assert len(metadata["source_sha256"]) == 64
+    assert phi.config.placement == "before_activation"  # where their phi acted
 
     loaded = load_phi(save_pretrained(phi, tmp_path / "official"))
     assert_mapped(theirs, loaded.state_dict())

@@ -212,10 +212,14 @@ def test_wrong_channel_count_is_a_clear_error(phi: Perturbation) -> None:
 
 
 def test_config_validation_and_round_trip() -> None:
-    config = PerturbationConfig(channel_norm=64, spatial_norm=32, metadata={"a": "b"})
+    config = PerturbationConfig(
+        channel_norm=64, spatial_norm=32, placement="before_activation", metadata={"a": "b"}
+    )
     assert PerturbationConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="clip"):
         PerturbationConfig(clip=-1)
+    with pytest.raises(ValueError, match="placement must be 'output' or 'before_activation'"):
+        PerturbationConfig(placement="inside")
     with pytest.raises(ValueError, match="Unknown phi config keys"):
         PerturbationConfig.from_dict({"future_option": 1})
 

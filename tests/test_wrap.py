@@ -417,3 +417,14 @@ def test_before_activation_on_torchvision_perturbs_the_last_call_of_a_shared_rel
     assert len(twin_seen) == 8 and len(seen) == 16  # the copy's hooks drive the copy's sites
     with metaperturb.disabled(model):
         torch.testing.assert_close(model(x), host.train()(x))
+
+
+def test_wrap_puts_phi_where_it_was_meta_trained_unless_told_otherwise(tmp_path) -> None:
+    phi = Perturbation(metaperturb.PerturbationConfig(placement="before_activation"))
+    loaded = Perturbation.from_pretrained(phi.save_pretrained(tmp_path / "phi"))
+    assert loaded.config.placement == "before_activation"
+    host = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ActBlock(8), ActBlock(8))
+    model = metaperturb.wrap(copy.deepcopy(host), phi=loaded, input_size=(3, 16, 16))
+    assert metaperturb.get_controller(model).plan.placement == "before_activation"
+    model = metaperturb.wrap(host, phi=loaded, input_size=(3, 16, 16), placement="output")
+    assert metaperturb.get_controller(model).plan.placement == "output"

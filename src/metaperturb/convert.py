@@ -116,7 +116,9 @@ def convert_official_checkpoint(path: str | os.PathLike[str]) -> Perturbation:
     }
     # channel_norm / spatial_norm stay None (the host's widest site, the input height): for the
     # authors' ResNet20 at 32 px these are exactly their 64 and 32.
-    phi = Perturbation(PerturbationConfig(metadata=metadata))
+    # Their phi acted on the residual sum before each block's last ReLU: wrap puts it there
+    # by default, where the host's blocks allow.
+    phi = Perturbation(PerturbationConfig(metadata=metadata, placement="before_activation"))
     phi.load_state_dict({ours: checked[theirs] for theirs, ours in OFFICIAL_KEY_MAP.items()})
     return phi
 

@@ -56,6 +56,10 @@ class PerturbationConfig:
     clip: float | None = 100.0
     #: Momentum of the running mean/variance of the scale statistics (as in BatchNorm).
     momentum: float = 0.1
+    #: Where this phi was meta-trained to act, and where :func:`metaperturb.wrap` puts it unless
+    #: told otherwise: ``"output"`` (each block's output) or ``"before_activation"`` (the input
+    #: of a block's final activation module, the authors' ResNet placement).
+    placement: str = "output"
     #: Free-form provenance, e.g. ``{"source_dataset": "tiny-imagenet-200-32px"}``.
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -69,6 +73,11 @@ class PerturbationConfig:
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(
                 f"PerturbationConfig.momentum must lie in [0, 1], got {self.momentum!r}."
+            )
+        if self.placement not in ("output", "before_activation"):
+            raise ValueError(
+                "PerturbationConfig.placement must be 'output' or 'before_activation', got "
+                f"{self.placement!r}."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -247,7 +247,7 @@ def wrap(
     channel_norm: float | None = None,
     revision: str | None = None,
     memory_efficient: bool = False,
-    placement: Placement = "output",
+    placement: Placement | None = None,
 ) -> nn.Module:
     """Apply MetaPerturb after every block of ``model``; returns the same model, wrapped.
 
@@ -270,6 +270,7 @@ def wrap(
             ``"before_activation"`` (the input of the block's final activation module where
             there is one, as in the authors' ResNets; elsewhere the output). Since the gain is
             positive, ``act(h * g) = act(h) * g`` for ReLU: the two differ in what phi sees.
+            Default: where phi was meta-trained (``phi.config.placement``).
 
     Raises:
         AlreadyWrappedError: ``model`` is already wrapped.
@@ -292,8 +293,9 @@ def wrap(
             f"wrap() got a {type(model).__name__}: wrap the plain model first, then apply "
             "DistributedDataParallel / torch.compile to the wrapped model."
         )
-    plan = plan_sites(model, strategy=sites, input_size=input_size, placement=placement)
     perturbation = _resolve_phi(phi, revision)
+    where = placement or cast(Placement, perturbation.config.placement)
+    plan = plan_sites(model, strategy=sites, input_size=input_size, placement=where)
     perturbation.freeze(not trainable)
     reference = next(iter(model.parameters()), None)
     controller = MetaPerturb(

@@ -112,7 +112,9 @@ class _MetaTrainer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, _PHI_KEY))
-            self.phi = Perturbation(PerturbationConfig(clip=config.clip))
+            self.phi = Perturbation(
+                PerturbationConfig(clip=config.clip, placement=config.placement)
+            )
         self.phi.to(comm.device)
         comm.broadcast_module_(self.phi)  # identical phi on every rank, whatever happened before
         self.phi_optimizer = torch.optim.Adam(
