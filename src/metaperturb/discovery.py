@@ -459,9 +459,9 @@ def plan_sites(
     Args:
         model: any ``nn.Module`` whose forward takes one (B, C, H, W) image batch.
         strategy: ``"block"``, ``"stage"``, or an explicit list of module names.
-        placement: ``"output"`` or ``"before_activation"`` (see :data:`Placement`).
         input_size: (C, H, W) of the planning pass; by default from timm's ``pretrained_cfg``
             or 224 px. Only shapes depend on it, so any size the model accepts will do.
+        placement: ``"output"`` or ``"before_activation"`` (see :data:`Placement`).
 
     Raises:
         NoSitesError: no module of ``model`` can take phi, or an explicit name is unusable.
