@@ -4,6 +4,8 @@ Three steps, each resumable and safe to rerun (a finished step is skipped):
 
     python benchmarks/phi_star.py train --runs 5      # metaperturb train, seeds 0..4
     python benchmarks/phi_star.py train --seeds 1 --threads 1 &   # or one process per seed
+    python benchmarks/phi_star.py train --seeds 0 --placement before_activation  # the authors'
+                                                      # placement: runs/phi-star/preact-seed-0
     python benchmarks/phi_star.py select              # metaperturb select on a CIFAR-10 slice
     python benchmarks/phi_star.py install             # winner -> weights/phi-star/
     python benchmarks/phi_star.py status              # progress of every run
@@ -40,10 +42,17 @@ def _finished(run: Path) -> bool:
     return (run / "phi" / "model.safetensors").is_file()
 
 
+def _runs(runs_dir: Path) -> list[Path]:
+    """Every run folder: ``seed-<k>`` (phi on block outputs) and ``preact-seed-<k>`` (phi
+    before the blocks' last ReLU, ``--placement before_activation``)."""
+    return sorted(p for p in runs_dir.glob("*seed-*") if p.is_dir() and p.name != "selection")
+
+
 def train(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else list(range(args.runs))
+    prefix = "preact-" if args.placement == "before_activation" else ""
     for seed in seeds:
-        run = args.runs_dir / f"seed-{seed}"
+        run = args.runs_dir / f"{prefix}seed-{seed}"
         if _finished(run):
             print(f"{run.name}: finished, skipped")
             continue
@@ -51,6 +60,7 @@ def train(args: argparse.Namespace) -> None:
             sys.executable, "-m", "metaperturb.train",
             "--data", str(args.data), "--output-dir", str(run), "--seed", str(seed),
             "--steps", str(args.steps), "--checkpoint-every", "25", "--no-progress",
+            "--placement", args.placement,
         ]  # fmt: skip
         if (run / "checkpoint.pt").is_file():
             command.append("--resume")
@@ -61,7 +71,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def select(args: argparse.Namespace) -> None:
-    runs = sorted(str(run) for run in args.runs_dir.glob("seed-*") if _finished(run))
+    runs = [str(run) for run in _runs(args.runs_dir) if _finished(run)]
     if not runs:
         raise SystemExit(f"no finished run under {args.runs_dir}: run `train` first.")
     command = [
@@ -186,7 +196,7 @@ def _status_lines(runs_dir: Path, finished_only: bool = False) -> list[str]:
         "| run | steps done | wall time (h) | steps/s | train acc | held-out acc | held-out loss | state |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
+    for run in _runs(runs_dir):
         if finished_only and not _finished(run):
             continue
         log = run / "metrics.jsonl"
@@ -241,7 +251,7 @@ def _magnitude_lines(runs_dir: Path, finished_only: bool = False) -> list[str]:
     from metaperturb.hub import load_phi
 
     entries, signals = [], []
-    for run in sorted(p for p in runs_dir.glob("seed-*") if p.is_dir()):
+    for run in _runs(runs_dir):
         if finished_only and not _finished(run):
             continue
         found = _phi_state(run)
@@ -348,6 +358,12 @@ def main() -> None:
         "--seeds", type=int, nargs="+", help="only these seeds (one process each, in parallel)"
     )
     train_parser.add_argument("--threads", type=int, help="torch CPU threads per run")
+    train_parser.add_argument(
+        "--placement",
+        choices=["output", "before_activation"],
+        default="output",
+        help="where phi acts in the task networks; before_activation runs go to preact-seed-<k>",
+    )
     select_parser = steps.add_parser("select", help="score the finished runs")
     select_parser.add_argument("--steps", type=int, default=2000)
     select_parser.add_argument("--seeds", type=int, default=1)

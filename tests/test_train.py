@@ -286,7 +286,9 @@ def test_select_scores_candidates_and_keeps_the_best(
 ) -> None:
     from metaperturb.cli import main
 
-    untrained = metaperturb.Perturbation().save_pretrained(tmp_path / "untrained")
+    # A candidate meta-trained before the blocks' last ReLU is meta-tested there.
+    before = metaperturb.PerturbationConfig(placement="before_activation")
+    untrained = metaperturb.Perturbation(before).save_pretrained(tmp_path / "untrained")
     candidates = [str(finished_run), str(finished_run / "phi"), str(untrained)]
     argv = ["select", *candidates, "--data", str(TINY), "--split", "validation"]
     argv += ["--classes", "3", "--max-per-class", "8", "--image-size", "16", "--steps", "3"]
@@ -302,7 +304,8 @@ def test_select_scores_candidates_and_keeps_the_best(
     assert report["validation"]["target"]["test_skip_per_class"] == 4
     assert (report["validation"]["train"], report["validation"]["test"]) == (12, 12)
     # Each meta-test is a result of the evaluation harness, so a rerun reads them back.
-    assert len(list((tmp_path / "selected" / "meta-tests").glob("*.json"))) == 2
+    meta_tests = sorted(p.name for p in (tmp_path / "selected" / "meta-tests").glob("*.json"))
+    assert len(meta_tests) == 2 and sum(",pre-act]" in name for name in meta_tests) == 1
     best = metaperturb.Perturbation.from_pretrained(tmp_path / "selected" / "best")
     assert best.scale_weight.shape == (1, 10)
     assert f"best: {report['best']}" in capsys.readouterr().out

@@ -109,9 +109,10 @@ class SelectConfig:
         )
 
     def meta_test_config(
-        self, phi: str | None, phi_name: str | None, repeat: int
+        self, phi: str | None, phi_name: str | None, repeat: int, placement: str = "output"
     ) -> TransferConfig:
-        """The evaluation run that scores ``phi`` (``None``: the plain network)."""
+        """The evaluation run that scores ``phi`` (``None``: the plain network), placed where
+        it was meta-trained (``placement``)."""
         # Imported here: the evaluation harness builds on this package's task networks.
         from ..transfer.run import TransferConfig
 
@@ -120,6 +121,7 @@ class SelectConfig:
             model=self.model,
             phi=phi,
             phi_name=phi_name,
+            placement=placement,
             steps=self.steps,
             batch_size=self.batch_size,
             lr=self.lr,
@@ -159,13 +161,18 @@ def select(config: SelectConfig) -> dict[str, Any]:
     phis = {name: load_phi(source) for name, source in candidates.items()}  # fail early
     # Meta-test results are named by phi's numbers, so the same phi under two names is one run
     # and two different phi never share a result file.
-    entries: list[tuple[str, str | None, str | None]] = [
-        (name, str(candidates[name]), f"{phi_label(name)}-{phi.fingerprint()[:8]}")
+    entries: list[tuple[str, str | None, str | None, str]] = [
+        (
+            name,
+            str(candidates[name]),
+            f"{phi_label(name)}-{phi.fingerprint()[:8]}",
+            phi.config.placement,
+        )
         for name, phi in phis.items()
     ]
     if config.baseline:
-        entries.append(("(no phi)", None, None))
-    per_seed: dict[str, list[float]] = {name: [] for name, _, _ in entries}
+        entries.append(("(no phi)", None, None, "output"))
+    per_seed: dict[str, list[float]] = {name: [] for name, *_ in entries}
     images: dict[str, int] = {}  # train and test image counts, the same in every meta-test
     with contextlib.ExitStack() as stack:
         if config.output_dir is not None:
@@ -175,9 +182,11 @@ def select(config: SelectConfig) -> dict[str, Any]:
         total = len(entries) * config.seeds
         bar = stack.enter_context(tqdm(total=total, unit="meta-test", disable=not config.progress))
         for repeat in range(config.seeds):
-            for name, phi, phi_name in entries:
+            for name, phi, phi_name, placement in entries:
                 result = run_transfer(
-                    config.meta_test_config(phi, phi_name, repeat), results, progress=False
+                    config.meta_test_config(phi, phi_name, repeat, placement),
+                    results,
+                    progress=False,
                 )
                 per_seed[name].append(result["accuracy"])
                 images = {"train": result["train_images"], "test": result["test_images"]}
