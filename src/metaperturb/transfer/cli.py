@@ -50,7 +50,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--placement",
         choices=("output", "before_activation"),
         default="output",
-        help="what phi perturbs: block outputs, or the input of each block's final activation",
+        help="what phi perturbs: block outputs, or the input of each block's final activation "
+        "(explicit here, whatever phi's config says, so that run ids name it)",
     )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
