@@ -165,3 +165,26 @@ def test_distributed_data_parallel_gives_consistent_phi_gradients(trainable: boo
             torch.testing.assert_close(grad, other)
         else:
             assert grad is None and other is None
+
+
+def test_torch_compile_fullgraph_before_a_relu_called_twice() -> None:
+    """torchvision's blocks call one relu twice; the per-block call count compiles without a
+    graph break and the compiled model matches eager."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = metaperturb.wrap(
+        torchvision.models.resnet18(num_classes=4),
+        phi=Perturbation(),
+        input_size=(3, 32, 32),
+        placement="before_activation",
+    )
+    assert {site.call for site in metaperturb.get_controller(model).plan.sites} == {2}
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    compiled(x).sum().backward()
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
+    with metaperturb.disabled(model):
+        plain = model(x)
+    assert not torch.allclose(compiled(x), plain)
