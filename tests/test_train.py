@@ -88,6 +88,9 @@ def test_metrics_log(finished_run: Path) -> None:
             assert set(metrics) == {"train_loss", "train_acc", "heldout_loss", "heldout_acc"}
             assert 0.0 <= metrics["heldout_acc"] <= 1.0 and metrics["train_loss"] > 0
         assert len(record["scale"]) == 9 and all(0 < s < 1 for s in record["scale"].values())
+        # A fresh phi's noise path passes part of its input (untrained kernels of both signs).
+        alive = record["noise_alive"]
+        assert set(alive) == set(record["scale"]) and 0 < max(alive.values()) <= 1
     # phi's weight magnitudes, as the run ended: the log's last line matches the saved phi.
     phi = metaperturb.Perturbation.from_pretrained(finished_run / "phi")
     expected = {name: p.abs().mean().item() for name, p in phi.named_parameters()}
@@ -336,3 +339,28 @@ def test_placement_before_activation_reaches_the_task_networks(tmp_path: Path) -
     plan = metaperturb.get_controller(_learner(placement="before_activation").model).plan
     assert {site.hook for site in plan.sites} == {"input"}
     assert all(site.name.endswith(".act2") for site in plan.sites)
+
+
+def test_noise_path_alive_reads_zero_for_a_dead_path_and_changes_nothing() -> None:
+    """E1 kernels all negative on non-negative block outputs: nothing reaches mu."""
+    import timm
+
+    from metaperturb.train.metrics import noise_path_alive
+
+    torch.manual_seed(0)
+    model = metaperturb.wrap(
+        timm.create_model("cifar_resnet20", num_classes=3),
+        phi=metaperturb.Perturbation(),
+        input_size=(3, 16, 16),
+    )
+    phi = metaperturb.get_controller(model).phi
+    x = torch.randn(4, 3, 16, 16)
+    assert 0 < max(noise_path_alive(model, x).values()) < 1
+    with torch.no_grad():
+        phi.noise_in.self_weight.fill_(-0.01)
+        phi.noise_in.mean_weight.fill_(-0.01)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    assert set(noise_path_alive(model, x).values()) == {0.0}
+    assert model.training  # the mode it had
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

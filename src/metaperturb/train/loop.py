@@ -35,7 +35,7 @@ from . import checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .distributed import Collective, session, task_range
 from .learner import TaskLearner
-from .metrics import MetricsLog, phi_magnitudes, site_scales, summarize
+from .metrics import MetricsLog, noise_path_alive, phi_magnitudes, site_scales, summarize
 from .sampling import TaskStream, derive_seed
 
 __all__ = ["RunExistsError", "TrainingStoppedError", "train"]
@@ -340,7 +340,13 @@ class _MetaTrainer:
 
     def _log(self, step: int, elapsed: float, rate: float) -> dict[str, Any] | None:
         tasks = {
-            learner.task.index: {**learner.meter.collect(), "scale": site_scales(learner.model)}
+            learner.task.index: {
+                **learner.meter.collect(),
+                "scale": site_scales(learner.model),
+                "noise_alive": noise_path_alive(
+                    learner.model, learner.heldout_stream.batch(step)[0][:32]
+                ),
+            }
             for learner in self.learners
         }
         phi = torch.cat([p.detach().reshape(-1).cpu() for p in self.phi.parameters()])
@@ -361,6 +367,14 @@ class _MetaTrainer:
             "phi": phi_magnitudes(self.phi),
             "ranks": self.comm.world_size,
         }
+        alive = self.last_record["noise_alive"]
+        if alive and max(alive.values()) == 0.0:
+            logger.warning(
+                "step %d: phi's noise path is dead (relu(E1(h)) = 0 at every site): its noise no "
+                "longer depends on the input and its noise weights get no gradient. Consider "
+                "--placement before_activation.",
+                step,
+            )
         return self.last_record
 
     def _checkpoint(self, step: int) -> None:

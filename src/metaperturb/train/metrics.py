@@ -6,13 +6,16 @@ One JSON object per line, written by rank 0 every ``log_every`` steps::
      "tasks": {"0": {"train_loss": 4.1, "train_acc": 0.05, "heldout_loss": 4.3, "heldout_acc": 0.04}, ...},
      "mean": {"train_loss": ..., "train_acc": ..., "heldout_loss": ..., "heldout_acc": ...},
      "scale": {"stages.0.0": 0.51, ...},
+     "noise_alive": {"stages.0.0": 0.43, ...},
      "phi": {"noise_in.self_weight": 0.012, ...}}
 
 Losses and accuracies are averaged over the steps since the previous line; ``scale`` is phi's
 channel scale s at each site computed from the running statistics (what a network sees at test
 time), averaged over channels and tasks; ``phi`` is the mean absolute value of each of phi's
 weight tensors, which shows a weight growing or a part of phi decaying to zero (its weight decay
-winning over its gradient: the noise mean ``mu`` near 0 makes the noise input-independent).
+winning over its gradient: the noise mean ``mu`` near 0 makes the noise input-independent);
+``noise_alive`` is :func:`noise_path_alive` on 32 held-out images of each task, averaged over
+tasks (0 at every site: phi's noise path died and cannot recover).
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from .._atomic import atomic_write
 from ..site import SiteState
 from ..wrapper import get_controller
 
-__all__ = ["Meter", "MetricsLog", "phi_magnitudes", "read_metrics", "site_scales", "summarize"]
+__all__ = [
+    "Meter",
+    "MetricsLog",
+    "noise_path_alive",
+    "phi_magnitudes",
+    "read_metrics",
+    "site_scales",
+    "summarize",
+]
 
 _FIELDS = ("train_loss", "train_acc", "heldout_loss", "heldout_acc")
 
@@ -83,6 +94,34 @@ def site_scales(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
+def noise_path_alive(model: nn.Module, images: Tensor) -> dict[str, float]:
+    """Per site, the share of positions where phi's first noise op E1(h) is positive, on one eval
+    forward of ``images``: the part of phi's input that reaches the noise mean
+    ``mu = E2(relu(E1(h)))``. At 0 everywhere the path is dead: mu = 0 for any input and no
+    gradient reaches the noise weights again (with phi on ReLU outputs, E1 kernels that drift
+    negative do this). Eval mode, expectation: no random draw and no statistic changes."""
+    controller = get_controller(model)
+    phi = cast(Any, controller.phi)
+    real = controller.site_function
+    shares: list[float] = []
+
+    def spy(h: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        first = phi.noise_in(h.to(phi.scale_weight.dtype))
+        shares.append(float((first > 0).float().mean()))
+        return cast(Tensor, real(h, *args, **kwargs))
+
+    training, mode = model.training, controller.eval_mode
+    controller.site_function, controller.eval_mode = spy, "expectation"
+    try:
+        model.eval()
+        model(images)
+    finally:
+        controller.site_function, controller.eval_mode = real, mode
+        model.train(training)
+    return dict(zip(controller.site_names, shares, strict=False))
+
+
+@torch.no_grad()
 def phi_magnitudes(phi: nn.Module) -> dict[str, float]:
     """Mean absolute value of each of phi's weight tensors (untrained: about 0.008)."""
     return {name: float(p.abs().mean()) for name, p in phi.named_parameters()}
@@ -92,14 +131,18 @@ def summarize(task_records: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Merge per-task records ({task: {metrics..., "scale": {site: s}}}) into one log entry."""
     tasks = {str(t): {k: task_records[t][k] for k in _FIELDS} for t in sorted(task_records)}
     mean = {k: sum(r[k] for r in tasks.values()) / len(tasks) for k in _FIELDS}
-    scales: dict[str, list[float]] = {}
+    merged: dict[str, dict[str, list[float]]] = {"scale": {}, "noise_alive": {}}
     for record in task_records.values():
-        for site, value in record["scale"].items():
-            scales.setdefault(site, []).append(value)
+        for key, per_site in merged.items():
+            for site, value in record.get(key, {}).items():
+                per_site.setdefault(site, []).append(value)
     return {
         "tasks": tasks,
         "mean": mean,
-        "scale": {site: sum(v) / len(v) for site, v in scales.items()},
+        **{
+            key: {site: sum(v) / len(v) for site, v in per_site.items()}
+            for key, per_site in merged.items()
+        },
     }
 
 
