@@ -289,44 +289,24 @@ def _magnitude_lines(runs_dir: Path, finished_only: bool = False) -> list[str]:
     return lines + ["", *_noise_path_lines(entries)]
 
 
-def _site_features(placement: str) -> list[torch.Tensor]:
-    """What phi sees at each site of an untrained ResNet-20 (eval mode, N(0, 1) images, seed 0)
-    under ``placement``."""
-    import timm
-
-    from metaperturb.discovery import plan_sites
-
-    torch.manual_seed(0)
-    net = timm.create_model("cifar_resnet20", num_classes=10).eval()
-    plan = plan_sites(net, input_size=(3, 32, 32), placement=placement)  # type: ignore[arg-type]
-    modules = dict(net.named_modules())
-    seen: list[torch.Tensor] = []
-    handles = [
-        modules[site.name].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-        if site.hook == "input"
-        else modules[site.name].register_forward_hook(lambda m, a, out: seen.append(out.clone()))
-        for site in plan.sites
-    ]
-    with torch.no_grad():
-        net(torch.randn(16, 3, 32, 32))
-    for handle in handles:
-        handle.remove()
-    return seen
-
-
 def _noise_path_lines(entries: list[tuple[str, dict[str, torch.Tensor]]]) -> list[str]:
     """How alive phi's noise path is: the share of positions where its first op E1(h) is positive,
     so that relu(E1(h)) passes anything to mu. At 0%, mu is 0 whatever the input and no gradient
     reaches the noise weights again: on block outputs (>= 0 after a ReLU) E1 kernels that went
     negative kill the path for good; on the signed sums before the ReLU they cannot."""
-    from metaperturb.phi import Perturbation
+    import timm
+
+    import metaperturb
+    from metaperturb.train.metrics import noise_path_alive
 
     placements = ("output", "before_activation")
-    features = {placement: _site_features(placement) for placement in placements}
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 32, 32)
     lines = [
         (
             "Noise path alive: % of positions where phi's first noise op E1(h) > 0 (so relu(E1(h)) "
-            "reaches mu), mean over the 9 sites of an untrained ResNet-20 on N(0, 1) images; 0 "
+            "reaches mu), mean over the 9 sites of an untrained ResNet-20 wrapped with that phi (eval, "
+            "expectation) on N(0, 1) images (metaperturb.train.metrics.noise_path_alive); 0 "
             "means mu = 0 for any input and no gradient reaches the noise weights:"
         ),
         "",
@@ -334,13 +314,15 @@ def _noise_path_lines(entries: list[tuple[str, dict[str, torch.Tensor]]]) -> lis
         "| --- | ---: | ---: |",
     ]
     for label, state in entries:
-        phi = Perturbation()
-        phi.load_state_dict(state)
         cells = []
-        with torch.no_grad():
-            for placement in placements:
-                shares = [float((phi.noise_in(h) > 0).float().mean()) for h in features[placement]]
-                cells.append(f"{100 * sum(shares) / len(shares):.1f}")
+        for placement in placements:
+            phi = metaperturb.Perturbation()
+            phi.load_state_dict(state)
+            torch.manual_seed(0)  # the same untrained network for every phi
+            net = timm.create_model("cifar_resnet20", num_classes=10)
+            model = metaperturb.wrap(net, phi=phi, input_size=(3, 32, 32), placement=placement)  # type: ignore[arg-type]
+            shares = list(noise_path_alive(model, images).values())
+            cells.append(f"{100 * sum(shares) / len(shares):.1f}")
         lines.append(f"| {label} | {' | '.join(cells)} |")
     return lines
 
