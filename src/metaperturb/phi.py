@@ -129,12 +129,9 @@ def shared_kernel_conv(x: Tensor, kernels: Tensor, form: ConvForm) -> Tensor:
         return F.conv2d(x, kernels.expand(channels, 1, 3, 3), padding=1, groups=channels)
     if form == "grouped":
         return F.conv2d(x, kernels.repeat(channels, 1, 1, 1), padding=1, groups=channels)
-    # K depthwise convolutions, interleaved channel-major.
-    outputs = [
-        F.conv2d(x, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels)
-        for kernel in kernels.split(1)
-    ]
-    return torch.stack(outputs, dim=2).view(batch, channels * count, height, width)
+    # Several depthwise kernels: the caller runs them one at a time (scale_maps pools each map
+    # before the next exists).
+    raise ValueError("the depthwise form takes one kernel at a time; call it once per kernel.")
 
 
 class ChannelEquivariantConv(nn.Module):
