@@ -53,17 +53,19 @@ class _SiteHook:
         return self.controller.apply_site(self.index, output)
 
 
-class _SiteInputHook(_SiteHook):
+class _SiteInputHook:
     """Forward pre-hook of a site placed before a block's final activation: perturbs what the
     activation module receives on its ``call``-th call in one forward of the block (a block may
-    run one activation module several times; :class:`_CountReset` restarts the count)."""
+    run one activation module several times; :class:`_CountReset` restarts the count). A
+    callable object for the same deepcopy reason as :class:`_SiteHook`."""
 
     def __init__(self, controller: MetaPerturb, index: int, call: int) -> None:
-        super().__init__(controller, index)
+        self.controller = controller
+        self.index = index
         self.call = call
         self.seen = 0
 
-    def __call__(self, module: nn.Module, args: Any) -> Any:  # type: ignore[override]
+    def __call__(self, module: nn.Module, args: Any) -> Any:
         self.seen += 1
         if self.seen != self.call or not args or not isinstance(args[0], Tensor):
             return None
