@@ -246,6 +246,15 @@ def test_wrap_after_torch_compile_is_an_error_unwrap_through_it_works() -> None:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_fx_symbolic_tracing_of_a_wrapped_model_says_what_to_do_instead() -> None:
+    model = wrapped(MyResNet())
+    with pytest.raises(TypeError, match=r"torch.fx symbolic tracing.*trace the model before wrap"):
+        torch.fx.symbolic_trace(model)
+    traced = torch.fx.symbolic_trace(MyResNet())  # traced first, then wrapped: fine
+    metaperturb.wrap(traced, phi=Perturbation(), input_size=(3, 16, 16))
+    assert traced(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
 @pytest.fixture
 def process_group(tmp_path: Path) -> Iterator[None]:
     store = dist.FileStore(str(tmp_path / "store"), 1)

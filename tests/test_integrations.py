@@ -35,12 +35,27 @@ def record_site_outputs(model: nn.Module) -> list[torch.Tensor]:
     return outputs
 
 
-@pytest.mark.parametrize("placement", ["output", "before_activation"])
-def test_torch_compile_fullgraph_has_no_graph_break(placement: str) -> None:
-    model = resnet20(placement=placement)
+@pytest.mark.parametrize(
+    ("placement", "memory_efficient"),
+    [("output", False), ("before_activation", False), ("output", True)],
+)
+def test_torch_compile_fullgraph_has_no_graph_break(placement: str, memory_efficient: bool) -> None:
+    model = resnet20(placement=placement, memory_efficient=memory_efficient)
+    eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 3, 16, 16)
-    compiled(x).sum().backward()  # train mode: sampled noise, batch statistics
+    for strength in (0.0, 1.0):  # at 0 the features, hence the statistics, are noise-free
+        metaperturb.set_strength(model, strength)
+        metaperturb.set_strength(eager, strength)
+        compiled(x).sum().backward()  # train mode: sampled noise, batch statistics
+        eager(x).sum().backward()
+        if strength == 0.0:  # updated once per step, as in eager
+            for a, b in zip(
+                metaperturb.get_controller(model).sites,
+                metaperturb.get_controller(eager).sites,
+                strict=True,
+            ):
+                torch.testing.assert_close(a.running_mean, b.running_mean)
     model.eval()
     torch.testing.assert_close(compiled(x), model(x))
     perturbed = compiled(x)
@@ -98,7 +113,7 @@ def test_deepcopy_and_timm_model_ema() -> None:
 def test_timm_gradient_checkpointing_keeps_sites_firing_and_gradients_equal(
     placement: str,
 ) -> None:
-    def grads(checkpointing: bool) -> tuple[int, list[torch.Tensor]]:
+    def grads(checkpointing: bool) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
         torch.manual_seed(0)
         model = timm.create_model("resnet18", num_classes=4)
         metaperturb.wrap(
@@ -111,13 +126,21 @@ def test_timm_gradient_checkpointing_keeps_sites_firing_and_gradients_equal(
         fired = record_site_outputs(model)
         torch.manual_seed(1)
         model(torch.randn(2, 3, 64, 64)).sum().backward()
-        return len(fired), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        statistics = [s.running_mean.clone() for s in metaperturb.get_controller(model).sites]
+        return (
+            len(fired),
+            [p.grad.clone() for p in model.parameters() if p.grad is not None],
+            statistics,
+        )
 
-    plain_calls, plain = grads(False)
-    checkpointed_calls, checkpointed = grads(True)
+    plain_calls, plain, plain_statistics = grads(False)
+    checkpointed_calls, checkpointed, checkpointed_statistics = grads(True)
     assert plain_calls == 8
     assert checkpointed_calls >= 8  # recomputation in backward fires the sites again
     for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b)
+    # ... but moves phi's running statistics once per step, not again in the recomputation
+    for a, b in zip(plain_statistics, checkpointed_statistics, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -136,10 +159,14 @@ def _ddp_worker(rank: int, world: int, store_path: str, out_dir: str, trainable:
         torch.manual_seed(0)
         model = timm.create_model("cifar_resnet20", num_classes=10)
         metaperturb.wrap(model, phi=Perturbation(), input_size=(3, 16, 16), trainable=trainable)
+        if not trainable:
+            model.requires_grad_(True)  # a frozen phi stays frozen, and DDP must not wait for it
         ddp = nn.parallel.DistributedDataParallel(model)
         torch.manual_seed(100 + rank)  # each rank its own data and noise
-        loss = F.cross_entropy(ddp(torch.randn(4, 3, 16, 16)), torch.randint(0, 10, (4,)))
-        loss.backward()
+        for _ in range(2):  # DDP reports a parameter without gradient at the next step
+            ddp.zero_grad()
+            loss = F.cross_entropy(ddp(torch.randn(4, 3, 16, 16)), torch.randint(0, 10, (4,)))
+            loss.backward()
         phi = metaperturb.get_controller(ddp).phi
         grads = {
             n: (p.grad.clone() if p.grad is not None else None) for n, p in phi.named_parameters()

@@ -179,8 +179,10 @@ def test_eval_modes_and_mc_predict() -> None:
     assert not torch.equal(model(x), model(x))
     metaperturb.set_eval_mode(model, "expectation")
     model.train()
+    model.stem[1].eval()  # a layer the user keeps frozen while training
     probs = metaperturb.mc_predict(model, x, samples=5)
     assert model.training and metaperturb.get_controller(model).eval_mode == "expectation"
+    assert not model.stem[1].training and model.body[0].na.training
     assert probs.shape == (4, 5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
     with pytest.raises(ValueError, match="eval mode must be one of"):
@@ -228,6 +230,49 @@ def test_a_plain_host_checkpoint_loads_strictly_into_a_wrapped_host() -> None:
     result = model.load_state_dict(host.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     torch.testing.assert_close(model.head.weight, host.head.weight)
+
+
+def test_a_plain_checkpoint_loads_strictly_into_a_wrapped_backbone_inside_another_model() -> None:
+    """The keys then carry the outer model's prefix (``backbone.metaperturb.…``)."""
+
+    class Outer(nn.Module):
+        def __init__(self, backbone: nn.Module) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+    plain = Outer(MyResNet())
+    outer = Outer(wrapped(MyResNet()))
+    result = outer.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(outer.backbone.head.weight, plain.backbone.head.weight)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*backbone\.head\.bias"):
+        outer.load_state_dict(
+            {k: v for k, v in plain.state_dict().items() if k != "backbone.head.bias"}
+        )
+
+
+def test_the_spatial_descriptor_is_read_when_the_host_is_run_through_another_method() -> None:
+    """Calling the stem and body directly (as timm's ``forward_features`` does) still records the
+    input height, at the first layer, so phi sees the size it is given, not a stale one."""
+    model = wrapped(MyResNet()).eval()
+    controller = metaperturb.get_controller(model)
+    assert controller.plan.stem == "stem.0"
+    x = torch.randn(2, 3, 24, 24)
+    features = model.body(model.stem(x))
+    assert controller.input_height.item() == 24
+    model(torch.randn(2, 3, 16, 16))
+    torch.testing.assert_close(model.body(model.stem(x)), features)
+
+
+def test_a_host_whose_first_layer_does_not_take_the_image_has_no_stem_hook() -> None:
+    class Resized(MyResNet):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(F.interpolate(x, scale_factor=0.5))
+
+    model = wrapped(Resized())
+    assert metaperturb.get_controller(model).plan.stem is None
+    model(torch.randn(2, 3, 32, 32))
+    assert metaperturb.get_controller(model).input_height.item() == 32  # the host's input
 
 
 def test_spatial_descriptor_follows_the_input_size() -> None:
@@ -378,18 +423,80 @@ def test_an_unknown_placement_is_refused() -> None:
         metaperturb.inspect(MyResNet(), input_size=(3, 16, 16), placement="inside")  # type: ignore[arg-type]
 
 
-def test_a_sequential_host_still_runs_with_the_controller_as_its_last_child() -> None:
-    """nn.Sequential calls every child in order, the added ``metaperturb`` module included."""
-    host = nn.Sequential(
+def sequential_host() -> nn.Sequential:
+    return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Flatten(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
     )  # fmt: skip
+
+
+def test_a_sequential_host_stays_a_sequence_of_its_own_layers() -> None:
+    """len, indexing, slicing and replacing the head see the user's layers only, although the
+    MetaPerturb state is a child module (it still travels with state_dict and .to())."""
+    host = sequential_host()
     model = wrapped(copy.deepcopy(host))
     x = torch.randn(2, 3, 16, 16)
-    assert model.train()(x).shape == (2, 8 * 16 * 16)
+    assert isinstance(model, nn.Sequential) and repr(model).startswith("Sequential(")
+    assert len(model) == 9 and isinstance(model[-1], nn.Linear)
+    assert [type(m) for m in model] == [type(m) for m in host]
+    assert model[:-1](x).shape == (2, 8)  # a feature extractor, as on the plain host
     with metaperturb.disabled(model):
-        torch.testing.assert_close(model(x), host.train()(x))
+        torch.testing.assert_close(model.train()(x), host.train()(x))
+    assert any(k.startswith("metaperturb.") for k in model.state_dict())
+    model[-1] = nn.Linear(8, 3)  # a new head for fine-tuning
+    assert metaperturb.is_wrapped(model) and model(x).shape == (2, 3)
+    model.append(nn.Softmax(dim=1))
+    assert len(model) == 10 and "9" in dict(model.named_children())
+    del model[-1]
+    assert len(model) == 9 and metaperturb.is_wrapped(model)
+    metaperturb.unwrap(model)
+    assert type(model) is nn.Sequential and len(model) == 9
+
+
+def test_a_wrapped_sequential_pickles_and_copies_as_a_wrapped_sequential() -> None:
+    import io
+
+    model = wrapped(sequential_host()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        assert len(other) == 9 and metaperturb.is_wrapped(other)
+        torch.testing.assert_close(other(x), model(x))
+        metaperturb.unwrap(other)
+        assert type(other) is nn.Sequential
+    assert metaperturb.is_wrapped(model)
+
+
+def test_one_phi_cannot_be_frozen_for_one_model_and_trainable_for_another() -> None:
+    phi = Perturbation()
+    learner = metaperturb.wrap(MyResNet(), phi=phi, input_size=(3, 16, 16), trainable=True)
+    with pytest.raises(ValueError, match=r"already attached trainable.*copy\.deepcopy"):
+        metaperturb.wrap(MyResNet(), phi=phi, input_size=(3, 16, 16))
+    assert not phi.frozen
+    metaperturb.wrap(MyResNet(), phi=copy.deepcopy(phi), input_size=(3, 16, 16))
+    metaperturb.wrap(MyResNet(), phi=phi, input_size=(3, 16, 16), trainable=True)  # shared, alike
+    metaperturb.unwrap(learner)
+
+
+def test_bad_channel_norm_and_repeated_sites_are_refused() -> None:
+    for value in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="channel_norm must be a positive number"):
+            wrapped(MyResNet(), channel_norm=value)
+    with pytest.raises(ValueError, match=r"sites names \['body.0'\] more than once"):
+        wrapped(MyResNet(), sites=["body.0", "body.1", "body.0"])
+
+
+def test_the_strength_may_change_between_forward_and_backward() -> None:
+    """A scheduler stepped before ``loss.backward()`` must not break the backward pass."""
+    model = wrapped(MyResNet()).train()
+    scheduler = StrengthScheduler(model, total_steps=10)
+    loss = model(torch.randn(2, 3, 16, 16)).square().sum()
+    scheduler.step()
+    loss.backward()
+    assert model.head.weight.grad is not None
 
 
 def test_before_activation_on_torchvision_perturbs_the_last_call_of_a_shared_relu() -> None:

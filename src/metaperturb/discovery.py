@@ -82,6 +82,9 @@ class SitePlan:
     sites: list[PlannedSite]
     skipped: list[SkippedModule] = field(default_factory=list)
     placement: str = "output"
+    #: The first layer to run, when it takes the image itself: ``wrap`` reads the input height
+    #: there too, for hosts run through another method than ``forward``.
+    stem: str | None = None
 
     @property
     def widest(self) -> int:
@@ -121,6 +124,7 @@ class _Record:
     pre_order: int
     post_order: int = -1
     calls: int = 0
+    input_shape: tuple[int, ...] | None = None
     output: Any = None
     last_output: Any = None
     shape: tuple[int, ...] | None = None
@@ -143,6 +147,8 @@ def _trace(model: nn.Module, example: Tensor) -> dict[str, _Record]:
         def hook(module: nn.Module, args: Any) -> None:
             record = records.setdefault(name, _Record(pre_order=next(counter)))
             record.calls += 1
+            if record.calls == 1 and args and isinstance(args[0], Tensor):
+                record.input_shape = tuple(args[0].shape)
 
         return hook
 
@@ -447,6 +453,19 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     return channels, height, width
 
 
+def _stem(traced: _Model, image_shape: tuple[int, ...]) -> str | None:
+    """The first leaf module to run, if what it received was the image."""
+    leaves = [
+        name
+        for name, record in traced.records.items()
+        if not any(True for _ in traced.children(name))
+    ]
+    if not leaves:
+        return None
+    first = min(leaves, key=lambda name: traced.records[name].pre_order)
+    return first if traced.records[first].input_shape == image_shape else None
+
+
 def plan_sites(
     model: nn.Module,
     *,
@@ -521,6 +540,7 @@ def plan_sites(
         strategy_name = "explicit"
 
     plan = SitePlan(
+        stem=_stem(traced, tuple(example.shape)),
         model_type=type(model).__name__,
         input_size=size,
         strategy=strategy_name,

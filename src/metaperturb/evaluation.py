@@ -15,14 +15,17 @@ def mc_predict(model: nn.Module, inputs: Tensor, samples: int = 10) -> Tensor:
     """Softmax probabilities averaged over ``samples`` forward passes with sampled noise.
 
     The authors' evaluation (100 samples at the final test). The model is run in eval mode
-    (running statistics for BatchNorm and phi's scale) with the sites in ``"sample"`` mode; both
-    modes are restored afterwards. Costs ``samples`` forward passes; the default
-    ``"expectation"`` eval mode needs one.
+    (running statistics for BatchNorm and phi's scale) with the sites in ``"sample"`` mode; every
+    module's mode and the eval mode are restored afterwards. Costs ``samples`` forward passes;
+    the default ``"expectation"`` eval mode needs one.
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}.")
     controller = get_controller(model)
-    was_training, previous = model.training, controller.eval_mode
+    # Each module's own mode, not just the model's: a host may keep some layers in eval mode
+    # while training (frozen BatchNorm), and model.train() would switch them back.
+    modes = {module: module.training for module in model.modules()}
+    previous = controller.eval_mode
     model.eval()
     controller.eval_mode = "sample"
     try:
@@ -32,4 +35,5 @@ def mc_predict(model: nn.Module, inputs: Tensor, samples: int = 10) -> Tensor:
         return total / samples
     finally:
         controller.eval_mode = previous
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training

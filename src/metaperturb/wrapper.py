@@ -9,7 +9,9 @@ on the model that records the input's height. ``unwrap`` removes all of it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
+from . import _sequential_host
 from .discovery import Placement, SitePlan, Strategy, plan_sites
 from .errors import AlreadyWrappedError, ModelChangedError, NotWrappedError
 from .phi import Perturbation
@@ -83,16 +86,46 @@ class _CountReset:
         self.site.seen = 0
 
 
-class _InputHook:
-    """Forward pre-hook of the host: records the input image height for the spatial descriptor."""
+class _HeightHook:
+    """Forward pre-hook of the host's first layer (the one that takes the image): records the
+    input height for the spatial descriptor, also when the host is run through another entry
+    point than its ``forward`` (timm's ``forward_features``, a loop over its stages)."""
 
     def __init__(self, controller: MetaPerturb) -> None:
         self.controller = controller
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        self.controller.check_sites(module)
         if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
             self.controller.input_height.fill_(args[0].shape[-2])
+
+
+class _InputHook(_HeightHook):
+    """Forward pre-hook of the host: checks the sites are still in place, records the height."""
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.controller.check_sites(module)
+        super().__call__(module, args)
+
+
+def _recomputing_in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: the recomputation of activation
+    checkpointing (timm's ``set_grad_checkpointing``, ``torch.utils.checkpoint``), which must
+    not move the running statistics a second time. Compiled graphs never re-run Python here."""
+    if torch.compiler.is_compiling():
+        return False
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class _Statistics:
+    """Scratch running statistics for a checkpointed site: the update happens on copies inside
+    the checkpoint and is written back outside it, so the checkpointed function mutates nothing
+    it did not create (which ``torch.compile`` requires) and its recomputation changes nothing."""
+
+    def __init__(self, state: SiteState) -> None:
+        self.channels = state.channels
+        self.running_mean = state.running_mean.clone()
+        self.running_var = state.running_var.clone()
 
 
 def _find_submodule(root: nn.Module, name: str) -> nn.Module | None:
@@ -105,9 +138,17 @@ def _find_submodule(root: nn.Module, name: str) -> nn.Module | None:
 
 
 def _drop_own_missing_keys(module: nn.Module, incompatible_keys: Any) -> None:
-    """Let a plain host checkpoint load strictly into a wrapped host: phi's keys may be absent."""
+    """Let a plain host checkpoint load strictly into a wrapped host: phi's keys may be absent.
+
+    The keys carry the prefix of wherever the host sits in the model being loaded (a wrapped
+    backbone inside a larger model), so they are matched by their MetaPerturb suffix."""
+    controller = getattr(module, ATTRIBUTE, None)
+    if not isinstance(controller, MetaPerturb):
+        return
+    own = {f"{ATTRIBUTE}.{key}" for key in controller.state_dict()}
     missing = incompatible_keys.missing_keys
-    missing[:] = [key for key in missing if not key.startswith(f"{ATTRIBUTE}.")]
+    suffixes = tuple(f".{key}" for key in own)
+    missing[:] = [key for key in missing if key not in own and not key.endswith(suffixes)]
 
 
 class MetaPerturb(nn.Module):
@@ -152,6 +193,8 @@ class MetaPerturb(nn.Module):
         self.handles: list[RemovableHandle] = []
         #: The module of each site, as hooked by ``wrap`` (a plain list: not submodules).
         self.site_modules: list[nn.Module] = []
+        #: Names ``wrap`` added to the host's DistributedDataParallel ignore list (frozen phi).
+        self.ddp_ignored: list[str] | None = None
 
     def forward(self, x: Any) -> Any:
         """The identity. ``wrap`` appends this module as the host's last child, and a host that
@@ -177,6 +220,12 @@ class MetaPerturb(nn.Module):
         """Perturb the output ``h`` of site ``index`` (called by the site's forward hook)."""
         if not self.enabled:
             return h
+        if isinstance(h, torch.fx.Proxy):
+            raise TypeError(
+                "torch.fx symbolic tracing (e.g. torchvision's create_feature_extractor) cannot "
+                "trace MetaPerturb's sites, which depend on the input's size: trace the model "
+                "before wrap(), or use torch.export / torch.compile, which support wrapped models."
+            )
         spatial_norm = self.phi.config.spatial_norm
         height = float(h.shape[-2])
         spatial_ratio = (
@@ -185,16 +234,15 @@ class MetaPerturb(nn.Module):
             else height / self.input_height.clamp(min=1.0)
         )
         state = cast(SiteState, self.sites[index])
-        first_call = [True]
+        # A copy: a scheduler may change the strength between this forward and its backward.
+        strength = self.strength.clone()
 
-        def site(features: Tensor) -> Tensor:
-            # Under checkpointing this runs again in backward: update the statistics once.
-            update, first_call[0] = first_call[0], False
+        def site(features: Tensor, statistics: Any, update: bool) -> Tensor:
             return self.site_function(
                 features,
                 self.phi,
-                state,
-                strength=self.strength,
+                statistics,
+                strength=strength,
                 channel_ratio=self.channel_ratios[index],
                 spatial_ratio=spatial_ratio,
                 training=self.training,
@@ -203,9 +251,17 @@ class MetaPerturb(nn.Module):
             )
 
         if self.memory_efficient and self.training and torch.is_grad_enabled():
-            result: Tensor = checkpoint(site, h, use_reentrant=False)
-            return result
-        return site(h)
+
+            def checkpointed(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                scratch = _Statistics(state)
+                return site(features, scratch, True), scratch.running_mean, scratch.running_var
+
+            result, mean, var = checkpoint(checkpointed, h, use_reentrant=False)
+            if not _recomputing_in_backward():
+                state.running_mean.copy_(mean)
+                state.running_var.copy_(var)
+            return cast(Tensor, result)
+        return site(h, state, not _recomputing_in_backward())
 
     def extra_repr(self) -> str:
         return f"sites={len(self.sites)}, eval_mode={self.eval_mode!r}, enabled={self.enabled}"
@@ -225,6 +281,37 @@ def get_controller(model: nn.Module) -> MetaPerturb:
     raise NotWrappedError(
         f"{type(model).__name__} is not wrapped by MetaPerturb: call metaperturb.wrap(model) first."
     )
+
+
+#: Controllers currently attached to a host, to tell when one phi object serves several hosts.
+_ATTACHED: weakref.WeakSet[MetaPerturb] = weakref.WeakSet()
+
+
+def _check_shared_phi(perturbation: Perturbation, trainable: bool) -> None:
+    """One phi object in two wrapped models is one set of weights: freezing it for the second
+    would silently stop the first from learning it (or the reverse)."""
+    if perturbation.frozen == (not trainable):
+        return
+    if any(other.phi is perturbation for other in _ATTACHED):
+        wanted, held = ("trainable", "frozen") if trainable else ("frozen", "trainable")
+        raise ValueError(
+            f"this phi is already attached {held} to another wrapped model; wrapping it "
+            f"{wanted} here would make it {wanted} there too. Pass a copy instead "
+            "(wrap(model, copy.deepcopy(phi), ...)) or wrap both with the same trainable=."
+        )
+
+
+def _ignore_frozen_phi_in_ddp(model: nn.Module, controller: MetaPerturb) -> None:
+    """A frozen phi never gets a gradient (its weights are detached), even after a host-wide
+    ``requires_grad_(True)``; DistributedDataParallel would then stop at the next step with
+    "parameters that were not used in producing loss". Its ignore list (read when DDP wraps
+    the model) leaves phi's parameters out of the gradient reduction."""
+    names = [f"{ATTRIBUTE}.phi.{name}" for name, _ in controller.phi.named_parameters()]
+    previous = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = previous + [  # type: ignore[assignment]
+        name for name in names if name not in previous
+    ]
+    controller.ddp_ignored = [name for name in names if name not in previous]
 
 
 def _resolve_phi(
@@ -295,7 +382,17 @@ def wrap(
             f"wrap() got a {type(model).__name__}: wrap the plain model first, then apply "
             "DistributedDataParallel / torch.compile to the wrapped model."
         )
+    if channel_norm is not None and not (math.isfinite(channel_norm) and channel_norm > 0):
+        raise ValueError(
+            f"channel_norm must be a positive number (the channel count that maps to 1), got "
+            f"{channel_norm!r}; leave it out to use phi's own or this model's widest site."
+        )
+    if not isinstance(sites, str):
+        repeated = sorted({name for name in sites if list(sites).count(name) > 1})
+        if repeated:
+            raise ValueError(f"sites names {repeated} more than once: list each module once.")
     perturbation = _resolve_phi(phi, revision)
+    _check_shared_phi(perturbation, trainable)
     where = placement or cast(Placement, perturbation.config.placement)
     plan = plan_sites(model, strategy=sites, input_size=input_size, placement=where)
     perturbation.freeze(not trainable)
@@ -310,6 +407,10 @@ def wrap(
         )
     controller.train(model.training)
     model.add_module(ATTRIBUTE, controller)
+    _sequential_host.adopt(model, ATTRIBUTE)
+    _ATTACHED.add(controller)
+    if not trainable:
+        _ignore_frozen_phi_in_ddp(model, controller)
 
     modules = dict(model.named_modules())
     handles = []
@@ -322,6 +423,8 @@ def wrap(
         else:
             handles.append(modules[site.name].register_forward_hook(_SiteHook(controller, index)))
     handles.append(model.register_forward_pre_hook(_InputHook(controller)))
+    if plan.stem is not None:
+        handles.append(modules[plan.stem].register_forward_pre_hook(_HeightHook(controller)))
     handles.append(model.register_load_state_dict_post_hook(_drop_own_missing_keys))
     controller.handles = handles
     controller.site_modules = [modules[name] for name in controller.site_names]
@@ -338,7 +441,16 @@ def unwrap(model: nn.Module) -> nn.Module:
         )
     while controller.handles:
         controller.handles.pop().remove()
+    if controller.ddp_ignored is not None:
+        listed: list[str] = getattr(model, "_ddp_params_and_buffers_to_ignore", [])
+        kept = [name for name in listed if name not in controller.ddp_ignored]
+        if kept:
+            model._ddp_params_and_buffers_to_ignore = kept  # type: ignore[assignment]
+        else:
+            del model._ddp_params_and_buffers_to_ignore
+    _ATTACHED.discard(controller)
     delattr(model, ATTRIBUTE)
+    _sequential_host.release(model)
     return model
 
 
