@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Keep long runs' state (checkpoints, metrics) in git without putting it on main.
 #
-#   benchmarks/runs_branch.sh save     # commit runs/phi-star and evaluation checkpoints
-#                                      # (benchmarks/results/transfer/*.ckpt) to the branch
+#   benchmarks/runs_branch.sh save     # commit runs/phi-star, evaluation checkpoints
+#                                      # (benchmarks/results/transfer/*.ckpt) and the networks
+#                                      # of benchmarks/update_bn.py to the branch
 #                                      # `phi-star-runs` (main's tree is untouched)
 #   benchmarks/runs_branch.sh restore  # put them back under runs/ (ignored on main)
 #
@@ -21,6 +22,8 @@ case "${1:-}" in
     git add -f runs/phi-star
     # Evaluation runs stopped part-way (their finished results live on main).
     git add -f benchmarks/results/transfer/*.ckpt 2>/dev/null || true
+    # The trained networks benchmarks/update_bn.py evaluates (and its checkpoints).
+    git add -f benchmarks/results/update-bn/*.pt benchmarks/results/update-bn/*.ckpt 2>/dev/null || true
     tree=$(git write-tree)
     # No parent: the branch holds the latest state only, so older checkpoints become
     # unreachable and `git gc` can drop them.

@@ -106,12 +106,13 @@ def modes_table(results: list[dict[str, Any]]) -> list[str]:
     rows = []
     for result in results:
         evaluation = result["evaluation"]
-        if "sample" not in evaluation:
-            continue
+        if "sample" not in evaluation and "update_bn" not in evaluation:
+            continue  # a Base run from before update_bn was evaluated: nothing to compare
         for mode, scores in evaluation.items():
             label = {
                 "default": f"default ({scores.get('mode', 'expectation')})",
                 "sample": "one sample (MC-1)",
+                "update_bn": "default after update_bn (BatchNorm statistics recomputed)",
             }
             rows.append(
                 [

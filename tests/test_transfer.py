@@ -24,6 +24,7 @@ from metaperturb.transfer import (
     run_transfer,
 )
 from metaperturb.transfer import run as run_module
+from metaperturb.transfer.run import UPDATE_BN_BATCHES
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST = DATA / "mnist-10k"
@@ -155,8 +156,9 @@ def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
     path = tmp_path / "results" / f"{run_id(config)}.json"
     assert json.loads(path.read_text())["accuracy"] == result["accuracy"]
     assert result["method"] == "metaperturb[fresh]" and result["test_images"] == 12
-    assert set(result["evaluation"]) == {"default", "sample", "off", "mc2"}
+    assert set(result["evaluation"]) == {"default", "sample", "off", "mc2", "update_bn"}
     assert result["evaluation"]["default"]["mode"] == "expectation"
+    assert result["evaluation"]["update_bn"]["batches"] == UPDATE_BN_BATCHES
     assert [point["step"] for point in result["curve"]] == [3, 6]
     assert len(result["scales"]) == 4 and all(0 < s < 1 for s in result["scales"].values())
     assert len(result["phi_fingerprint"]) == 64

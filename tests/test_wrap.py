@@ -535,3 +535,58 @@ def test_wrap_puts_phi_where_it_was_meta_trained_unless_told_otherwise(tmp_path)
     assert metaperturb.get_controller(model).plan.placement == "before_activation"
     model = metaperturb.wrap(host, phi=loaded, input_size=(3, 16, 16), placement="output")
     assert metaperturb.get_controller(model).plan.placement == "output"
+
+
+def test_update_bn_recomputes_batchnorm_statistics_under_the_eval_mode() -> None:
+    """After update_bn on one batch, the eval forward normalises that batch with its own
+    statistics under the expectation: what BatchNorm in training mode would compute."""
+    model = wrapped(MyResNet()).train()
+    for _ in range(3):
+        model(torch.randn(8, 3, 16, 16))
+    model.stem[1].eval()  # a layer kept frozen: its mode comes back
+    momentum = model.body[0].na.momentum
+    x = torch.randn(64, 3, 16, 16)
+    metaperturb.update_bn([(x, torch.zeros(64))], model)  # (input, label) batches work
+    assert model.training and not model.stem[1].training and model.body[0].na.momentum == momentum
+    model.eval()
+    recalibrated = model(x)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.train()
+    with torch.no_grad():
+        batch_statistics = model(x)
+    torch.testing.assert_close(recalibrated, batch_statistics, rtol=1e-2, atol=1e-2)
+
+
+def test_update_bn_keeps_the_statistics_when_it_cannot_finish() -> None:
+    model = wrapped(MyResNet())
+    model(torch.randn(8, 3, 16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def failing() -> object:
+        yield torch.randn(8, 3, 16, 16)
+        raise OSError("the data went away")
+
+    with pytest.raises(OSError, match="went away"):
+        metaperturb.update_bn(failing(), model)
+    with pytest.raises(ValueError, match="no batch"):
+        metaperturb.update_bn([], model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    plain = MyResNet()
+    metaperturb.update_bn([torch.randn(2, 3, 16, 16)], plain)  # a plain model: a control
+    assert int(plain.body[0].na.num_batches_tracked) == 1
+
+
+def test_update_bn_stops_after_the_given_number_of_batches() -> None:
+    model = wrapped(MyResNet())
+    seen: list[int] = []
+
+    def counted() -> object:
+        for index in range(10):
+            seen.append(index)
+            yield torch.randn(4, 3, 16, 16)
+
+    metaperturb.update_bn(counted(), model, batches=3)
+    assert seen == [0, 1, 2]
+    assert int(model.body[0].na.num_batches_tracked) == 3

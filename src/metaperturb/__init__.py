@@ -20,6 +20,7 @@ from .errors import NotWrappedError as NotWrappedError
 from .errors import PhiFormatError as PhiFormatError
 from .errors import PhiNotFoundError as PhiNotFoundError
 from .evaluation import mc_predict as mc_predict
+from .evaluation import update_bn as update_bn
 from .phi import Perturbation as Perturbation
 from .phi import PerturbationConfig as PerturbationConfig
 from .wrapper import MetaPerturb as MetaPerturb
@@ -58,5 +59,6 @@ __all__ = [
     "set_eval_mode",
     "set_strength",
     "unwrap",
+    "update_bn",
     "wrap",
 ]

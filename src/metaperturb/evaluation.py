@@ -1,13 +1,18 @@
-"""Monte-Carlo evaluation: average class probabilities over several sampled perturbations."""
+"""Evaluating a network trained with MetaPerturb: Monte-Carlo averaging, and BatchNorm
+statistics recomputed for the one-forward eval."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .wrapper import get_controller
 
-__all__ = ["mc_predict"]
+__all__ = ["mc_predict", "update_bn"]
 
 
 @torch.no_grad()
@@ -35,5 +40,69 @@ def mc_predict(model: nn.Module, inputs: Tensor, samples: int = 10) -> Tensor:
         return total / samples
     finally:
         controller.eval_mode = previous
+        for module, training in modes.items():
+            module.training = training
+
+
+@torch.no_grad()
+def update_bn(
+    loader: Iterable[Any],
+    model: nn.Module,
+    device: torch.device | str | None = None,
+    *,
+    batches: int | None = None,
+) -> None:
+    """Recompute the host's BatchNorm running statistics as the wrapped model runs in eval mode.
+
+    Training feeds every BatchNorm layer features multiplied by sampled noise, and its running
+    variance averages that. The default ``"expectation"`` eval multiplies by the noise's mean
+    instead, so the features downstream of a site vary less than the statistics assume (by up to
+    half, measured on a ResNet-20), and the network is evaluated slightly off the point it was
+    trained at. One pass over some training batches, with the sites in their eval mode and
+    every BatchNorm layer averaging its batch statistics (``momentum=None``), removes that shift.
+    Call it once after training, like ``torch.optim.swa_utils.update_bn`` (same argument order);
+    every module's mode and momentum are restored, and the previous statistics if it fails. On
+    a model without MetaPerturb it recomputes the statistics in eval mode all the same (the
+    control that separates this shift from statistics that lag behind the weights).
+
+    Args:
+        loader: training batches: tensors, or tuples / lists whose first item is the input.
+        model: the wrapped model.
+        device: move each input there first.
+        batches: stop after this many (default: the whole loader).
+    """
+    if batches is not None and batches < 1:
+        raise ValueError(
+            f"batches must be at least 1 (or None for the whole loader), got {batches}."
+        )
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    modes = {module: module.training for module in model.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    saved = {norm: [t.clone() for t in norm.buffers()] for norm in norms}
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches seen
+        norm.train()
+    seen = 0
+    try:
+        for batch in loader:
+            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(inputs if device is None else inputs.to(device))
+            seen += 1
+            if seen == batches:  # before asking the loader for one more
+                break
+        if seen == 0:
+            raise ValueError("update_bn got no batch from the loader; pass training batches.")
+    except BaseException:
+        for norm, buffers in saved.items():  # the statistics the model had, not reset ones
+            for buffer, value in zip(norm.buffers(), buffers, strict=True):
+                buffer.copy_(value)
+        raise
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
         for module, training in modes.items():
             module.training = training

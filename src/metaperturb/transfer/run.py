@@ -26,7 +26,7 @@ from .._atomic import atomic_write
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..discovery import Placement
-from ..evaluation import mc_predict
+from ..evaluation import mc_predict, update_bn
 from ..hub import load_default_phi, load_phi
 from ..site import SiteState
 from ..train.learner import create_task_network
@@ -39,6 +39,8 @@ from .targets import Target, load_target, resolve_target
 __all__ = ["TransferConfig", "find_equivalent_result", "phi_label", "run_id", "run_transfer"]
 
 _NOISE_KEY = 3
+#: Training batches over which the ``update_bn`` evaluation recomputes BatchNorm statistics.
+UPDATE_BN_BATCHES = 50
 _INIT_KEY = 1
 
 
@@ -387,6 +389,20 @@ class _Run:
                 set_eval_mode(self.model, "expectation")
             for samples in self.config.mc_samples:
                 results[f"mc{samples}"] = timed(samples=samples)
+        # Last, and undone after: the default eval once more, with BatchNorm statistics recomputed
+        # in eval mode (metaperturb.update_bn). For Base it is the control: how much of a change
+        # comes from statistics that lag behind the weights rather than from phi's noise.
+        trained = {k: v.clone() for k, v in self.model.state_dict().items()}
+        batches = (
+            self._layout(self.stream.batch(self.config.steps + i)[0])
+            for i in range(UPDATE_BN_BATCHES)
+        )
+        started = time.perf_counter()
+        update_bn(batches, self.model)
+        seconds = time.perf_counter() - started
+        results["update_bn"] = timed()
+        results["update_bn"].update(batches=UPDATE_BN_BATCHES, update_seconds=seconds)
+        self.model.load_state_dict(trained)
         return results
 
     def phi_fingerprint(self) -> str | None:

@@ -1,0 +1,111 @@
+"""What recomputing BatchNorm statistics in eval mode (``metaperturb.update_bn``) is worth.
+
+Trains one network with MetaPerturb through the evaluation harness (resumable; the final state,
+phi's site statistics included, is kept as ``<run id>.final.pt``), then scores on the same test
+images: the default expectation eval; the same after ``update_bn`` over 20 and 50 training
+batches; the control, ``update_bn`` with the sites sampling noise as in training (it separates
+the variance shift from statistics that merely lag behind the weights); and Monte Carlo.
+
+    python benchmarks/update_bn.py --phi phi-star-seed-0=runs/phi-star/seed-0/phi --steps 3000
+
+Writes ``benchmarks/results/update-bn/<run id>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from metaperturb import set_eval_mode, update_bn
+from metaperturb._atomic import atomic_write
+from metaperturb.transfer.run import TransferConfig, _Run
+
+RESULTS = Path(__file__).parent / "results" / "update-bn"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="s-cifar10")
+    parser.add_argument("--phi", required=True, metavar="NAME=PATH")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=5000, help="test images scored")
+    parser.add_argument("--mc", type=int, default=20, help="Monte-Carlo samples")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-root", default=str(DATA))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    name, path = args.phi.split("=", 1)
+    config = TransferConfig(
+        target=args.target,
+        data_root=args.data_root,
+        phi=path,
+        phi_name=name,
+        seed=args.seed,
+        steps=args.steps,
+        device="cpu",
+        checkpoint_every=250,
+        curve_every=0,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    run = _Run(config, RESULTS)
+    final = RESULTS / f"{run.id}.final.pt"
+    if final.is_file():
+        state = torch.load(final, map_location="cpu", weights_only=True)
+        run.model.load_state_dict(state["model"])
+    else:
+        run.maybe_resume()
+        run.train(progress=True)
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({"model": run.model.state_dict(), "step": run.step}, buffer)
+        atomic_write(final, buffer.getvalue())
+        run.checkpoint_path.unlink(missing_ok=True)
+
+    rows = torch.linspace(0, len(run.test_data) - 1, args.images).long()
+    labels = run.test_data.labels[rows]
+
+    def accuracy(samples: int | None = None) -> float:
+        torch.manual_seed(1)
+        predicted = run.predict(rows, samples=samples).argmax(1)
+        return round(100 * float((predicted == labels).float().mean()), 2)
+
+    def batches(count: int) -> Iterator[torch.Tensor]:
+        return (run._layout(run.stream.batch(50_000 + i)[0]) for i in range(count))
+
+    trained = {k: v.clone() for k, v in run.model.state_dict().items()}
+    scores = {"expectation (default)": accuracy()}
+    for count in (20, 50):
+        update_bn(batches(count), run.model)
+        scores[f"expectation after update_bn, {count} batches"] = accuracy()
+        run.model.load_state_dict(trained)
+    set_eval_mode(run.model, "sample")
+    update_bn(batches(50), run.model)
+    set_eval_mode(run.model, "expectation")
+    scores["control: update_bn with sampled noise, 50 batches"] = accuracy()
+    run.model.load_state_dict(trained)
+    scores[f"MC-{args.mc} (trained statistics)"] = accuracy(samples=args.mc)
+
+    header = (
+        f"{run.id}: {args.images} of {len(run.test_data)} test images, torch {torch.__version__}"
+    )
+    lines = [header, "", "| evaluation | forwards | test accuracy % |", "| --- | ---: | ---: |"]
+    for label, value in scores.items():
+        forwards = args.mc if label.startswith("MC-") else 1
+        lines.append(f"| {label} | {forwards} | {value:.2f} |")
+    text = "\n".join(lines)
+    (RESULTS / f"{run.id}.json").write_text(
+        json.dumps({"id": run.id, "images": args.images, "scores": scores}, indent=1) + "\n"
+    )
+    (RESULTS / f"{run.id}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
