@@ -8,7 +8,10 @@ the variance shift from statistics that merely lag behind the weights); and Mont
 
     python benchmarks/update_bn.py --phi phi-star-seed-0=runs/phi-star/seed-0/phi --steps 3000
 
-Writes ``benchmarks/results/update-bn/<run id>.json`` and ``.md``.
+Writes ``benchmarks/results/update-bn/<run id>.json`` and ``.md``. ``--variance`` writes instead
+(``<run id>.variance.md``) why it helps: for each BatchNorm layer, the variance of its input
+over one training batch in eval mode divided by its running variance, with the sites sampling
+noise and with the expectation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from metaperturb import set_eval_mode, update_bn
 from metaperturb._atomic import atomic_write
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--mc", type=int, default=20, help="Monte-Carlo samples")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-root", default=str(DATA))
+    parser.add_argument("--variance", action="store_true", help="the variance table only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     name, path = args.phi.split("=", 1)
@@ -68,6 +73,11 @@ def main() -> None:
         atomic_write(final, buffer.getvalue())
         run.checkpoint_path.unlink(missing_ok=True)
 
+    if args.variance:
+        text = variance_table(run)
+        (RESULTS / f"{run.id}.variance.md").write_text(text + "\n")
+        print(text)
+        return
     rows = torch.linspace(0, len(run.test_data) - 1, args.images).long()
     labels = run.test_data.labels[rows]
 
@@ -105,6 +115,44 @@ def main() -> None:
     )
     (RESULTS / f"{run.id}.md").write_text(text + "\n")
     print(text)
+
+
+def variance_table(run: _Run) -> str:
+    """Input variance of each BatchNorm layer / its running variance, per eval mode."""
+    norms = [(n, m) for n, m in run.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, a[0].float().var(dim=(0, 2, 3)))
+        )
+        for name, module in norms
+    ]
+    images = run._layout(run.stream.batch(50_000)[0])
+    ratios: dict[str, dict[str, float]] = {}
+    run.model.eval()
+    for mode in ("sample", "expectation"):
+        set_eval_mode(run.model, mode)  # type: ignore[arg-type]
+        torch.manual_seed(0)
+        with torch.no_grad():
+            run.model(images)
+        ratios[mode] = {n: float((seen[n] / m.running_var).mean()) for n, m in norms}
+    set_eval_mode(run.model, "expectation")
+    for handle in handles:
+        handle.remove()
+    lines = [
+        (
+            f"{run.id}: input variance / running variance of each BatchNorm layer, eval mode, "
+            "one training batch (mean over channels)"
+        ),
+        "",
+        "| BatchNorm layer | sites sample noise | sites use the expectation |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, _ in norms:
+        lines.append(
+            f"| {name} | {ratios['sample'][name]:.2f} | {ratios['expectation'][name]:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
