@@ -203,6 +203,26 @@ def test_a_stopped_run_resumes_to_the_same_result(
         whole["evaluation"]["default"]["nll"], abs=1e-6
     )
 
+    # Stopped during the evaluation: the rerun starts from the trained network.
+    original_evaluate = run_module._Run.evaluate
+
+    def stop_in_evaluation(self: run_module._Run) -> dict[str, Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module._Run, "evaluate", stop_in_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(config, tmp_path / "late", progress=False)
+    checkpoint = torch.load(
+        tmp_path / "late" / f"{run_id(config)}.ckpt", map_location="cpu", weights_only=True
+    )
+    assert checkpoint["step"] == config.steps
+    monkeypatch.setattr(run_module._Run, "evaluate", original_evaluate)
+    late = run_transfer(config, tmp_path / "late", progress=False)
+    assert late["resumed"] and late["curve"] == whole["curve"]
+    assert late["evaluation"]["default"]["nll"] == pytest.approx(
+        whole["evaluation"]["default"]["nll"], abs=1e-6
+    )
+
 
 @needs_mnist
 def test_channels_last_is_a_speed_setting(tmp_path: Path) -> None:

@@ -536,6 +536,9 @@ def run_transfer(
     run = _Run(config, output)
     resumed = run.maybe_resume()
     run.train(progress)
+    # The evaluation can take as long as training (MC-100 of 10,000 images on a CPU): a run
+    # stopped there resumes from the trained network, not from the last periodic checkpoint.
+    run.save_checkpoint()
     evaluation = run.evaluate()
     result = {
         "id": run.id,
