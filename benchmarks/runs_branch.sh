@@ -23,7 +23,8 @@ case "${1:-}" in
     # Evaluation runs stopped part-way (their finished results live on main).
     git add -f benchmarks/results/transfer/*.ckpt 2>/dev/null || true
     # The trained networks benchmarks/update_bn.py evaluates (and its checkpoints).
-    git add -f benchmarks/results/update-bn/*.pt benchmarks/results/update-bn/*.ckpt 2>/dev/null || true
+    git add -f benchmarks/results/update-bn/*.pt 2>/dev/null || true
+    git add -f benchmarks/results/update-bn/*.ckpt 2>/dev/null || true
     tree=$(git write-tree)
     # No parent: the branch holds the latest state only, so older checkpoints become
     # unreachable and `git gc` can drop them.
