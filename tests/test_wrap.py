@@ -485,7 +485,7 @@ def test_bad_channel_norm_and_repeated_sites_are_refused() -> None:
     for value in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="channel_norm must be a positive number"):
             wrapped(MyResNet(), channel_norm=value)
-    with pytest.raises(ValueError, match=r"sites names \['body.0'\] more than once"):
+    with pytest.raises(ValueError, match=r"sites lists \['body.0'\] more than once"):
         wrapped(MyResNet(), sites=["body.0", "body.1", "body.0"])
 
 

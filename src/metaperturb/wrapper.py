@@ -390,7 +390,7 @@ def wrap(
     if not isinstance(sites, str):
         repeated = sorted({name for name in sites if list(sites).count(name) > 1})
         if repeated:
-            raise ValueError(f"sites names {repeated} more than once: list each module once.")
+            raise ValueError(f"sites lists {repeated} more than once: name each module once.")
     perturbation = _resolve_phi(phi, revision)
     _check_shared_phi(perturbation, trainable)
     where = placement or cast(Placement, perturbation.config.placement)
