@@ -379,3 +379,26 @@ def test_the_placement_is_part_of_the_method_and_the_run_id() -> None:
     assert before.method == "metaperturb[x,pre-act]"
     assert run_id(before) != run_id(TransferConfig(**common))
     assert TransferConfig(**common).method == "metaperturb[x]"
+
+
+@needs_mnist
+def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """update_bn runs last and is undone: saved weights keep the statistics training left."""
+    from safetensors.torch import load_file
+
+    def marking_update_bn(batches: Any, model: torch.nn.Module) -> None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.fill_(123.0)
+
+    monkeypatch.setattr(run_module, "update_bn", marking_update_bn)
+    config = TransferConfig(
+        target=tiny_target(), model="conv4", steps=3, batch_size=8, curve_every=0, save_weights=True
+    )
+    result = run_transfer(config, tmp_path, progress=False)
+    assert "update_bn" in result["evaluation"]
+    saved = load_file(tmp_path / f"{run_id(config)}.safetensors")
+    means = [v for k, v in saved.items() if k.endswith("running_mean")]
+    assert means and not any(bool((v == 123.0).any()) for v in means)
