@@ -87,7 +87,7 @@ def main() -> None:
         return round(100 * float((predicted == labels).float().mean()), 2)
 
     def batches(count: int) -> Iterator[torch.Tensor]:
-        return (run._layout(run.stream.batch(50_000 + i)[0]) for i in range(count))
+        return run.training_inputs(count, 50_000)
 
     trained = {k: v.clone() for k, v in run.model.state_dict().items()}
     scores = {"expectation (default)": accuracy()}
@@ -127,7 +127,7 @@ def variance_table(run: _Run) -> str:
         )
         for name, module in norms
     ]
-    images = run._layout(run.stream.batch(50_000)[0])
+    images = next(run.training_inputs(1, 50_000))
     ratios: dict[str, dict[str, float]] = {}
     run.model.eval()
     for mode in ("sample", "expectation"):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ._modes import preserved_modes
 from .errors import NoSitesError
 
 __all__ = ["Placement", "PlannedSite", "SitePlan", "SkippedModule", "Strategy", "plan_sites"]
@@ -163,21 +164,19 @@ def _trace(model: nn.Module, example: Tensor) -> dict[str, _Record]:
 
         return hook
 
-    modes = {module: module.training for module in model.modules()}
-    try:
-        for name, module in model.named_modules():
-            if not name:
-                continue
-            handles.append(module.register_forward_pre_hook(pre_hook(name)))
-            handles.append(module.register_forward_hook(post_hook(name)))
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    with preserved_modes(model):
+        try:
+            for name, module in model.named_modules():
+                if not name:
+                    continue
+                handles.append(module.register_forward_pre_hook(pre_hook(name)))
+                handles.append(module.register_forward_hook(post_hook(name)))
+            model.eval()
+            with torch.no_grad():
+                model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
     return records
 
 
@@ -455,15 +454,9 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def _stem(traced: _Model, image_shape: tuple[int, ...]) -> str | None:
     """The first leaf module to run, if what it received was the image."""
-    leaves = [
-        name
-        for name, record in traced.records.items()
-        if not any(True for _ in traced.children(name))
-    ]
-    if not leaves:
-        return None
-    first = min(leaves, key=lambda name: traced.records[name].pre_order)
-    return first if traced.records[first].input_shape == image_shape else None
+    leaves = (name for name in traced.records if next(traced.children(name), None) is None)
+    first = min(leaves, key=lambda name: traced.records[name].pre_order, default=None)
+    return first if first and traced.records[first].input_shape == image_shape else None
 
 
 def plan_sites(

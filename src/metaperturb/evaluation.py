@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._modes import preserved_modes
 from .wrapper import get_controller
 
 __all__ = ["mc_predict", "update_bn"]
@@ -27,21 +28,17 @@ def mc_predict(model: nn.Module, inputs: Tensor, samples: int = 10) -> Tensor:
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}.")
     controller = get_controller(model)
-    # Each module's own mode, not just the model's: a host may keep some layers in eval mode
-    # while training (frozen BatchNorm), and model.train() would switch them back.
-    modes = {module: module.training for module in model.modules()}
     previous = controller.eval_mode
-    model.eval()
-    controller.eval_mode = "sample"
-    try:
-        total = torch.zeros((), device=inputs.device)
-        for _ in range(samples):
-            total = total + model(inputs).float().softmax(dim=-1)
-        return total / samples
-    finally:
-        controller.eval_mode = previous
-        for module, training in modes.items():
-            module.training = training
+    with preserved_modes(model):
+        model.eval()
+        controller.eval_mode = "sample"
+        try:
+            total = torch.zeros((), device=inputs.device)
+            for _ in range(samples):
+                total = total + model(inputs).float().softmax(dim=-1)
+            return total / samples
+        finally:
+            controller.eval_mode = previous
 
 
 @torch.no_grad()
@@ -78,31 +75,36 @@ def update_bn(
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         return
-    modes = {module: module.training for module in model.modules()}
     momenta = {norm: norm.momentum for norm in norms}
     saved = {norm: [t.clone() for t in norm.buffers()] for norm in norms}
-    model.eval()
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches seen
-        norm.train()
+    with preserved_modes(model):
+        model.eval()
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average over the batches seen
+            norm.train()
+        try:
+            _average_batches(loader, model, device, batches)
+        except BaseException:
+            for norm, buffers in saved.items():  # the statistics the model had, not reset ones
+                for buffer, value in zip(norm.buffers(), buffers, strict=True):
+                    buffer.copy_(value)
+            raise
+        finally:
+            for norm, momentum in momenta.items():
+                norm.momentum = momentum
+
+
+def _average_batches(
+    loader: Iterable[Any], model: nn.Module, device: torch.device | str | None, batches: int | None
+) -> None:
+    """Run ``model`` on up to ``batches`` inputs from ``loader`` (at least one)."""
     seen = 0
-    try:
-        for batch in loader:
-            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(inputs if device is None else inputs.to(device))
-            seen += 1
-            if seen == batches:  # before asking the loader for one more
-                break
-        if seen == 0:
-            raise ValueError("update_bn got no batch from the loader; pass training batches.")
-    except BaseException:
-        for norm, buffers in saved.items():  # the statistics the model had, not reset ones
-            for buffer, value in zip(norm.buffers(), buffers, strict=True):
-                buffer.copy_(value)
-        raise
-    finally:
-        for norm, momentum in momenta.items():
-            norm.momentum = momentum
-        for module, training in modes.items():
-            module.training = training
+    for batch in loader:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        model(inputs if device is None else inputs.to(device))
+        seen += 1
+        if seen == batches:  # before asking the loader for one more
+            break
+    if seen == 0:
+        raise ValueError("update_bn got no batch from the loader; pass training batches.")

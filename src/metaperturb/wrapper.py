@@ -2,8 +2,9 @@
 
 The host keeps its modules, its parameter names and its forward. What ``wrap`` adds is one
 child module, ``model.metaperturb`` (a :class:`MetaPerturb` holding phi, the per-site running
-statistics and the annealing strength), plus one forward hook per site and a forward pre-hook
-on the model that records the input's height. ``unwrap`` removes all of it.
+statistics and the annealing strength), plus one forward hook per site, a forward pre-hook on
+the model that checks the sites are in place, and one on its first layer (or on the model) that
+records the input's height. ``unwrap`` removes all of it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import math
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -87,9 +89,9 @@ class _CountReset:
 
 
 class _HeightHook:
-    """Forward pre-hook of the host's first layer (the one that takes the image): records the
-    input height for the spatial descriptor, also when the host is run through another entry
-    point than its ``forward`` (timm's ``forward_features``, a loop over its stages)."""
+    """Forward pre-hook that records the input height for the spatial descriptor. On the host's
+    first layer when that layer takes the image (so that another entry point than ``forward``,
+    timm's ``forward_features`` or a loop over the stages, records it too), else on the host."""
 
     def __init__(self, controller: MetaPerturb) -> None:
         self.controller = controller
@@ -99,12 +101,14 @@ class _HeightHook:
             self.controller.input_height.fill_(args[0].shape[-2])
 
 
-class _InputHook(_HeightHook):
-    """Forward pre-hook of the host: checks the sites are still in place, records the height."""
+class _CheckSitesHook:
+    """Forward pre-hook of the host: checks the sites still hold the modules ``wrap`` hooked."""
+
+    def __init__(self, controller: MetaPerturb) -> None:
+        self.controller = controller
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         self.controller.check_sites(module)
-        super().__call__(module, args)
 
 
 def _recomputing_in_backward() -> bool:
@@ -234,8 +238,9 @@ class MetaPerturb(nn.Module):
             else height / self.input_height.clamp(min=1.0)
         )
         state = cast(SiteState, self.sites[index])
-        # A copy: a scheduler may change the strength between this forward and its backward.
-        strength = self.strength.clone()
+        # With autograd on, a copy: a scheduler may change the strength between this forward
+        # and its backward, which saves it.
+        strength = self.strength.clone() if torch.is_grad_enabled() else self.strength
 
         def site(features: Tensor, statistics: Any, update: bool) -> Tensor:
             return self.site_function(
@@ -250,6 +255,8 @@ class MetaPerturb(nn.Module):
                 update_statistics=update,
             )
 
+        # Only training moves the statistics, and never a recomputation in backward.
+        update = self.training and not _recomputing_in_backward()
         if self.memory_efficient and self.training and torch.is_grad_enabled():
 
             def checkpointed(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -257,11 +264,11 @@ class MetaPerturb(nn.Module):
                 return site(features, scratch, True), scratch.running_mean, scratch.running_var
 
             result, mean, var = checkpoint(checkpointed, h, use_reentrant=False)
-            if not _recomputing_in_backward():
+            if update:
                 state.running_mean.copy_(mean)
                 state.running_var.copy_(var)
             return cast(Tensor, result)
-        return site(h, state, not _recomputing_in_backward())
+        return site(h, state, update)
 
     def extra_repr(self) -> str:
         return f"sites={len(self.sites)}, eval_mode={self.eval_mode!r}, enabled={self.enabled}"
@@ -388,7 +395,7 @@ def wrap(
             f"{channel_norm!r}; leave it out to use phi's own or this model's widest site."
         )
     if not isinstance(sites, str):
-        repeated = sorted({name for name in sites if list(sites).count(name) > 1})
+        repeated = sorted(name for name, count in Counter(sites).items() if count > 1)
         if repeated:
             raise ValueError(f"sites lists {repeated} more than once: name each module once.")
     perturbation = _resolve_phi(phi, revision)
@@ -422,9 +429,8 @@ def wrap(
             handles.append(modules[site.name].register_forward_pre_hook(hook))
         else:
             handles.append(modules[site.name].register_forward_hook(_SiteHook(controller, index)))
-    handles.append(model.register_forward_pre_hook(_InputHook(controller)))
-    if plan.stem is not None:
-        handles.append(modules[plan.stem].register_forward_pre_hook(_HeightHook(controller)))
+    handles.append(model.register_forward_pre_hook(_CheckSitesHook(controller)))
+    handles.append(modules[plan.stem or ""].register_forward_pre_hook(_HeightHook(controller)))
     handles.append(model.register_load_state_dict_post_hook(_drop_own_missing_keys))
     controller.handles = handles
     controller.site_modules = [modules[name] for name in controller.site_names]

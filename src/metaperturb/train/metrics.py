@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .._atomic import atomic_write
+from .._modes import preserved_modes
 from ..site import SiteState
 from ..wrapper import get_controller
 
@@ -110,14 +111,14 @@ def noise_path_alive(model: nn.Module, images: Tensor) -> dict[str, float]:
         shares.append(float((first > 0).float().mean()))
         return cast(Tensor, real(h, *args, **kwargs))
 
-    training, mode = model.training, controller.eval_mode
+    mode = controller.eval_mode
     controller.site_function, controller.eval_mode = spy, "expectation"
     try:
-        model.eval()
-        model(images)
+        with preserved_modes(model):
+            model.eval()
+            model(images)
     finally:
         controller.site_function, controller.eval_mode = real, mode
-        model.train(training)
     return dict(zip(controller.site_names, shares, strict=False))
 
 

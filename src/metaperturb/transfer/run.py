@@ -14,6 +14,7 @@ import math
 import platform
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -327,6 +328,11 @@ class _Run:
         self.train_seconds += time.perf_counter() - started
         bar.close()
 
+    def training_inputs(self, count: int, first_step: int) -> Iterator[Tensor]:
+        """``count`` augmented training batches as training would see them at ``first_step`` and
+        after (inputs only, in the run's layout)."""
+        return (self._layout(self.stream.batch(first_step + i)[0]) for i in range(count))
+
     def _curve_point(self) -> None:
         count = min(self.config.curve_images, len(self.test_data))
         rows = torch.linspace(0, len(self.test_data) - 1, count).long()
@@ -393,12 +399,8 @@ class _Run:
         # in eval mode (metaperturb.update_bn). For Base it is the control: how much of a change
         # comes from statistics that lag behind the weights rather than from phi's noise.
         trained = {k: v.clone() for k, v in self.model.state_dict().items()}
-        batches = (
-            self._layout(self.stream.batch(self.config.steps + i)[0])
-            for i in range(UPDATE_BN_BATCHES)
-        )
         started = time.perf_counter()
-        update_bn(batches, self.model)
+        update_bn(self.training_inputs(UPDATE_BN_BATCHES, self.config.steps), self.model)
         seconds = time.perf_counter() - started
         results["update_bn"] = timed()
         results["update_bn"].update(batches=UPDATE_BN_BATCHES, update_seconds=seconds)
