@@ -341,6 +341,37 @@ def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> 
 
 
 @needs_mnist
+def test_a_result_older_than_a_setting_counts_as_that_settings_default(tmp_path: Path) -> None:
+    """A result file written before ``placement`` existed was made with its default: the same
+    phi under another name must find it, and a non-default placement must not."""
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "seed-1" / "phi")
+    common: dict[str, Any] = {
+        "target": tiny_target(),
+        "model": "conv4",
+        "steps": 2,
+        "batch_size": 4,
+        "curve_every": 0,
+        "eval_modes": False,
+    }
+    candidate = TransferConfig(phi=str(tmp_path / "seed-1" / "phi"), phi_name="seed-1", **common)
+    run_transfer(candidate, tmp_path / "results", progress=False)
+    path = tmp_path / "results" / f"{run_id(candidate)}.json"
+    result = json.loads(path.read_text())
+    del result["config"]["placement"]
+    path.write_text(json.dumps(result))
+    installed = TransferConfig(phi=str(tmp_path / "seed-1" / "phi"), phi_name="phi-star", **common)
+    assert find_equivalent_result(installed, tmp_path / "results") == path
+    moved = TransferConfig(
+        phi=str(tmp_path / "seed-1" / "phi"),
+        phi_name="phi-star",
+        placement="before_activation",
+        **common,
+    )
+    assert find_equivalent_result(moved, tmp_path / "results") is None
+
+
+@needs_mnist
 def test_a_checkpoint_made_with_other_phi_numbers_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,7 +15,7 @@ import platform
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -486,7 +486,15 @@ def _check_same_settings(saved: dict[str, Any], config: TransferConfig, path: Pa
 
 
 def _settings_but_phi_name(settings: dict[str, Any]) -> dict[str, Any]:
-    portable = _portable(settings)
+    """The settings that decide what a run computes, but phi's name and folder. A setting the
+    file predates (added to :class:`TransferConfig` later) counts as its default, which is what
+    the run used."""
+    defaults = {
+        f.name: json.loads(json.dumps(f.default))
+        for f in fields(TransferConfig)
+        if f.default is not MISSING
+    }
+    portable = _portable({**defaults, **settings})
     return {
         key: value
         for key, value in portable.items()
