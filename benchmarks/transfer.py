@@ -96,8 +96,15 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
             for method in _phi_methods():
                 for seed in seeds:
                     # The evaluation-mode comparison (MC-5 and MC-100) on seed 0, whichever
-                    # seeds this call runs (so a run's settings do not depend on the call).
-                    mc = [5, 100] if method and seed == 0 else []
+                    # seeds this call runs (so a run's settings do not depend on the call);
+                    # phi* also gets MC-100 on seed 1, beside the update_bn eval that every
+                    # run records: one forward against 100 on the same network (issue 3).
+                    if method and seed == 0:
+                        mc = [5, 100]
+                    elif method.get("phi_name") == "phi-star" and seed == 1:
+                        mc = [100]
+                    else:
+                        mc = []
                     runs.append(
                         TransferConfig(target=target, seed=seed, mc_samples=mc, **method, **common)  # type: ignore[arg-type]
                     )

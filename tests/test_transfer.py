@@ -217,6 +217,13 @@ def test_a_stopped_run_resumes_to_the_same_result(
     )
     assert checkpoint["step"] == config.steps
     monkeypatch.setattr(run_module._Run, "evaluate", original_evaluate)
+    # The checkpoint holds the training only: it refuses another training setting, and serves a
+    # rerun that asks for more evaluation.
+    config.lr = 0.01
+    with pytest.raises(ValueError, match=r"\.ckpt was made with other settings .*lr"):
+        run_transfer(config, tmp_path / "late", progress=False)
+    config.lr = TransferConfig.lr
+    config.eval_modes = False
     late = run_transfer(config, tmp_path / "late", progress=False)
     assert late["resumed"] and late["curve"] == whole["curve"]
     assert late["evaluation"]["default"]["nll"] == pytest.approx(

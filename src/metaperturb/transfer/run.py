@@ -265,7 +265,10 @@ class _Run:
                 "delete it or use another output folder."
             )
         _check_same_settings(
-            json.loads(state.get("config", "{}")), self.config, self.checkpoint_path
+            json.loads(state.get("config", "{}")),
+            self.config,
+            self.checkpoint_path,
+            training_only=True,
         )
         _check_same_phi(state.get("phi_fingerprint"), self.phi_fingerprint(), self.checkpoint_path)
         self.model.load_state_dict(state["model"])
@@ -468,15 +471,23 @@ def _check_same_phi(saved: str | None, current: str | None, path: Path) -> None:
         )
 
 
-def _check_same_settings(saved: dict[str, Any], config: TransferConfig, path: Path) -> None:
+#: Settings read only after training: a checkpoint of the training serves any of them.
+_EVALUATION_SETTINGS = frozenset({"mc_samples", "eval_modes", "save_weights"})
+
+
+def _check_same_settings(
+    saved: dict[str, Any], config: TransferConfig, path: Path, *, training_only: bool = False
+) -> None:
     """Refuse to reuse a result or checkpoint made with other settings under the same run id
-    (the id names the main settings only; lr, batch size and the rest live in the file)."""
+    (the id names the main settings only; lr, batch size and the rest live in the file).
+    ``training_only``: a checkpoint, which the evaluation settings do not concern."""
     current = _portable(json.loads(json.dumps(asdict(config))))  # as the file holds them
     saved = _portable(saved)
+    ignored = _NEUTRAL_SETTINGS | (_EVALUATION_SETTINGS if training_only else frozenset())
     differences = [
         f"{key}: file has {saved.get(key)!r}, asked {value!r}"
         for key, value in current.items()
-        if key not in _NEUTRAL_SETTINGS and key in saved and saved[key] != value
+        if key not in ignored and key in saved and saved[key] != value
     ]
     if differences:
         raise ValueError(
