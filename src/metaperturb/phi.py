@@ -283,6 +283,17 @@ class Perturbation(nn.Module):
         hidden = F.relu(self.noise_in(h, self._weight, form))
         return self.noise_out(hidden, self._weight, form)
 
+    def noise_kernels(self) -> Tensor:
+        """E1's and E2's kernels (self, mean, self, mean), flattened to 36 numbers: the form the
+        fused CPU kernels take."""
+        kernels = (
+            self.noise_in.self_weight,
+            self.noise_in.mean_weight,
+            self.noise_out.self_weight,
+            self.noise_out.mean_weight,
+        )
+        return torch.cat([self._weight(k).reshape(-1) for k in kernels])
+
     def scale_maps(self, h: Tensor) -> Tensor:
         """The 4 pooled scale maps of each (example, channel): shape (B, C, 4).
 

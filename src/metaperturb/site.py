@@ -7,9 +7,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from . import _native
 from ._kernels import gain, sampled_gain, saturating_cast, standard_normal_like
 from .errors import SiteDtypeError, SiteShapeError
-from .phi import Perturbation, expected_softplus
+from .phi import (
+    _EXPECTATION_BUMP,
+    _EXPECTATION_SLOPE,
+    _EXPECTATION_WIDTH,
+    Perturbation,
+    expected_softplus,
+)
 
 __all__ = ["EvalMode", "SiteState", "perturb"]
 
@@ -80,8 +87,19 @@ def perturb(
     # its own dtype (fp32 unless the whole model was cast), so that a 16-bit input does not make
     # phi's weight gradients lose precision.
     x = h if torch.is_autocast_enabled(h.device.type) else h.to(phi.scale_weight.dtype)
+    # The fused CPU kernels (float32 on a CPU, when they built), channels_last once for all of
+    # them; the deterministic eval kernel has no backward, so it serves only without autograd.
+    sampling = training or eval_mode == "sample"
+    fused = _native.usable(h, phi.scale_weight.dtype) and (
+        sampling or not (torch.is_grad_enabled() and (h.requires_grad or not phi.frozen))
+    )
+    if fused:
+        x = _native.channels_last(x)
     if training:
-        maps = phi.scale_maps(x).float()
+        if fused:
+            maps = _native.scale_pool(x, phi._weight(phi.scale_kernels))
+        else:
+            maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
         var = maps.var(dim=0, unbiased=False)
         if update_statistics:
@@ -92,8 +110,27 @@ def perturb(
         mean, var = state.running_mean, state.running_var
     scale = phi.channel_scale(mean, var, channel_ratio, spatial_ratio)
 
+    if fused and sampling:
+        # Drawn in h's layout, so both paths use the same numbers for the same seed.
+        draw = standard_normal_like(h) if noise is None else noise.to(h.dtype)
+        clip = phi.config.clip if training else None
+        out = _native.sampled(
+            x, phi.noise_kernels(), _native.channels_last(draw), scale, strength, clip
+        )
+        return _native.like(out, h)
+    if fused:
+        out = _native.expectation(
+            x,
+            phi.noise_kernels(),
+            scale,
+            strength,
+            _EXPECTATION_SLOPE,
+            _EXPECTATION_BUMP,
+            _EXPECTATION_WIDTH,
+        )
+        return _native.like(out, h)
     mu = phi.noise_mean(x)
-    if training or eval_mode == "sample":
+    if sampling:
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
         clip = phi.config.clip if training else None
         return sampled_gain(h, mu, draw, scale, strength, clip)

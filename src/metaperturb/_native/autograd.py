@@ -1,0 +1,136 @@
+"""Autograd functions over the fused CPU kernels, and when a site may use them.
+
+The kernels work on channels_last memory: the site converts an NCHW feature map once on the way
+in (:func:`channels_last`) and its result once on the way out (:func:`like`), two passes
+against the twenty the PyTorch path makes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import kernels
+
+__all__ = ["channels_last", "expectation", "like", "sampled", "scale_pool", "usable"]
+
+_CHANNELS_LAST = torch.channels_last
+
+
+def usable(h: Tensor, weight_dtype: torch.dtype) -> bool:
+    """Whether a site may run on the fused kernels: float32 features and phi on a CPU, outside
+    autocast and torch.compile (which traces the PyTorch path instead), kernels built."""
+    return (
+        h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and weight_dtype == torch.float32
+        and h.dim() == 4
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and kernels() is not None
+    )
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels_last memory (itself if it already is)."""
+    return x.contiguous(memory_format=_CHANNELS_LAST)
+
+
+def like(x: Tensor, reference: Tensor) -> Tensor:
+    """A channels_last result in ``reference``'s layout, so the host sees the layout it made."""
+    if reference.is_contiguous(memory_format=_CHANNELS_LAST):
+        return x
+    return x.contiguous()
+
+
+class _ScalePool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, scale_kernels: Tensor) -> Tensor:
+        ctx.save_for_backward(h, scale_kernels)
+        return kernels().scale_pool_forward(h, scale_kernels)  # type: ignore[union-attr]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, scale_kernels = ctx.saved_tensors
+        grad_h, grad_kernels = kernels().scale_pool_backward(  # type: ignore[union-attr]
+            x, scale_kernels, grad, ctx.needs_input_grad[1]
+        )
+        grad_h = grad_h if ctx.needs_input_grad[0] else None
+        return grad_h, grad_kernels.to(scale_kernels.dtype) if ctx.needs_input_grad[1] else None
+
+
+def scale_pool(h: Tensor, scale_kernels: Tensor) -> Tensor:
+    """phi's 4 pooled scale maps per (example, channel), shape (B, C, 4); ``h`` channels_last."""
+    result: Tensor = _ScalePool.apply(h, scale_kernels)
+    return result
+
+
+class _Sampled(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        noise_weights: Tensor,
+        noise: Tensor,
+        scale: Tensor,
+        strength: float,
+        clip: float | None,
+    ) -> Tensor:
+        out, pre = kernels().sampled_forward(  # type: ignore[union-attr]
+            h, noise_weights, noise, scale, strength, clip or 0.0
+        )
+        ctx.save_for_backward(h, noise_weights, pre, scale)
+        ctx.strength, ctx.clip = strength, clip or 0.0
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, noise_weights, pre, scale = ctx.saved_tensors
+        grad_h, grad_scale, grad_weights = kernels().sampled_backward(  # type: ignore[union-attr]
+            x, noise_weights, pre, scale, ctx.strength, ctx.clip, grad, ctx.needs_input_grad[1]
+        )
+        return (
+            grad_h if ctx.needs_input_grad[0] else None,
+            grad_weights.to(noise_weights.dtype) if ctx.needs_input_grad[1] else None,
+            None,
+            grad_scale.to(scale.dtype) if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+        )
+
+
+def sampled(
+    h: Tensor,
+    noise_weights: Tensor,
+    noise: Tensor,
+    scale: Tensor,
+    strength: Tensor,
+    clip: float | None,
+) -> Tensor:
+    """``h * ((s * softplus(mu + noise) - 1) * c + 1)`` with ``mu = E2(relu(E1(h)))``, clamped
+    from above at ``clip``; ``noise_weights`` are E1's and E2's four kernels, flattened (36).
+    ``h`` and ``noise`` channels_last; so is the result."""
+    result: Tensor = _Sampled.apply(h, noise_weights, noise, scale, float(strength), clip)
+    return result
+
+
+def expectation(
+    h: Tensor,
+    noise_weights: Tensor,
+    scale: Tensor,
+    strength: Tensor,
+    slope: float,
+    bump: float,
+    width: float,
+) -> Tensor:
+    """The deterministic eval site, without autograd (the caller checks none is needed); ``h``
+    channels_last, and so is the result."""
+    c = float(strength)
+    return kernels().expectation_forward(  # type: ignore[union-attr,no-any-return]
+        h, noise_weights, scale.float() * c, 1.0 - c, slope, bump, width
+    )

@@ -1,0 +1,562 @@
+// Fused CPU kernels for one MetaPerturb site (float32, channels_last).
+//
+// Why: phi's PyTorch form walks the whole feature map about twenty times per site (each
+// depthwise convolution, each elementwise op), and on a CPU those passes, not the arithmetic,
+// are the cost. Here one image at a time stays in cache while every step runs over it.
+//
+// Layout: a (B, C, H, W) tensor in channels_last memory, i.e. B images of H x W pixels of C
+// contiguous channels. A "shared-kernel convolution" applies one 3x3 kernel k to every channel
+// on its own, padding 1, as F.conv2d does (cross-correlation):
+//     out[i][j][c] = sum over (di, dj) in {-1, 0, 1}^2 of k[(di+1)*3 + (dj+1)] * x[i+di][j+dj][c].
+// Its transpose is the same operation with the kernel rotated by 180 degrees.
+//
+// Every function works per image (at::parallel_for over the batch) and writes per-image partial
+// sums for the reductions over the batch (weight and scale gradients), reduced in a fixed order
+// afterwards, so results do not depend on the number of threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(METAPERTURB_VECTOR_MATH)
+// glibc's libmvec (linked with -lmvec): vector variants of expf and logf, as <math.h> declares
+// them under -ffast-math only.
+extern "C" {
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+float logf(float);
+}
+#endif
+
+namespace {
+
+constexpr int kTaps = 9;
+
+struct Shape {
+  int64_t batch, channels, height, width;
+  int64_t pixels() const { return height * width; }
+  int64_t image() const { return height * width * channels; }
+};
+
+Shape shape_of(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "metaperturb native kernels: expected a 4-d feature map");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "metaperturb native kernels: float32 only");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "metaperturb native kernels: channels_last memory expected");
+  return {x.size(0), x.size(1), x.size(2), x.size(3)};
+}
+
+void rotate(const float* k, float* rotated) {
+  for (int t = 0; t < kTaps; ++t) rotated[t] = k[kTaps - 1 - t];
+}
+
+// Row i of the shared-kernel convolution of x (H x W x C) with k, into `out` (W * C values):
+// written, or added to what `out` holds when `Accumulate`. All nine taps are summed in one loop
+// (a column shift is a shift by C values in channels_last), so each output value is stored once.
+template <bool Accumulate>
+inline void convolve_row(const float* x, const Shape& s, int64_t i, const float* k, float* out) {
+  const int64_t C = s.channels, n = s.width * C;
+  static thread_local std::vector<float> zeros;
+  if (static_cast<int64_t>(zeros.size()) < n) zeros.assign(n, 0.f);
+  const float* up = i > 0 ? x + (i - 1) * n : zeros.data();
+  const float* mid = x + i * n;
+  const float* down = i + 1 < s.height ? x + (i + 1) * n : zeros.data();
+  const float k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6],
+              k7 = k[7], k8 = k[8];
+  if (s.width == 1) {
+    for (int64_t e = 0; e < C; ++e)
+      out[e] = (Accumulate ? out[e] : 0.f) + k1 * up[e] + k4 * mid[e] + k7 * down[e];
+    return;
+  }
+  // First column: no left neighbour.
+#pragma omp simd
+  for (int64_t e = 0; e < C; ++e)
+    out[e] = (Accumulate ? out[e] : 0.f) + k1 * up[e] + k2 * up[e + C] + k4 * mid[e] + k5 * mid[e + C] +
+             k7 * down[e] + k8 * down[e + C];
+#pragma omp simd
+  for (int64_t e = C; e < n - C; ++e)
+    out[e] = (Accumulate ? out[e] : 0.f) + k0 * up[e - C] + k1 * up[e] + k2 * up[e + C] + k3 * mid[e - C] +
+             k4 * mid[e] + k5 * mid[e + C] + k6 * down[e - C] + k7 * down[e] + k8 * down[e + C];
+  // Last column: no right neighbour.
+#pragma omp simd
+  for (int64_t e = n - C; e < n; ++e)
+    out[e] = (Accumulate ? out[e] : 0.f) + k0 * up[e - C] + k1 * up[e] + k3 * mid[e - C] + k4 * mid[e] +
+             k6 * down[e - C] + k7 * down[e];
+}
+
+// The same for a single-channel H x W map: out (W values) += conv(m, k) at row i.
+inline void convolve_row_map(const float* m, const Shape& s, int64_t i, const float* k, float* out) {
+  const int64_t W = s.width;
+  for (int di = -1; di <= 1; ++di) {
+    const int64_t r = i + di;
+    if (r < 0 || r >= s.height) continue;
+    const float* row = m + r * W;
+    for (int dj = -1; dj <= 1; ++dj) {
+      const float kv = k[(di + 1) * 3 + (dj + 1)];
+      const int64_t first = dj < 0 ? 1 : 0, last = dj > 0 ? W - 1 : W;
+      for (int64_t j = first; j < last; ++j) out[j] += kv * row[j + dj];
+    }
+  }
+}
+
+// grad[t] += sum over pixels p and channels c of a[p][c] * b[p + offset(t)][c] (zero outside):
+// the gradient of a shared-kernel convolution's kernel, `a` the output gradient, `b` the input.
+// `channels` = 1 for single-channel maps.
+void accumulate_kernel_grad(const float* a, const float* b, int64_t height, int64_t width,
+                            int64_t channels, double* grad) {
+  for (int t = 0; t < kTaps; ++t) {
+    const int di = t / 3 - 1, dj = t % 3 - 1;
+    const int64_t first_col = dj < 0 ? 1 : 0, last_col = dj > 0 ? width - 1 : width;
+    if (last_col <= first_col) continue;
+    const int64_t n = (last_col - first_col) * channels;
+    double total = 0.0;
+    for (int64_t i = std::max<int64_t>(0, -di); i < std::min<int64_t>(height, height - di); ++i) {
+      const float* ar = a + (i * width + first_col) * channels;
+      const float* br = b + ((i + di) * width + first_col + dj) * channels;
+      float row = 0.f;
+#pragma omp simd reduction(+ : row)
+      for (int64_t e = 0; e < n; ++e) row += ar[e] * br[e];
+      total += row;
+    }
+    grad[t] += total;
+  }
+}
+
+// Mean over the channels of each pixel: m[p] = sum_c x[p][c] / C.
+void channel_mean(const float* x, const Shape& s, float* m) {
+  const int64_t C = s.channels;
+  const float inv = 1.0f / static_cast<float>(C);
+  for (int64_t p = 0; p < s.pixels(); ++p) {
+    const float* v = x + p * C;
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t c = 0; c < C; ++c) total += v[c];
+    m[p] = total * inv;
+  }
+}
+
+// The channel-equivariant op E(x) = conv(x, self) + conv(mean_c(x), mean) over one image,
+// written to `out` (H x W x C); `mean_map` holds mean_c(x). With `relu`, out = relu(E(x)) and
+// `out_mean` (if not null) receives mean_c(out).
+void equivariant(const float* x, const float* mean_map, const Shape& s, const float* self_k,
+                 const float* mean_k, bool relu, float* out, float* out_mean,
+                 std::vector<float>& row_map) {
+  const int64_t C = s.channels, W = s.width;
+  const float inv = 1.0f / static_cast<float>(C);
+  for (int64_t i = 0; i < s.height; ++i) {
+    float* orow = out + i * W * C;
+    std::fill(row_map.begin(), row_map.end(), 0.f);
+    convolve_row<false>(x, s, i, self_k, orow);
+    convolve_row_map(mean_map, s, i, mean_k, row_map.data());
+    for (int64_t j = 0; j < W; ++j) {
+      const float shift = row_map[j];
+      float* v = orow + j * C;
+      if (relu) {
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t c = 0; c < C; ++c) {
+          const float e = std::max(v[c] + shift, 0.f);
+          v[c] = e;
+          total += e;
+        }
+        if (out_mean != nullptr) out_mean[i * W + j] = total * inv;
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) v[c] += shift;
+      }
+    }
+  }
+}
+
+// Transpose of E: dx = conv(dy, rot(self)) + conv(sum_c dy, rot(mean)) / C, accumulated into dx.
+void equivariant_transpose(const float* dy, const Shape& s, const float* self_k, const float* mean_k,
+                           float* dx, std::vector<float>& sum_map, std::vector<float>& row_map) {
+  const int64_t C = s.channels, W = s.width;
+  float self_r[kTaps], mean_r[kTaps];
+  rotate(self_k, self_r);
+  rotate(mean_k, mean_r);
+  for (int64_t p = 0; p < s.pixels(); ++p) {
+    const float* v = dy + p * C;
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t c = 0; c < C; ++c) total += v[c];
+    sum_map[p] = total;
+  }
+  const float inv = 1.0f / static_cast<float>(C);
+  for (int64_t i = 0; i < s.height; ++i) {
+    float* drow = dx + i * W * C;
+    convolve_row<true>(dy, s, i, self_r, drow);
+    std::fill(row_map.begin(), row_map.end(), 0.f);
+    convolve_row_map(sum_map.data(), s, i, mean_r, row_map.data());
+    for (int64_t j = 0; j < W; ++j) {
+      const float shift = row_map[j] * inv;
+      float* v = drow + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) v[c] += shift;
+    }
+  }
+}
+
+// exp and log only (no log1p): glibc's vector math library has both since 2.22, so the loops
+// that call them vectorise (declared below) without -ffast-math, which would assume no NaN or
+// infinity where features can overflow.
+inline float softplus(float a) { return std::max(a, 0.f) + logf(1.f + expf(-std::fabs(a))); }
+inline float sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
+
+// Scratch buffers of one thread, sized for one image.
+struct Scratch {
+  std::vector<float> mean_in, mean_hidden, hidden, image_a, image_b, sum_map, row_map, row;
+  explicit Scratch(const Shape& s)
+      : mean_in(s.pixels()), mean_hidden(s.pixels()), hidden(s.image()), image_a(s.image()),
+        image_b(s.image()), sum_map(s.pixels()), row_map(s.width), row(s.width * s.channels) {}
+};
+
+// mu = E2(relu(E1(h))) for one image into `mu`; leaves relu(E1(h)) in scratch.hidden and the
+// channel means in scratch.mean_in / mean_hidden.
+void noise_mean(const float* h, const Shape& s, const float* w, float* mu, Scratch& scratch) {
+  channel_mean(h, s, scratch.mean_in.data());
+  equivariant(h, scratch.mean_in.data(), s, w, w + 9, true, scratch.hidden.data(),
+              scratch.mean_hidden.data(), scratch.row_map);
+  equivariant(scratch.hidden.data(), scratch.mean_hidden.data(), s, w + 18, w + 27, false, mu,
+              nullptr, scratch.row_map);
+}
+
+torch::Tensor flat_weights(const torch::Tensor& w, int64_t count) {
+  auto flat = w.detach().to(at::kFloat).contiguous().view({-1});
+  TORCH_CHECK(flat.numel() == count, "metaperturb native kernels: expected ", count, " weights");
+  return flat;
+}
+
+// Per-channel values repeated for every pixel of a row, so the elementwise loops below run over
+// whole rows (W * C contiguous values) instead of one pixel's C.
+std::vector<float> tile_row(const float* per_channel, float factor, const Shape& s) {
+  std::vector<float> row(s.width * s.channels);
+  for (int64_t j = 0; j < s.width; ++j)
+    for (int64_t c = 0; c < s.channels; ++c) row[j * s.channels + c] = per_channel[c] * factor;
+  return row;
+}
+
+// One row of the sampled site: a += noise, out = h * (gain * softplus(a) + offset), clamped.
+// Clamp is a template argument so that the loop has no branch and vectorises.
+template <bool Clamp>
+inline void sampled_row(const float* x, const float* eps, const float* gain, float offset,
+                        float limit, int64_t n, float* a, float* out) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    const float value = a[e] + eps[e];
+    a[e] = value;
+    const float y = x[e] * (gain[e] * softplus(value) + offset);
+    out[e] = Clamp ? std::min(y, limit) : y;
+  }
+}
+
+// One row of the sampled site's backward: the direct gradient (into dx), the gain's gradient
+// times z summed per element (into scale_sum, reduced per channel by the caller), and the noise
+// mean's gradient (into dmu). Where the forward clamped, the gradient is 0.
+template <bool Clamp>
+inline void sampled_grad_row(const float* x, const float* a, const float* grad_out,
+                             const float* gain, const float* scale, float strength, float offset,
+                             float limit, int64_t n, float* dx, float* scale_sum, float* dmu) {
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    const float z = softplus(a[e]);
+    const float g = gain[e] * z + offset;
+    const float grad = (!Clamp || x[e] * g <= limit) ? grad_out[e] : 0.f;
+    dx[e] = grad * g;
+    const float through_gain = grad * x[e] * strength;
+    scale_sum[e] += through_gain * z;
+    dmu[e] = through_gain * scale[e] * sigmoid(a[e]);
+  }
+}
+
+}  // namespace
+
+// Pooled scale maps: pooled[b][c][k] = mean over pixels of relu(conv(h[b, c], kernels[k])).
+torch::Tensor scale_pool_forward(const torch::Tensor& h, const torch::Tensor& kernels) {
+  const Shape s = shape_of(h);
+  const auto k = flat_weights(kernels, 4 * kTaps);
+  auto pooled = torch::zeros({s.batch, s.channels, 4}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* x = h.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  float* out = pooled.data_ptr<float>();
+  const float inv_area = 1.0f / static_cast<float>(s.pixels());
+  const int64_t n = s.width * s.channels;
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> row(n), sums(4 * n);
+    for (int64_t b = first; b < last; ++b) {
+      const float* image = x + b * s.image();
+      std::fill(sums.begin(), sums.end(), 0.f);
+      // Row by row, the four maps of a row while its three input rows are in cache; relu and a
+      // running sum per (column, channel), reduced over the columns at the end.
+      for (int64_t i = 0; i < s.height; ++i) {
+        for (int m = 0; m < 4; ++m) {
+          convolve_row<false>(image, s, i, kp + m * kTaps, row.data());
+          float* total = sums.data() + m * n;
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) total[e] += std::max(row[e], 0.f);
+        }
+      }
+      for (int m = 0; m < 4; ++m) {
+        for (int64_t c = 0; c < s.channels; ++c) {
+          float total = 0.f;
+          for (int64_t j = 0; j < s.width; ++j) total += sums[m * n + j * s.channels + c];
+          out[(b * s.channels + c) * 4 + m] = total * inv_area;
+        }
+      }
+    }
+  });
+  return pooled;
+}
+
+// Backward of scale_pool_forward: (grad_h, grad_kernels (4, 1, 3, 3) or undefined).
+std::vector<torch::Tensor> scale_pool_backward(const torch::Tensor& h, const torch::Tensor& kernels,
+                                               const torch::Tensor& grad_pooled, bool kernel_grad) {
+  const Shape s = shape_of(h);
+  const auto k = flat_weights(kernels, 4 * kTaps);
+  const auto gp = grad_pooled.to(at::kFloat).contiguous();
+  auto grad_h = torch::zeros_like(h);
+  std::vector<double> partial(kernel_grad ? s.batch * 4 * kTaps : 0, 0.0);
+  const float* x = h.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* g = gp.data_ptr<float>();
+  float* dx = grad_h.data_ptr<float>();
+  const float inv_area = 1.0f / static_cast<float>(s.pixels());
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> dmap(s.image()), factor(s.channels);
+    for (int64_t b = first; b < last; ++b) {
+      const float* image = x + b * s.image();
+      float* dimage = dx + b * s.image();
+      for (int m = 0; m < 4; ++m) {
+        for (int64_t c = 0; c < s.channels; ++c) factor[c] = g[(b * s.channels + c) * 4 + m] * inv_area;
+        // The map's gradient: the pooled gradient where the map is positive.
+        for (int64_t i = 0; i < s.height; ++i) {
+          float* row = dmap.data() + i * s.width * s.channels;
+          convolve_row<false>(image, s, i, kp + m * kTaps, row);
+          for (int64_t j = 0; j < s.width; ++j) {
+            float* v = row + j * s.channels;
+#pragma omp simd
+            for (int64_t c = 0; c < s.channels; ++c) v[c] = v[c] > 0.f ? factor[c] : 0.f;
+          }
+        }
+        float rotated[kTaps];
+        rotate(kp + m * kTaps, rotated);
+        for (int64_t i = 0; i < s.height; ++i)
+          convolve_row<true>(dmap.data(), s, i, rotated, dimage + i * s.width * s.channels);
+        if (kernel_grad)
+          accumulate_kernel_grad(dmap.data(), image, s.height, s.width, s.channels,
+                                 partial.data() + (b * 4 + m) * kTaps);
+      }
+    }
+  });
+  torch::Tensor grad_k;
+  if (kernel_grad) {
+    grad_k = torch::zeros({4, 1, 3, 3}, h.options().memory_format(at::MemoryFormat::Contiguous));
+    float* gk = grad_k.data_ptr<float>();
+    for (int64_t e = 0; e < 4 * kTaps; ++e) {
+      double total = 0.0;
+      for (int64_t b = 0; b < s.batch; ++b) total += partial[b * 4 * kTaps + e];
+      gk[e] = static_cast<float>(total);
+    }
+  }
+  return {grad_h, grad_k};
+}
+
+// The sampled site: a = E2(relu(E1(h))) + noise, z = softplus(a), g = scale[c] * c * z + (1 - c),
+// out = h * g, clamped from above at `clip` when clip > 0. Returns (out, a); backward needs a.
+std::vector<torch::Tensor> sampled_forward(const torch::Tensor& h, const torch::Tensor& weights,
+                                           const torch::Tensor& noise, const torch::Tensor& scale,
+                                           double strength, double clip) {
+  const Shape s = shape_of(h);
+  TORCH_CHECK(noise.sizes() == h.sizes() && noise.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  noise.scalar_type() == at::kFloat,
+              "metaperturb native kernels: noise must match h (float32, channels_last)");
+  const auto w = flat_weights(weights, 4 * kTaps);
+  const auto sc = scale.detach().to(at::kFloat).contiguous();
+  TORCH_CHECK(sc.numel() == s.channels, "metaperturb native kernels: one scale per channel");
+  auto out = torch::empty_like(h);
+  auto pre = torch::empty_like(h);
+  const float* x = h.data_ptr<float>();
+  const float* eps = noise.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* ap = pre.data_ptr<float>();
+  const float c = static_cast<float>(strength), offset = 1.f - c;
+  const float limit = static_cast<float>(clip);
+  const bool clamp = clip > 0;
+  const int64_t n = s.width * s.channels;
+  const std::vector<float> gain = tile_row(sp, c, s);
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    Scratch scratch(s);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t base = b * s.image();
+      float* a = ap + base;
+      noise_mean(x + base, s, wp, a, scratch);
+      for (int64_t i = 0; i < s.height; ++i) {
+        const int64_t row = base + i * n;
+        if (clamp)
+          sampled_row<true>(x + row, eps + row, gain.data(), offset, limit, n, ap + row, op + row);
+        else
+          sampled_row<false>(x + row, eps + row, gain.data(), offset, limit, n, ap + row, op + row);
+      }
+    }
+  });
+  return {out, pre};
+}
+
+// Backward of sampled_forward: (grad_h, grad_scale (C), grad_weights (36) or undefined).
+std::vector<torch::Tensor> sampled_backward(const torch::Tensor& h, const torch::Tensor& weights,
+                                            const torch::Tensor& pre, const torch::Tensor& scale,
+                                            double strength, double clip,
+                                            const torch::Tensor& grad_out_any, bool weight_grad) {
+  const Shape s = shape_of(h);
+  const auto grad_out = grad_out_any.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const auto w = flat_weights(weights, 4 * kTaps);
+  const auto sc = scale.detach().to(at::kFloat).contiguous();
+  auto grad_h = torch::empty_like(h);
+  std::vector<double> scale_partial(s.batch * s.channels, 0.0);
+  std::vector<double> weight_partial(weight_grad ? s.batch * 4 * kTaps : 0, 0.0);
+  const float* x = h.data_ptr<float>();
+  const float* ap = pre.data_ptr<float>();
+  const float* go = grad_out.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* dxp = grad_h.data_ptr<float>();
+  const float c = static_cast<float>(strength), offset = 1.f - c;
+  const float limit = static_cast<float>(clip);
+  const bool clamp = clip > 0;
+  const int64_t C = s.channels;
+  const int64_t n = s.width * C;
+  const std::vector<float> gain = tile_row(sp, c, s), scale_row = tile_row(sp, 1.f, s);
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    Scratch scratch(s);
+    std::vector<float> pre_act(s.image()), row_sums(n);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t base = b * s.image();
+      const float* image = x + base;
+      float* dx = dxp + base;
+      float* dmu = scratch.image_a.data();
+      std::fill(row_sums.begin(), row_sums.end(), 0.f);
+      // Direct term, the scale's gradient and the noise mean's gradient.
+      for (int64_t i = 0; i < s.height; ++i) {
+        const int64_t row = i * n;
+        if (clamp)
+          sampled_grad_row<true>(image + row, ap + base + row, go + base + row, gain.data(),
+                                 scale_row.data(), c, offset, limit, n, dx + row, row_sums.data(),
+                                 dmu + row);
+        else
+          sampled_grad_row<false>(image + row, ap + base + row, go + base + row, gain.data(),
+                                  scale_row.data(), c, offset, limit, n, dx + row, row_sums.data(),
+                                  dmu + row);
+      }
+      std::vector<float> channel_sums(C, 0.f);
+      for (int64_t j = 0; j < s.width; ++j)
+        for (int64_t ch = 0; ch < C; ++ch) channel_sums[ch] += row_sums[j * C + ch];
+      for (int64_t ch = 0; ch < C; ++ch) scale_partial[b * C + ch] = channel_sums[ch];
+      // Recompute E1 (its relu mask and the hidden map) and push dmu through E2, relu, E1.
+      channel_mean(image, s, scratch.mean_in.data());
+      equivariant(image, scratch.mean_in.data(), s, wp, wp + 9, false, pre_act.data(), nullptr,
+                  scratch.row_map);
+      float* dhidden = scratch.image_b.data();
+      std::fill(dhidden, dhidden + s.image(), 0.f);
+      equivariant_transpose(dmu, s, wp + 18, wp + 27, dhidden, scratch.sum_map, scratch.row_map);
+      if (weight_grad) {
+        // hidden = relu(pre_act) and its channel mean, for E2's weight gradients.
+        float* hidden = scratch.hidden.data();
+        const float inv = 1.0f / static_cast<float>(C);
+        for (int64_t p = 0; p < s.pixels(); ++p) {
+          float total = 0.f;
+#pragma omp simd reduction(+ : total)
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const float e = std::max(pre_act[p * C + ch], 0.f);
+            hidden[p * C + ch] = e;
+            total += e;
+          }
+          scratch.mean_hidden[p] = total * inv;
+        }
+        double* wg = weight_partial.data() + b * 4 * kTaps;
+        accumulate_kernel_grad(dmu, hidden, s.height, s.width, C, wg + 18);
+        // scratch.sum_map holds sum_c dmu; mu's mean term is conv(mean_c hidden, mean_k).
+        accumulate_kernel_grad(scratch.sum_map.data(), scratch.mean_hidden.data(), s.height,
+                               s.width, 1, wg + 27);
+      }
+      for (int64_t e = 0; e < s.image(); ++e) dhidden[e] = pre_act[e] > 0.f ? dhidden[e] : 0.f;
+      equivariant_transpose(dhidden, s, wp, wp + 9, dx, scratch.sum_map, scratch.row_map);
+      if (weight_grad) {
+        double* wg = weight_partial.data() + b * 4 * kTaps;
+        accumulate_kernel_grad(dhidden, image, s.height, s.width, C, wg);
+        accumulate_kernel_grad(scratch.sum_map.data(), scratch.mean_in.data(), s.height, s.width,
+                               1, wg + 9);
+      }
+    }
+  });
+  auto grad_scale = torch::empty({C}, sc.options());
+  float* gs = grad_scale.data_ptr<float>();
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double total = 0.0;
+    for (int64_t b = 0; b < s.batch; ++b) total += scale_partial[b * C + ch];
+    gs[ch] = static_cast<float>(total);
+  }
+  torch::Tensor grad_w;
+  if (weight_grad) {
+    grad_w = torch::empty({4 * kTaps}, sc.options());
+    float* gw = grad_w.data_ptr<float>();
+    for (int64_t e = 0; e < 4 * kTaps; ++e) {
+      double total = 0.0;
+      for (int64_t b = 0; b < s.batch; ++b) total += weight_partial[b * 4 * kTaps + e];
+      gw[e] = static_cast<float>(total);
+    }
+  }
+  return {grad_h, grad_scale, grad_w};
+}
+
+// The deterministic eval site: out = h * (gain[c] * E[softplus(N(mu, 1))] + offset), with the
+// expectation's closed-form approximation (slope, bump, width as in phi.expected_softplus).
+torch::Tensor expectation_forward(const torch::Tensor& h, const torch::Tensor& weights,
+                                  const torch::Tensor& gain, double offset, double slope,
+                                  double bump, double width) {
+  const Shape s = shape_of(h);
+  const auto w = flat_weights(weights, 4 * kTaps);
+  const auto gn = gain.detach().to(at::kFloat).contiguous();
+  TORCH_CHECK(gn.numel() == s.channels, "metaperturb native kernels: one gain per channel");
+  auto out = torch::empty_like(h);
+  const float* x = h.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* gp = gn.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fo = static_cast<float>(offset), fs = static_cast<float>(slope);
+  const float fb = static_cast<float>(bump), fw = static_cast<float>(width), inv_slope = 1.f / fs;
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    Scratch scratch(s);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t base = b * s.image();
+      float* mu = scratch.image_a.data();
+      noise_mean(x + base, s, wp, mu, scratch);
+      for (int64_t p = 0; p < s.pixels(); ++p) {
+        const float* xv = x + base + p * s.channels;
+        const float* mv = mu + p * s.channels;
+        float* ov = op + base + p * s.channels;
+#pragma omp simd
+        for (int64_t ch = 0; ch < s.channels; ++ch) {
+          const float m = mv[ch];
+          const float expected = softplus(fs * m) * inv_slope + fb * expf(-fw * m * m);
+          ov[ch] = xv[ch] * (gp[ch] * expected + fo);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("scale_pool_forward", &scale_pool_forward);
+  module.def("scale_pool_backward", &scale_pool_backward);
+  module.def("sampled_forward", &sampled_forward);
+  module.def("sampled_backward", &sampled_backward);
+  module.def("expectation_forward", &expectation_forward);
+}

@@ -1,0 +1,219 @@
+"""The fused CPU kernels compute what the PyTorch path computes, and fall back cleanly.
+
+The PyTorch path is itself checked against the obvious reference (``test_fast_path.py``); here
+every case runs both ways on the same input and the same noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+import timm
+import torch
+
+import metaperturb
+import metaperturb._native as native
+from metaperturb.phi import Perturbation
+from metaperturb.site import SiteState, perturb
+
+HAS_COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler or ninja here")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    # A machine with a compiler must build them: a silent fallback would hide a broken build.
+    assert native.kernels() is not None
+
+
+def pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "usable", lambda *args: False)
+
+
+def make_phi(frozen: bool) -> Perturbation:
+    torch.manual_seed(0)
+    phi = Perturbation()
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(0.0, 0.3)
+    return phi.freeze(frozen)
+
+
+def run(
+    phi: Perturbation,
+    h: torch.Tensor,
+    noise: torch.Tensor,
+    training: bool,
+    mode: str,
+    grad: bool = True,
+) -> dict[str, Any]:
+    state = SiteState(h.shape[1])
+    state.running_mean.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    h = h.detach().requires_grad_(grad)
+    phi.zero_grad(set_to_none=True)
+    out = perturb(
+        h,
+        phi,
+        state,
+        strength=torch.tensor(0.8),
+        channel_ratio=0.5,
+        spatial_ratio=torch.tensor(0.25),
+        training=training,
+        eval_mode=mode,  # type: ignore[arg-type]
+        noise=noise,
+    )
+    result: dict[str, Any] = {"out": out.detach(), "stride": out.stride(), "state": state}
+    if grad:
+        upstream = torch.linspace(-1, 1, out.numel()).view(out.shape)
+        (out * upstream).sum().backward()
+        result["h"] = h.grad
+        result["phi"] = {n: p.grad for n, p in phi.named_parameters()}
+    return result
+
+
+SHAPES = [(6, 5, 9, 7), (3, 16, 8, 8), (1, 3, 1, 1), (2, 1, 4, 1), (4, 8, 1, 5)]
+MODES = [(True, "expectation"), (False, "sample"), (False, "expectation")]
+
+
+@pytest.mark.parametrize("training,mode", MODES)
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_kernels_match_the_pytorch_path(
+    shape: tuple[int, ...],
+    channels_last: bool,
+    frozen: bool,
+    training: bool,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generator = torch.Generator().manual_seed(2)
+    h = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    # Eval without gradients is the one case the expectation kernel serves.
+    grad = training or mode == "sample"
+    fused = run(make_phi(frozen), h, noise, training, mode, grad)
+    pytorch_path(monkeypatch)
+    expected = run(make_phi(frozen), h, noise, training, mode, grad)
+
+    torch.testing.assert_close(fused["out"], expected["out"], rtol=1e-4, atol=1e-5)
+    assert fused["stride"] == expected["stride"], "the output keeps the input's layout"
+    torch.testing.assert_close(fused["state"].running_var, expected["state"].running_var)
+    if grad:
+        torch.testing.assert_close(fused["h"], expected["h"], rtol=1e-4, atol=1e-5)
+        for name, value in expected["phi"].items():
+            if value is None:
+                assert fused["phi"][name] is None, name
+            else:
+                torch.testing.assert_close(
+                    fused["phi"][name], value, rtol=1e-3, atol=1e-4, msg=name
+                )
+
+
+def test_the_clamp_and_its_gradient_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features large enough that the training clamp at 100 cuts some of them."""
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 6, 5, 5, generator=generator) * 200
+    noise = torch.randn(h.shape, generator=generator)
+    fused = run(make_phi(True), h, noise, True, "expectation")
+    assert (fused["out"] == 100).any() and (fused["out"] < 100).any()
+    pytorch_path(monkeypatch)
+    expected = run(make_phi(True), h, noise, True, "expectation")
+    torch.testing.assert_close(fused["out"], expected["out"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused["h"], expected["h"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_non_finite_features_give_what_the_pytorch_path_gives(
+    training: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = torch.rand(2, 4, 6, 6)
+    h[0, 1, 2, 3] = float("nan")
+    h[1, 2, 0, 0] = float("inf")
+    noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(4))
+    fused = run(make_phi(True), h, noise, training, "expectation", grad=False)["out"]
+    pytorch_path(monkeypatch)
+    expected = run(make_phi(True), h, noise, training, "expectation", grad=False)["out"]
+    assert torch.equal(fused.isnan(), expected.isnan())
+    assert torch.equal(fused.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    torch.testing.assert_close(fused[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Batch reductions are summed per image, then in a fixed order: bit-identical results."""
+    h = torch.randn(8, 6, 7, 7, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(make_phi(False), h, noise, True, "expectation")
+        torch.set_num_threads(2)
+        two = run(make_phi(False), h, noise, True, "expectation")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one["out"], two["out"]) and torch.equal(one["h"], two["h"])
+    for name, value in one["phi"].items():
+        assert torch.equal(value, two["phi"][name]), name
+
+
+def test_a_wrapped_resnet_trains_the_same_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole model, same seed: the loss, the input gradient and one Adam step agree."""
+
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(7)
+        model = timm.create_model("cifar_resnet20")
+        metaperturb.wrap(model)
+        x = torch.randn(4, 3, 32, 32, requires_grad=True)
+        loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+        loss.backward()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(x.detach())
+        return loss.detach(), x.grad, evaluated
+
+    fused = step()
+    pytorch_path(monkeypatch)
+    expected = step()
+    for actual, wanted in zip(fused, expected, strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)
+
+
+def test_turned_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setenv("METAPERTURB_NATIVE", "0")
+    assert native.kernels() is None
+    assert not native.usable(torch.zeros(1, 1, 1, 1), torch.float32)
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> None:
+        raise OSError("c++: not found")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.delenv("METAPERTURB_NATIVE", raising=False)
+    with pytest.warns(RuntimeWarning, match="did not build.*c\\+\\+: not found"):
+        assert native.kernels() is None
+    assert native.kernels() is None  # once: no second build, no second warning
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setenv("METAPERTURB_NATIVE", "1")
+    with pytest.raises(RuntimeError, match="METAPERTURB_NATIVE=1 but the fused CPU kernels"):
+        native.kernels()
+
+
+def test_other_dtypes_and_autocast_keep_the_pytorch_path() -> None:
+    h = torch.zeros(2, 3, 4, 4)
+    assert native.usable(h, torch.float32)
+    assert not native.usable(h.double(), torch.float64)
+    assert not native.usable(h.bfloat16(), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native.usable(h, torch.float32)
