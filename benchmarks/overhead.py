@@ -3,18 +3,21 @@
 Every ratio compares configurations timed in the same run, interleaved (round-robin over the
 configurations, ``--repeats`` rounds, each the median of ``--steps`` steps), and reports the
 median over rounds. "reference" is the obvious implementation of phi
-(:mod:`metaperturb._reference`), "fast" the library's.
+(:mod:`metaperturb._reference`), "fast" the library's (on a CPU with the fused site kernels of
+:mod:`metaperturb._native`), "pytorch-ops" the library's without those kernels.
 
 Usage:
     python benchmarks/overhead.py                      # CPU: the README table
     python benchmarks/overhead.py --device cuda        # GPU: resnet50 224px, batch 64, bf16
+    python benchmarks/overhead.py --channels-last      # models and inputs in channels_last
     python benchmarks/overhead.py --quick              # a smoke run (CI-sized)
-Writes a markdown table to stdout and JSON to benchmarks/results/overhead-<device>.json.
+Writes a markdown table to stdout and JSON to benchmarks/results/overhead-<device>[-cl].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -31,6 +34,7 @@ from torch import nn
 
 import metaperturb
 from metaperturb._reference import reference_perturb
+from metaperturb.site import perturb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,6 +100,10 @@ def make(
         )
         if variant == "reference":
             metaperturb.get_controller(model).site_function = reference_perturb
+        if variant == "pytorch-ops":
+            metaperturb.get_controller(model).site_function = functools.partial(
+                perturb, fused=False
+            )
     return model.to(device)
 
 
@@ -216,19 +224,25 @@ def main() -> None:
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the (slow) reference implementation"
     )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="models and inputs in channels_last memory"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
-    variants = ["unwrapped", "fast", "memory-efficient"] + (
-        [] if args.no_reference else ["reference"]
-    )
+    variants = ["unwrapped", "fast"]
+    if device.type == "cpu":
+        variants.append("pytorch-ops")  # the fast path without the fused CPU kernels
+    variants += ["memory-efficient"] + ([] if args.no_reference else ["reference"])
 
     rows: list[dict[str, object]] = []
     for workload in workloads(device.type, args.quick):
+        layout = torch.channels_last if args.channels_last else torch.contiguous_format
         x = torch.randn(workload.batch, *workload.input_size, device=device)
+        x = x.contiguous(memory_format=layout)
         y = torch.randint(0, workload.classes, (workload.batch,), device=device)
-        models = {v: make(workload, v, device) for v in variants}
+        models = {v: make(workload, v, device).to(memory_format=layout) for v in variants}
         train = interleaved(
             {v: train_step_fn(m, x, y, autocast) for v, m in models.items()}, device, steps, repeats
         )
@@ -242,7 +256,9 @@ def main() -> None:
             }
         # phi's own meta-training step: trainable phi, gradients to phi and to the host.
         meta_models = {
-            v: make(workload, v, device, trainable=True) for v in variants if v != "unwrapped"
+            v: make(workload, v, device, trainable=True).to(memory_format=layout)
+            for v in variants
+            if v != "unwrapped"
         }
         meta = interleaved(
             {v: train_step_fn(m, x, y, autocast) for v, m in meta_models.items()},
@@ -262,16 +278,19 @@ def main() -> None:
         rows.append(row)
 
     report = {**setting(device, autocast, steps, repeats), "rows": rows}
+    report["layout"] = "channels_last" if args.channels_last else "NCHW"
     RESULTS.mkdir(exist_ok=True)
     if not args.quick:
-        (RESULTS / f"overhead-{device.type}.json").write_text(json.dumps(report, indent=2))
+        suffix = "-cl" if args.channels_last else ""
+        (RESULTS / f"overhead-{device.type}{suffix}.json").write_text(json.dumps(report, indent=2))
     print(render(report))
 
 
 def render(report: dict) -> str:
     title = (
         f"{report['device']}, {report['threads']} threads, torch {report['torch']}, "
-        f"autocast {report['autocast']}; medians of {report['repeats']} interleaved rounds x "
+        f"autocast {report['autocast']}, {report.get('layout', 'NCHW')}; medians of "
+        f"{report['repeats']} interleaved rounds x "
         f"{report['steps']} steps"
     )
     variants = list(report["rows"][0]["train_s"])

@@ -29,10 +29,6 @@ def built() -> None:
     assert native.kernels() is not None
 
 
-def pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "usable", lambda *args: False)
-
-
 def make_phi(frozen: bool) -> Perturbation:
     torch.manual_seed(0)
     phi = Perturbation()
@@ -49,6 +45,7 @@ def run(
     training: bool,
     mode: str,
     grad: bool = True,
+    fused: bool = True,
 ) -> dict[str, Any]:
     state = SiteState(h.shape[1])
     state.running_mean.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
@@ -64,6 +61,7 @@ def run(
         training=training,
         eval_mode=mode,  # type: ignore[arg-type]
         noise=noise,
+        fused=fused,
     )
     result: dict[str, Any] = {"out": out.detach(), "stride": out.stride(), "state": state}
     if grad:
@@ -98,8 +96,7 @@ def test_fused_kernels_match_the_pytorch_path(
     # Eval without gradients is the one case the expectation kernel serves.
     grad = training or mode == "sample"
     fused = run(make_phi(frozen), h, noise, training, mode, grad)
-    pytorch_path(monkeypatch)
-    expected = run(make_phi(frozen), h, noise, training, mode, grad)
+    expected = run(make_phi(frozen), h, noise, training, mode, grad, fused=False)
 
     torch.testing.assert_close(fused["out"], expected["out"], rtol=1e-4, atol=1e-5)
     assert fused["stride"] == expected["stride"], "the output keeps the input's layout"
@@ -122,8 +119,7 @@ def test_the_clamp_and_its_gradient_match(monkeypatch: pytest.MonkeyPatch) -> No
     noise = torch.randn(h.shape, generator=generator)
     fused = run(make_phi(True), h, noise, True, "expectation")
     assert (fused["out"] == 100).any() and (fused["out"] < 100).any()
-    pytorch_path(monkeypatch)
-    expected = run(make_phi(True), h, noise, True, "expectation")
+    expected = run(make_phi(True), h, noise, True, "expectation", fused=False)
     torch.testing.assert_close(fused["out"], expected["out"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused["h"], expected["h"], rtol=1e-4, atol=1e-4)
 
@@ -137,8 +133,7 @@ def test_non_finite_features_give_what_the_pytorch_path_gives(
     h[1, 2, 0, 0] = float("inf")
     noise = torch.randn(h.shape, generator=torch.Generator().manual_seed(4))
     fused = run(make_phi(True), h, noise, training, "expectation", grad=False)["out"]
-    pytorch_path(monkeypatch)
-    expected = run(make_phi(True), h, noise, training, "expectation", grad=False)["out"]
+    expected = run(make_phi(True), h, noise, training, "expectation", False, False)["out"]
     assert torch.equal(fused.isnan(), expected.isnan())
     assert torch.equal(fused.isinf(), expected.isinf())
     finite = expected.isfinite()
@@ -180,7 +175,7 @@ def test_a_wrapped_resnet_trains_the_same_either_way(monkeypatch: pytest.MonkeyP
         return loss.detach(), x.grad, evaluated
 
     fused = step()
-    pytorch_path(monkeypatch)
+    monkeypatch.setattr(native, "usable", lambda *args: False)
     expected = step()
     for actual, wanted in zip(fused, expected, strict=True):
         torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)

@@ -57,6 +57,7 @@ def perturb(
     eval_mode: EvalMode = "expectation",
     noise: Tensor | None = None,
     update_statistics: bool = True,
+    fused: bool = True,
 ) -> Tensor:
     """``h * g`` with ``g = (s * z - 1) * strength + 1`` (MetaPerturb, METHOD.md steps 2-5).
 
@@ -67,6 +68,8 @@ def perturb(
     feature training saw. An empty batch passes through unchanged. ``noise`` replaces the
     standard normal draw (``a = mu + noise``), for tests that compare implementations;
     ``update_statistics=False`` leaves the running statistics alone (a checkpointed recompute).
+    ``fused=False`` keeps the PyTorch ops where the fused CPU kernels would run (the same
+    function; for comparisons).
     """
     if h.dim() != 4 or h.shape[1] != state.channels:
         raise SiteShapeError(
@@ -90,8 +93,10 @@ def perturb(
     # The fused CPU kernels (float32 on a CPU, when they built), channels_last once for all of
     # them; the deterministic eval kernel has no backward, so it serves only without autograd.
     sampling = training or eval_mode == "sample"
-    fused = _native.usable(h, phi.scale_weight.dtype) and (
-        sampling or not (torch.is_grad_enabled() and (h.requires_grad or not phi.frozen))
+    fused = (
+        fused
+        and _native.usable(h, phi.scale_weight.dtype)
+        and (sampling or not (torch.is_grad_enabled() and (h.requires_grad or not phi.frozen)))
     )
     if fused:
         x = _native.channels_last(x)

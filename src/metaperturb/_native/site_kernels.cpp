@@ -14,7 +14,13 @@
 // sums for the reductions over the batch (weight and scale gradients), reduced in a fixed order
 // afterwards, so results do not depend on the number of threads.
 
-#include <torch/extension.h>
+// Only the headers used (not torch/extension.h): the first-use build takes half the time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -43,7 +49,7 @@ struct Shape {
   int64_t image() const { return height * width * channels; }
 };
 
-Shape shape_of(const torch::Tensor& x) {
+Shape shape_of(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "metaperturb native kernels: expected a 4-d feature map");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "metaperturb native kernels: float32 only");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -226,7 +232,7 @@ void noise_mean(const float* h, const Shape& s, const float* w, float* mu, Scrat
               nullptr, scratch.row_map);
 }
 
-torch::Tensor flat_weights(const torch::Tensor& w, int64_t count) {
+at::Tensor flat_weights(const at::Tensor& w, int64_t count) {
   auto flat = w.detach().to(at::kFloat).contiguous().view({-1});
   TORCH_CHECK(flat.numel() == count, "metaperturb native kernels: expected ", count, " weights");
   return flat;
@@ -277,10 +283,10 @@ inline void sampled_grad_row(const float* x, const float* a, const float* grad_o
 }  // namespace
 
 // Pooled scale maps: pooled[b][c][k] = mean over pixels of relu(conv(h[b, c], kernels[k])).
-torch::Tensor scale_pool_forward(const torch::Tensor& h, const torch::Tensor& kernels) {
+at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
   const Shape s = shape_of(h);
   const auto k = flat_weights(kernels, 4 * kTaps);
-  auto pooled = torch::zeros({s.batch, s.channels, 4}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  auto pooled = at::zeros({s.batch, s.channels, 4}, h.options().memory_format(at::MemoryFormat::Contiguous));
   const float* x = h.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   float* out = pooled.data_ptr<float>();
@@ -314,12 +320,12 @@ torch::Tensor scale_pool_forward(const torch::Tensor& h, const torch::Tensor& ke
 }
 
 // Backward of scale_pool_forward: (grad_h, grad_kernels (4, 1, 3, 3) or undefined).
-std::vector<torch::Tensor> scale_pool_backward(const torch::Tensor& h, const torch::Tensor& kernels,
-                                               const torch::Tensor& grad_pooled, bool kernel_grad) {
+std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tensor& kernels,
+                                               const at::Tensor& grad_pooled, bool kernel_grad) {
   const Shape s = shape_of(h);
   const auto k = flat_weights(kernels, 4 * kTaps);
   const auto gp = grad_pooled.to(at::kFloat).contiguous();
-  auto grad_h = torch::zeros_like(h);
+  auto grad_h = at::zeros_like(h);
   std::vector<double> partial(kernel_grad ? s.batch * 4 * kTaps : 0, 0.0);
   const float* x = h.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -353,9 +359,9 @@ std::vector<torch::Tensor> scale_pool_backward(const torch::Tensor& h, const tor
       }
     }
   });
-  torch::Tensor grad_k;
+  at::Tensor grad_k;
   if (kernel_grad) {
-    grad_k = torch::zeros({4, 1, 3, 3}, h.options().memory_format(at::MemoryFormat::Contiguous));
+    grad_k = at::zeros({4, 1, 3, 3}, h.options().memory_format(at::MemoryFormat::Contiguous));
     float* gk = grad_k.data_ptr<float>();
     for (int64_t e = 0; e < 4 * kTaps; ++e) {
       double total = 0.0;
@@ -368,8 +374,8 @@ std::vector<torch::Tensor> scale_pool_backward(const torch::Tensor& h, const tor
 
 // The sampled site: a = E2(relu(E1(h))) + noise, z = softplus(a), g = scale[c] * c * z + (1 - c),
 // out = h * g, clamped from above at `clip` when clip > 0. Returns (out, a); backward needs a.
-std::vector<torch::Tensor> sampled_forward(const torch::Tensor& h, const torch::Tensor& weights,
-                                           const torch::Tensor& noise, const torch::Tensor& scale,
+std::vector<at::Tensor> sampled_forward(const at::Tensor& h, const at::Tensor& weights,
+                                           const at::Tensor& noise, const at::Tensor& scale,
                                            double strength, double clip) {
   const Shape s = shape_of(h);
   TORCH_CHECK(noise.sizes() == h.sizes() && noise.is_contiguous(at::MemoryFormat::ChannelsLast) &&
@@ -378,8 +384,8 @@ std::vector<torch::Tensor> sampled_forward(const torch::Tensor& h, const torch::
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto sc = scale.detach().to(at::kFloat).contiguous();
   TORCH_CHECK(sc.numel() == s.channels, "metaperturb native kernels: one scale per channel");
-  auto out = torch::empty_like(h);
-  auto pre = torch::empty_like(h);
+  auto out = at::empty_like(h);
+  auto pre = at::empty_like(h);
   const float* x = h.data_ptr<float>();
   const float* eps = noise.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -410,15 +416,15 @@ std::vector<torch::Tensor> sampled_forward(const torch::Tensor& h, const torch::
 }
 
 // Backward of sampled_forward: (grad_h, grad_scale (C), grad_weights (36) or undefined).
-std::vector<torch::Tensor> sampled_backward(const torch::Tensor& h, const torch::Tensor& weights,
-                                            const torch::Tensor& pre, const torch::Tensor& scale,
+std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& weights,
+                                            const at::Tensor& pre, const at::Tensor& scale,
                                             double strength, double clip,
-                                            const torch::Tensor& grad_out_any, bool weight_grad) {
+                                            const at::Tensor& grad_out_any, bool weight_grad) {
   const Shape s = shape_of(h);
   const auto grad_out = grad_out_any.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto sc = scale.detach().to(at::kFloat).contiguous();
-  auto grad_h = torch::empty_like(h);
+  auto grad_h = at::empty_like(h);
   std::vector<double> scale_partial(s.batch * s.channels, 0.0);
   std::vector<double> weight_partial(weight_grad ? s.batch * 4 * kTaps : 0, 0.0);
   const float* x = h.data_ptr<float>();
@@ -495,16 +501,16 @@ std::vector<torch::Tensor> sampled_backward(const torch::Tensor& h, const torch:
       }
     }
   });
-  auto grad_scale = torch::empty({C}, sc.options());
+  auto grad_scale = at::empty({C}, sc.options());
   float* gs = grad_scale.data_ptr<float>();
   for (int64_t ch = 0; ch < C; ++ch) {
     double total = 0.0;
     for (int64_t b = 0; b < s.batch; ++b) total += scale_partial[b * C + ch];
     gs[ch] = static_cast<float>(total);
   }
-  torch::Tensor grad_w;
+  at::Tensor grad_w;
   if (weight_grad) {
-    grad_w = torch::empty({4 * kTaps}, sc.options());
+    grad_w = at::empty({4 * kTaps}, sc.options());
     float* gw = grad_w.data_ptr<float>();
     for (int64_t e = 0; e < 4 * kTaps; ++e) {
       double total = 0.0;
@@ -517,14 +523,14 @@ std::vector<torch::Tensor> sampled_backward(const torch::Tensor& h, const torch:
 
 // The deterministic eval site: out = h * (gain[c] * E[softplus(N(mu, 1))] + offset), with the
 // expectation's closed-form approximation (slope, bump, width as in phi.expected_softplus).
-torch::Tensor expectation_forward(const torch::Tensor& h, const torch::Tensor& weights,
-                                  const torch::Tensor& gain, double offset, double slope,
+at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
+                                  const at::Tensor& gain, double offset, double slope,
                                   double bump, double width) {
   const Shape s = shape_of(h);
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto gn = gain.detach().to(at::kFloat).contiguous();
   TORCH_CHECK(gn.numel() == s.channels, "metaperturb native kernels: one gain per channel");
-  auto out = torch::empty_like(h);
+  auto out = at::empty_like(h);
   const float* x = h.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* gp = gn.data_ptr<float>();
