@@ -19,7 +19,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
@@ -179,7 +178,9 @@ void equivariant(const float* x, const float* mean_map, const Shape& s, const fl
   }
 }
 
-// Transpose of E: dx = conv(dy, rot(self)) + conv(sum_c dy, rot(mean)) / C, accumulated into dx.
+// Transpose of E: dx = conv(dy, rot(self)) + conv(sum_c dy, rot(mean)) / C, written into dx or
+// added to it (Accumulate).
+template <bool Accumulate>
 void equivariant_transpose(const float* dy, const Shape& s, const float* self_k, const float* mean_k,
                            float* dx, std::vector<float>& sum_map, std::vector<float>& row_map) {
   const int64_t C = s.channels, W = s.width;
@@ -196,7 +197,7 @@ void equivariant_transpose(const float* dy, const Shape& s, const float* self_k,
   const float inv = 1.0f / static_cast<float>(C);
   for (int64_t i = 0; i < s.height; ++i) {
     float* drow = dx + i * W * C;
-    convolve_row<true>(dy, s, i, self_r, drow);
+    convolve_row<Accumulate>(dy, s, i, self_r, drow);
     std::fill(row_map.begin(), row_map.end(), 0.f);
     convolve_row_map(sum_map.data(), s, i, mean_r, row_map.data());
     for (int64_t j = 0; j < W; ++j) {
@@ -325,7 +326,7 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
   const Shape s = shape_of(h);
   const auto k = flat_weights(kernels, 4 * kTaps);
   const auto gp = grad_pooled.to(at::kFloat).contiguous();
-  auto grad_h = at::zeros_like(h);
+  auto grad_h = at::empty_like(h);
   std::vector<double> partial(kernel_grad ? s.batch * 4 * kTaps : 0, 0.0);
   const float* x = h.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -351,8 +352,14 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
         }
         float rotated[kTaps];
         rotate(kp + m * kTaps, rotated);
-        for (int64_t i = 0; i < s.height; ++i)
-          convolve_row<true>(dmap.data(), s, i, rotated, dimage + i * s.width * s.channels);
+        // The first map's term is written, the others added: no zero-fill of the gradient.
+        for (int64_t i = 0; i < s.height; ++i) {
+          float* out = dimage + i * s.width * s.channels;
+          if (m == 0)
+            convolve_row<false>(dmap.data(), s, i, rotated, out);
+          else
+            convolve_row<true>(dmap.data(), s, i, rotated, out);
+        }
         if (kernel_grad)
           accumulate_kernel_grad(dmap.data(), image, s.height, s.width, s.channels,
                                  partial.data() + (b * 4 + m) * kTaps);
@@ -469,8 +476,7 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
       equivariant(image, scratch.mean_in.data(), s, wp, wp + 9, false, pre_act.data(), nullptr,
                   scratch.row_map);
       float* dhidden = scratch.image_b.data();
-      std::fill(dhidden, dhidden + s.image(), 0.f);
-      equivariant_transpose(dmu, s, wp + 18, wp + 27, dhidden, scratch.sum_map, scratch.row_map);
+      equivariant_transpose<false>(dmu, s, wp + 18, wp + 27, dhidden, scratch.sum_map, scratch.row_map);
       if (weight_grad) {
         // hidden = relu(pre_act) and its channel mean, for E2's weight gradients.
         float* hidden = scratch.hidden.data();
@@ -492,7 +498,7 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
                                s.width, 1, wg + 27);
       }
       for (int64_t e = 0; e < s.image(); ++e) dhidden[e] = pre_act[e] > 0.f ? dhidden[e] : 0.f;
-      equivariant_transpose(dhidden, s, wp, wp + 9, dx, scratch.sum_map, scratch.row_map);
+      equivariant_transpose<true>(dhidden, s, wp, wp + 9, dx, scratch.sum_map, scratch.row_map);
       if (weight_grad) {
         double* wg = weight_partial.data() + b * 4 * kTaps;
         accumulate_kernel_grad(dhidden, image, s.height, s.width, C, wg);
