@@ -101,7 +101,8 @@ def test_metrics_log(finished_run: Path) -> None:
 def test_checkpoint_contents(finished_run: Path) -> None:
     state = _load(finished_run / "checkpoint.pt")
     assert state["step"] == 4 and state["world_size"] == 1
-    assert TrainConfig.from_dict(state["config"]) == _config(finished_run)
+    # The default layout is recorded as decided (channels_last on a CPU).
+    assert TrainConfig.from_dict(state["config"]) == _config(finished_run, channels_last=True)
     split = json.loads((finished_run / "split.json").read_text())
     assert state["split"] == split
     assert sorted(state["tasks"]) == [0, 1]
@@ -164,7 +165,7 @@ def test_epoch_sampler_covers_every_row_once_per_epoch() -> None:
     assert torch.equal(EpochSampler(10, 4, 3).positions(3), sampler.positions(3))
 
 
-def _learner(seed: int = 0, placement: str = "output") -> TaskLearner:
+def _learner(seed: int = 0, placement: str = "output", channels_last: bool = False) -> TaskLearner:
     from metaperturb.tasks import make_split
 
     generator = torch.Generator().manual_seed(0)
@@ -200,6 +201,7 @@ def _learner(seed: int = 0, placement: str = "output") -> TaskLearner:
         sites="block",
         device=torch.device("cpu"),
         placement=placement,
+        channels_last=channels_last,
     )
 
 
@@ -364,3 +366,41 @@ def test_noise_path_alive_reads_zero_for_a_dead_path_and_changes_nothing() -> No
     assert set(noise_path_alive(model, x).values()) == {0.0}
     assert model.training  # the mode it had
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@needs_tiny
+def test_channels_last_is_decided_once_and_kept_on_resume(tmp_path: Path) -> None:
+    """On a CPU the default trains in channels_last and records it; a run saved before the
+    setting existed (no key) resumes in NCHW, the layout it started with."""
+    train(_config(tmp_path / "run", steps=2))
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert config["channels_last"] is True
+    assert TrainConfig.from_dict({"data": "x"}).channels_last is False
+    saved = TrainConfig.from_dict({**config, "channels_last": False})
+    asked = _config(tmp_path / "run", steps=4, resume=True)
+    assert asked.channels_last is None and saved.differences(asked) == []
+    assert saved.differences(dataclasses.replace(asked, channels_last=True)) == [
+        "channels_last: run has False, asked True"
+    ]
+    train(asked)
+    assert _load(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+
+
+def test_a_task_network_in_channels_last_computes_in_it() -> None:
+    learner = _learner(channels_last=True)
+    conv = next(m for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen: list[bool] = []
+    conv.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    plain = _learner(channels_last=False)
+    grads = {id(learner): [torch.zeros_like(p) for p in learner.phi.parameters()]}
+    grads[id(plain)] = [torch.zeros_like(p) for p in plain.phi.parameters()]
+    for step in range(2):
+        learner.step(step, grads[id(learner)])
+        plain.step(step, grads[id(plain)])
+    assert seen and all(seen)
+    # The same function with the noise in another order: both learn, neither is NaN.
+    for accumulated in grads.values():
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in accumulated)

@@ -131,6 +131,6 @@ def expectation(
     """The deterministic eval site, without autograd (the caller checks none is needed); ``h``
     channels_last, and so is the result."""
     c = float(strength)
-    return kernels().expectation_forward(  # type: ignore[union-attr,no-any-return]
+    return kernels().expectation_forward(  # type: ignore[union-attr]
         h, noise_weights, scale.float() * c, 1.0 - c, slope, bump, width
     )

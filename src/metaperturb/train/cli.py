@@ -47,7 +47,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         flag = "--" + spec.name.replace("_", "-")
         annotation = str(spec.type).replace(" ", "")
         options: dict[str, Any] = {"dest": spec.name, "help": spec.metadata["help"]}
-        if annotation == "bool":
+        if annotation in ("bool", "bool|None"):
             options["action"] = argparse.BooleanOptionalAction
         else:
             kind = annotation.split("|")[0]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["RESUMABLE_CHANGES", "TrainConfig"]
 
@@ -25,6 +28,10 @@ RESUMABLE_CHANGES = frozenset(
         "output_dir",
     }
 )
+
+
+#: Fields whose default (``None``) asks for the run's own value on resume.
+_DEFAULT_TO_RUN = frozenset({"channels_last"})
 
 
 def _comparable(name: str, value: Any) -> Any:
@@ -127,6 +134,12 @@ class TrainConfig:
     resume: bool = _setting(False, "continue the run in --output-dir from its checkpoint")
     progress: bool = _setting(True, "show a progress bar")
     threads: int | None = _setting(None, "torch CPU threads per process (default: torch's)")
+    channels_last: bool | None = _setting(
+        None,
+        "task networks and batches in channels_last memory (default: on a CPU, where the "
+        "ResNet-20 meta-training step measured 1.35x faster; the same function, the noise drawn "
+        "in another order)",
+    )
     dist_timeout: float = _setting(
         1800.0, "seconds a rank waits for the others before torch.distributed gives up"
     )
@@ -161,6 +174,10 @@ class TrainConfig:
         if self.clip is not None and self.clip <= 0:
             self.clip = None
 
+    def resolved_channels_last(self, device: torch.device) -> bool:
+        """:attr:`channels_last`, its default decided for ``device``."""
+        return device.type == "cpu" if self.channels_last is None else self.channels_last
+
     @property
     def task_seed(self) -> int:
         """Seed of the task split."""
@@ -175,7 +192,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}.")
-        return cls(**data)
+        # A run saved before the setting existed trained in NCHW, and resumes that way.
+        return cls(**{"channels_last": False, **data})
 
     def differences(self, other: TrainConfig) -> list[str]:
         """Fields of ``other`` that differ from this (saved) config and may not change on resume,
@@ -184,6 +202,7 @@ class TrainConfig:
             f"{spec.name}: run has {getattr(self, spec.name)!r}, asked {getattr(other, spec.name)!r}"
             for spec in fields(self)
             if spec.name not in RESUMABLE_CHANGES
+            and not (spec.name in _DEFAULT_TO_RUN and getattr(other, spec.name) is None)
             and _comparable(spec.name, getattr(self, spec.name))
             != _comparable(spec.name, getattr(other, spec.name))
         ]

@@ -75,6 +75,7 @@ class TaskLearner:
         seed: the run's seed (initialisation and noise are derived from it and the task).
         sites, placement: where phi goes (see :func:`metaperturb.wrap`).
         device: where the network lives.
+        channels_last: network and batches in channels_last memory (faster on a CPU).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class TaskLearner:
         sites: str,
         device: torch.device,
         placement: str = "output",
+        channels_last: bool = False,
     ) -> None:
         self.task = task
         self.phi = phi
@@ -102,8 +104,9 @@ class TaskLearner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, _INIT_KEY, task.index))
             model = create_task_network(model_name, len(task.classes), int(input_size[0]))
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.model = wrap(
-            model.to(device),
+            model.to(device).to(memory_format=self.layout),
             phi=phi,
             trainable=True,
             sites=sites,
@@ -122,6 +125,7 @@ class TaskLearner:
         torch.manual_seed(derive_seed(self.seed, _NOISE_KEY, self.task.index, step))
         self.model.train()
         images, labels = self.train_stream.batch(step)
+        images = images.contiguous(memory_format=self.layout)
         self.phi.freeze(True)  # phi's gradient from this loss is discarded: do not compute it
         try:
             logits = self.model(images)
@@ -134,6 +138,7 @@ class TaskLearner:
         self.meter.add("train", loss.detach(), logits.detach(), labels)
 
         images, labels = self.heldout_stream.batch(step)
+        images = images.contiguous(memory_format=self.layout)
         with batchnorm_eval(self.model):
             logits = self.model(images)
             loss = F.cross_entropy(logits, labels)

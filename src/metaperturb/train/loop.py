@@ -91,6 +91,10 @@ class _MetaTrainer:
             saved = TrainConfig.from_dict(self.resumed["config"])
             changes = {name: getattr(config, name) for name in RESUMABLE_CHANGES}
             config = dataclasses.replace(saved, **changes)
+        if config.channels_last is None:  # decided once, recorded in the run's config
+            config = dataclasses.replace(
+                config, channels_last=config.resolved_channels_last(comm.device)
+            )
         self.config = config
         self.data = load_images(
             config.data,
@@ -236,6 +240,7 @@ class _MetaTrainer:
                     sites=config.sites,
                     placement=config.placement,
                     device=device,
+                    channels_last=bool(config.channels_last),
                 )
             )
         return learners
