@@ -3,7 +3,7 @@
 On a CPU, phi's PyTorch form walks each feature map about twenty times per site (every
 depthwise convolution and elementwise op is a pass over memory); ``site_kernels.cpp`` keeps one
 image in cache through all of it. It is built with the machine's C++ compiler the first time a
-site runs on a CPU in float32 (about a minute, once per machine and torch version; the build is
+site runs on a CPU in float32 (under a minute, once per machine and torch version; the build is
 cached by :mod:`torch.utils.cpp_extension`). Without a compiler, or with
 ``METAPERTURB_NATIVE=0`` in the environment, the sites keep the PyTorch path: the same function
 (``tests/test_native.py``), slower. ``METAPERTURB_NATIVE=1`` makes a failed build an error
@@ -96,7 +96,7 @@ def _build() -> ModuleType:
     if not any(folder.glob(f"{name}*.so")) and not any(folder.glob(f"{name}*.pyd")):
         logging.getLogger("metaperturb").warning(
             "compiling metaperturb's fused CPU site kernels (once per machine and torch "
-            "version, about a minute; METAPERTURB_NATIVE=0 skips them)"
+            "version, under a minute; METAPERTURB_NATIVE=0 skips them)"
         )
     return cpp_extension.load(
         name=name,
