@@ -137,7 +137,7 @@ class TrainConfig:
     channels_last: bool | None = _setting(
         None,
         "task networks and batches in channels_last memory (default: on a CPU, where the "
-        "ResNet-20 meta-training step measured 1.35x faster; the same function, the noise drawn "
+        "ResNet-20 meta-training step measured 1.3x faster; the same function, the noise drawn "
         "in another order)",
     )
     dist_timeout: float = _setting(
