@@ -6,7 +6,9 @@ every case runs both ways on the same input and the same noise.
 
 from __future__ import annotations
 
+import io
 import shutil
+import warnings
 from typing import Any
 
 import pytest
@@ -212,3 +214,20 @@ def test_other_dtypes_and_autocast_keep_the_pytorch_path() -> None:
     assert not native.usable(h.bfloat16(), torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not native.usable(h, torch.float32)
+
+
+def test_torch_jit_trace_records_the_pytorch_path() -> None:
+    """A traced (and saved) model cannot carry the compiled kernels: tracing takes the PyTorch
+    ops, which compute the same thing."""
+    model = timm.create_model("cifar_resnet20")
+    metaperturb.wrap(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save's deprecation notice
+        torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)

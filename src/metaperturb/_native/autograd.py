@@ -22,7 +22,8 @@ _CHANNELS_LAST = torch.channels_last
 
 def usable(h: Tensor, weight_dtype: torch.dtype) -> bool:
     """Whether a site may run on the fused kernels: float32 features and phi on a CPU, outside
-    autocast and torch.compile (which traces the PyTorch path instead), kernels built."""
+    autocast, torch.compile and torch.jit.trace (which record the PyTorch path instead), kernels
+    built."""
     return (
         h.device.type == "cpu"
         and h.dtype == torch.float32
@@ -30,6 +31,7 @@ def usable(h: Tensor, weight_dtype: torch.dtype) -> bool:
         and h.dim() == 4
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and kernels() is not None
     )
 
