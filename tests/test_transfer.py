@@ -317,14 +317,9 @@ def test_a_result_is_reused_by_phi_numbers_not_by_phi_path(tmp_path: Path) -> No
         run_transfer(config, tmp_path / "results", progress=False)
 
 
-@needs_mnist
-def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> None:
-    """A phi* candidate's result answers the run of the same numbers under another name (the
-    installed phi*); other numbers under that name are a new run."""
-    phi = Perturbation()
-    phi.save_pretrained(tmp_path / "seed-1" / "phi")
-    phi.save_pretrained(tmp_path / "installed")
-    common: dict[str, Any] = {
+def two_step_conv4() -> dict[str, Any]:
+    """Settings of a two-step Conv4 run on the tiny target, without phi."""
+    return {
         "target": tiny_target(),
         "model": "conv4",
         "steps": 2,
@@ -332,6 +327,16 @@ def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> 
         "curve_every": 0,
         "eval_modes": False,
     }
+
+
+@needs_mnist
+def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> None:
+    """A phi* candidate's result answers the run of the same numbers under another name (the
+    installed phi*); other numbers under that name are a new run."""
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "seed-1" / "phi")
+    phi.save_pretrained(tmp_path / "installed")
+    common = two_step_conv4()
     candidate = TransferConfig(phi=str(tmp_path / "seed-1" / "phi"), phi_name="seed-1", **common)
     first = run_transfer(candidate, tmp_path / "results", progress=False)
     installed = TransferConfig(phi=str(tmp_path / "installed"), phi_name="phi-star", **common)
@@ -353,14 +358,7 @@ def test_a_result_older_than_a_setting_counts_as_that_settings_default(tmp_path:
     phi under another name must find it, and a non-default placement must not."""
     phi = Perturbation()
     phi.save_pretrained(tmp_path / "seed-1" / "phi")
-    common: dict[str, Any] = {
-        "target": tiny_target(),
-        "model": "conv4",
-        "steps": 2,
-        "batch_size": 4,
-        "curve_every": 0,
-        "eval_modes": False,
-    }
+    common = two_step_conv4()
     candidate = TransferConfig(phi=str(tmp_path / "seed-1" / "phi"), phi_name="seed-1", **common)
     run_transfer(candidate, tmp_path / "results", progress=False)
     path = tmp_path / "results" / f"{run_id(candidate)}.json"
