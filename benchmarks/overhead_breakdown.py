@@ -11,6 +11,9 @@ the gradient (so the backward graph keeps its shape) but costs next to nothing:
 * ``all three``: what is left is the elementwise work (softplus, gain, clamp and their backward)
   and the hooks.
 
+It measures the sites' PyTorch path (what runs without the fused CPU kernels of
+:mod:`metaperturb._native`, which fuse these parts and cannot be taken apart this way).
+
 The share of the overhead a part accounts for is ``(wrapped - ablated) / (wrapped - unwrapped)``.
 The stand-ins compute something else, so these runs are for timing only. Timings are medians
 of interleaved rounds in one process, as in ``benchmarks/overhead.py``.
@@ -100,7 +103,8 @@ def main() -> None:
     for workload in workloads("cpu", args.quick):
         inputs = torch.randn(workload.batch, *workload.input_size)
         labels = torch.randint(0, workload.classes, (workload.batch,))
-        plain, wrapped = make(workload, "unwrapped", device), make(workload, "fast", device)
+        # The PyTorch path: the ablations replace its methods, which the fused kernels bypass.
+        plain, wrapped = make(workload, "unwrapped", device), make(workload, "pytorch-ops", device)
         for measure in ("train", "eval"):
             fns = {
                 "unwrapped": step_fn(plain, measure, inputs, labels),
