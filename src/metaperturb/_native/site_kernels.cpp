@@ -217,10 +217,10 @@ inline float sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
 
 // Scratch buffers of one thread, sized for one image.
 struct Scratch {
-  std::vector<float> mean_in, mean_hidden, hidden, image_a, image_b, sum_map, row_map, row;
+  std::vector<float> mean_in, mean_hidden, hidden, image_a, image_b, sum_map, row_map;
   explicit Scratch(const Shape& s)
       : mean_in(s.pixels()), mean_hidden(s.pixels()), hidden(s.image()), image_a(s.image()),
-        image_b(s.image()), sum_map(s.pixels()), row_map(s.width), row(s.width * s.channels) {}
+        image_b(s.image()), sum_map(s.pixels()), row_map(s.width) {}
 };
 
 // mu = E2(relu(E1(h))) for one image into `mu`; leaves relu(E1(h)) in scratch.hidden and the
