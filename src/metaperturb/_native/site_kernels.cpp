@@ -18,7 +18,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
@@ -287,7 +286,7 @@ inline void sampled_grad_row(const float* x, const float* a, const float* grad_o
 at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
   const Shape s = shape_of(h);
   const auto k = flat_weights(kernels, 4 * kTaps);
-  auto pooled = at::zeros({s.batch, s.channels, 4}, h.options().memory_format(at::MemoryFormat::Contiguous));
+  auto pooled = at::empty({s.batch, s.channels, 4}, h.options().memory_format(at::MemoryFormat::Contiguous));
   const float* x = h.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   float* out = pooled.data_ptr<float>();
@@ -368,7 +367,7 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
   });
   at::Tensor grad_k;
   if (kernel_grad) {
-    grad_k = at::zeros({4, 1, 3, 3}, h.options().memory_format(at::MemoryFormat::Contiguous));
+    grad_k = at::empty({4, 1, 3, 3}, h.options().memory_format(at::MemoryFormat::Contiguous));
     float* gk = grad_k.data_ptr<float>();
     for (int64_t e = 0; e < 4 * kTaps; ++e) {
       double total = 0.0;
