@@ -7,6 +7,7 @@ every case runs both ways on the same input and the same noise.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import warnings
 from typing import Any
@@ -21,8 +22,12 @@ from metaperturb.phi import Perturbation
 from metaperturb.site import SiteState, perturb
 
 HAS_COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not None
+TURNED_OFF = os.environ.get("METAPERTURB_NATIVE", "").strip().lower() in ("0", "false", "off", "no")
 
-pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler or ninja here")
+pytestmark = [
+    pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler or ninja here"),
+    pytest.mark.skipif(TURNED_OFF, reason="METAPERTURB_NATIVE=0"),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,6 +100,7 @@ def test_fused_kernels_match_the_pytorch_path(
     noise = torch.randn(shape, generator=generator)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
+    assert native.usable(h, torch.float32)  # else both runs below would be the PyTorch path
     # Eval without gradients is the one case the expectation kernel serves.
     grad = training or mode == "sample"
     fused = run(make_phi(frozen), h, noise, training, mode, grad)
