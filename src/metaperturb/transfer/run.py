@@ -442,7 +442,14 @@ _NEUTRAL_SETTINGS = frozenset({"device", "checkpoint_every", "data_root", "chann
 def _portable(settings: dict[str, Any]) -> dict[str, Any]:
     """Paths by their last part, as the run id has them: a custom target's data folder, phi's
     folder and the fine-tuning weights (paths differ between machines; phi itself is compared by
-    its fingerprint)."""
+    its fingerprint). A setting the file predates (added to :class:`TransferConfig` later)
+    counts as its default, which is what that run used."""
+    defaults = {
+        f.name: json.loads(json.dumps(f.default))
+        for f in fields(TransferConfig)
+        if f.default is not MISSING
+    }
+    settings = {**defaults, **settings}
     target = settings.get("target")
     if isinstance(target, dict) and "data" in target:
         settings = {**settings, "target": {**target, "data": Path(str(target["data"])).name}}
@@ -497,18 +504,10 @@ def _check_same_settings(
 
 
 def _settings_but_phi_name(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide what a run computes, but phi's name and folder. A setting the
-    file predates (added to :class:`TransferConfig` later) counts as its default, which is what
-    the run used."""
-    defaults = {
-        f.name: json.loads(json.dumps(f.default))
-        for f in fields(TransferConfig)
-        if f.default is not MISSING
-    }
-    portable = _portable({**defaults, **settings})
+    """The settings that decide what a run computes, but phi's name and folder."""
     return {
         key: value
-        for key, value in portable.items()
+        for key, value in _portable(settings).items()
         if key not in _NEUTRAL_SETTINGS and key not in ("phi", "phi_name")
     }
 
