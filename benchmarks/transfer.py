@@ -19,7 +19,9 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
 
 The paper's schedule (10,000 steps, batch 128) is the default; ``--steps`` shortens it, and the
 run ids record the number of steps, so a short sweep never mixes with the reference one.
-``--shard I/N`` runs every N-th pending run, for several processes (or GPUs) at once.
+``--shard I/N`` runs every N-th pending run, for several processes (or GPUs) at once; without
+it, sweeps started side by side share the pending runs anyway, each skipping a run another
+process holds (its ``<run id>.lock``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb.errors import RunInProgressError
 from metaperturb.transfer import TransferConfig, find_equivalent_result, run_id, run_transfer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +270,11 @@ def main() -> None:
         if done or position % count != index:
             continue
         print(f"running {run_id(config)}", flush=True)
-        result = run_transfer(config, args.output_dir, progress=sys.stderr.isatty())
+        try:
+            result = run_transfer(config, args.output_dir, progress=sys.stderr.isatty())
+        except RunInProgressError as taken:  # another sweep has it: go on to the next run
+            print(f"  skipped: {taken}", flush=True)
+            continue
         print(f"  accuracy {result['accuracy']:.4f}, {result['train_seconds']:.0f} s", flush=True)
 
 

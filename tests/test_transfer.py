@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metaperturb.errors import RunInProgressError
 from metaperturb.phi import Perturbation
 from metaperturb.transfer import (
     DropBlock,
@@ -350,6 +354,27 @@ def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> 
         phi.scale_weight.add_(0.1)
     phi.save_pretrained(tmp_path / "installed")
     assert find_equivalent_result(installed, tmp_path / "results") is None
+
+
+@needs_mnist
+def test_a_run_another_process_holds_is_refused_and_released_after(tmp_path: Path) -> None:
+    """Two sweeps on one results folder: the second skips the run the first is training."""
+    config = TransferConfig(**two_step_conv4())
+    results = tmp_path / "results"
+    results.mkdir()
+    lock = results / f"{run_id(config)}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(RunInProgressError, match=str(holder.pid)):
+            run_transfer(config, results, progress=False)
+        assert sorted(p.name for p in results.iterdir()) == [lock.name]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_transfer(config, results, progress=False)  # its owner is gone: taken over
+    assert sorted(p.name for p in results.iterdir()) == [f"{run_id(config)}.json"]
+    assert result["steps"] == 2
 
 
 @needs_mnist

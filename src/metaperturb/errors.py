@@ -16,6 +16,7 @@ __all__ = [
     "PhiFormatError",
     "PhiNotFoundError",
     "RunExistsError",
+    "RunInProgressError",
     "SiteDtypeError",
     "SiteShapeError",
     "SplitError",
@@ -73,6 +74,10 @@ class DataError(MetaPerturbError, ValueError):
 
 class RunExistsError(MetaPerturbError, FileExistsError):
     """The output folder already holds a run and ``resume`` was not asked for."""
+
+
+class RunInProgressError(MetaPerturbError, RuntimeError):
+    """Another live process is running the same evaluation run (its lock file exists)."""
 
 
 class CheckpointError(MetaPerturbError, ValueError):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._atomic import atomic_write
+from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..discovery import Placement
@@ -540,7 +541,9 @@ def run_transfer(
 
     A finished run (its JSON exists) is not repeated: its result is read back, also when it was
     made under another phi name with the same phi numbers (:func:`find_equivalent_result`). A
-    run stopped part-way resumes from its checkpoint.
+    run stopped part-way resumes from its checkpoint. While it runs, ``<id>.lock`` marks it
+    taken: another process asked for the same run gets :class:`~metaperturb.errors.
+    RunInProgressError` (a sweep skips it), so several sweeps can share one results folder.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -553,6 +556,15 @@ def run_transfer(
     same = find_equivalent_result(config, output)
     if same is not None:
         return cast(dict[str, Any], json.loads(same.read_text()))
+    with run_lock(output / f"{run_id(config)}.lock"):
+        if result_path.is_file():  # finished by another process while this one looked
+            return cast(dict[str, Any], json.loads(result_path.read_text()))
+        return _train_and_record(config, output, result_path, progress)
+
+
+def _train_and_record(
+    config: TransferConfig, output: Path, result_path: Path, progress: bool
+) -> dict[str, Any]:
     run = _Run(config, output)
     resumed = run.maybe_resume()
     run.train(progress)
