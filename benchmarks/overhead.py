@@ -4,7 +4,8 @@ Every ratio compares configurations timed in the same run, interleaved (round-ro
 configurations, ``--repeats`` rounds, each the median of ``--steps`` steps), and reports the
 median over rounds. "reference" is the obvious implementation of phi
 (:mod:`metaperturb._reference`), "fast" the library's (on a CPU with the fused site kernels of
-:mod:`metaperturb._native`), "pytorch-ops" the library's without those kernels.
+:mod:`metaperturb._native`, which draw their own noise), "torch-noise" the same kernels given
+``torch.randn``'s noise instead (CPU), "pytorch-ops" the library's without those kernels.
 
 Usage:
     python benchmarks/overhead.py                      # CPU: the README table
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -33,6 +35,7 @@ import torchvision
 from torch import nn
 
 import metaperturb
+from metaperturb._kernels import standard_normal_like
 from metaperturb._reference import reference_perturb
 from metaperturb.site import perturb
 
@@ -104,7 +107,17 @@ def make(
             metaperturb.get_controller(model).site_function = functools.partial(
                 perturb, fused=False
             )
+        if variant == "torch-noise":
+            metaperturb.get_controller(model).site_function = perturb_with_torch_noise
     return model.to(device)
+
+
+def perturb_with_torch_noise(h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The fused kernels fed ``torch.randn``'s noise (what they took before drawing their own):
+    measures what drawing the noise inside the kernels gives."""
+    if kwargs.get("training") or kwargs.get("eval_mode") == "sample":
+        kwargs["noise"] = standard_normal_like(h)
+    return perturb(h, *args, **kwargs)
 
 
 def synchronize(device: torch.device) -> None:
@@ -233,6 +246,7 @@ def main() -> None:
     repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
     variants = ["unwrapped", "fast"]
     if device.type == "cpu":
+        variants.append("torch-noise")  # the fused kernels given torch.randn's noise
         variants.append("pytorch-ops")  # the fast path without the fused CPU kernels
     variants += ["memory-efficient"] + ([] if args.no_reference else ["reference"])
 

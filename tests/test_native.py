@@ -1,7 +1,9 @@
 """The fused CPU kernels compute what the PyTorch path computes, and fall back cleanly.
 
 The PyTorch path is itself checked against the obvious reference (``test_fast_path.py``); here
-every case runs both ways on the same input and the same noise.
+every case runs both ways on the same input and the same noise. The kernels draw their noise
+with Philox4x32-10 (``torch.randn`` on the PyTorch path), so a comparison gives the PyTorch path
+the kernels' numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import metaperturb
 import metaperturb._native as native
 from metaperturb.phi import Perturbation
+from metaperturb import site
 from metaperturb.site import SiteState, perturb
 
 HAS_COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not None
@@ -48,7 +51,7 @@ def make_phi(frozen: bool) -> Perturbation:
 def run(
     phi: Perturbation,
     h: torch.Tensor,
-    noise: torch.Tensor,
+    noise: torch.Tensor | None,
     training: bool,
     mode: str,
     grad: bool = True,
@@ -58,6 +61,7 @@ def run(
     state.running_mean.uniform_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
     h = h.detach().requires_grad_(grad)
     phi.zero_grad(set_to_none=True)
+    torch.manual_seed(11)  # where the kernels draw their noise's key (noise=None)
     out = perturb(
         h,
         phi,
@@ -83,7 +87,17 @@ SHAPES = [(6, 5, 9, 7), (3, 16, 8, 8), (1, 3, 1, 1), (2, 1, 4, 1), (4, 8, 1, 5)]
 MODES = [(True, "expectation"), (False, "sample"), (False, "expectation")]
 
 
-@pytest.mark.parametrize("training,mode", MODES)
+def kernel_noise(h: torch.Tensor) -> torch.Tensor:
+    """The noise the kernels draw for ``h`` after ``run``'s ``torch.manual_seed(11)``."""
+    torch.manual_seed(11)
+    return native.like(native.standard_normal(native.channels_last(h), native.draw_key()), h)
+
+
+# The deterministic eval (not training, "expectation") draws no noise.
+CASES = [(*m, "given") for m in MODES] + [(*m, "drawn") for m in MODES if m[0] or m[1] == "sample"]
+
+
+@pytest.mark.parametrize("training,mode,noise_source", CASES)
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -93,17 +107,24 @@ def test_fused_kernels_match_the_pytorch_path(
     frozen: bool,
     training: bool,
     mode: str,
+    noise_source: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """``given``: both paths take the same noise tensor. ``drawn``: the kernels draw their own
+    (forward, then again in backward), and the PyTorch path is given those numbers."""
     generator = torch.Generator().manual_seed(2)
     h = torch.randn(shape, generator=generator)
-    noise = torch.randn(shape, generator=generator)
+    noise: torch.Tensor | None = torch.randn(shape, generator=generator)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
     assert native.usable(h, torch.float32)  # else both runs below would be the PyTorch path
     # Eval without gradients is the one case the expectation kernel serves.
     grad = training or mode == "sample"
-    fused = run(make_phi(frozen), h, noise, training, mode, grad)
+    if noise_source == "drawn":
+        fused = run(make_phi(frozen), h, None, training, mode, grad)
+        noise = kernel_noise(h)
+    else:
+        fused = run(make_phi(frozen), h, noise, training, mode, grad)
     expected = run(make_phi(frozen), h, noise, training, mode, grad, fused=False)
 
     torch.testing.assert_close(fused["out"], expected["out"], rtol=1e-4, atol=1e-5)
@@ -165,8 +186,96 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
         assert torch.equal(value, two["phi"][name]), name
 
 
+def test_the_generator_is_philox4x32_10() -> None:
+    """Known-answer vectors of Random123, the generator's reference implementation."""
+    kernels = native.kernels()
+    assert kernels is not None
+    full = 0xFFFFFFFF
+    pi = [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]
+    assert kernels.philox([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert kernels.philox([full] * 4, [full] * 2) == [
+        0x408F276D,
+        0x41C83B0E,
+        0xA20BC7C6,
+        0x6D5451FD,
+    ]
+    assert kernels.philox(pi, [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09,
+        0x94FDCCEB,
+        0x5001E420,
+        0x24126EA1,
+    ]
+
+
+def test_the_kernel_noise_is_standard_normal_and_keyed() -> None:
+    h = torch.empty(64, 16, 32, 32).contiguous(memory_format=torch.channels_last)  # 1M values
+    z = native.standard_normal(h, 1234).flatten()
+    assert torch.isfinite(z).all()
+    assert abs(z.mean().item()) < 5e-3 and abs(z.var().item() - 1) < 5e-3
+    assert abs((z**3).mean().item()) < 2e-2 and abs((z**4).mean().item() - 3) < 3e-2
+    # Kolmogorov-Smirnov distance to N(0, 1) on 1M draws: 1.63 / sqrt(n) is the 1% level.
+    ordered = torch.sort(z.double()).values
+    cdf = 0.5 * (1 + torch.erf(ordered / 2**0.5))
+    steps = torch.arange(1, z.numel() + 1, dtype=torch.float64) / z.numel()
+    assert (cdf - steps).abs().max().item() < 1.63 / z.numel() ** 0.5 + 1 / z.numel()
+    # Neighbours (the same pixel's channels, one counter's four words) are uncorrelated.
+    image = z.view(64, -1)
+    for lag in (1, 4, 16, image.shape[1] // 4):
+        correlation = (image[:, :-lag] * image[:, lag:]).mean().item()
+        assert abs(correlation) < 5e-3, lag
+    assert torch.equal(native.standard_normal(h, 1234).flatten(), z)
+    other = native.standard_normal(h, 1235).flatten()
+    assert abs((z * other).mean().item()) < 5e-3  # another key: independent numbers
+    images = z.view(64, -1)
+    assert abs((images[0] * images[1]).mean().item()) < 2e-2  # images differ
+
+
+def test_kernel_noise_does_not_depend_on_the_thread_count() -> None:
+    h = torch.randn(9, 6, 7, 5).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.standard_normal(h, 99)
+        torch.set_num_threads(max(2, threads))
+        two = native.standard_normal(h, 99)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(native.standard_normal(h[:4], 99), one[:4])  # image b's noise is its own
+
+
+def test_torch_manual_seed_fixes_the_kernel_noise() -> None:
+    model = timm.create_model("cifar_resnet20")
+    metaperturb.wrap(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    first = model(x)
+    torch.manual_seed(3)
+    assert torch.equal(model(x), first)
+    assert not torch.equal(model(x), first)
+
+
+def test_a_training_site_keeps_only_its_input_for_backward() -> None:
+    """The noise is drawn again in backward, so a channels_last site saves h (which the host
+    keeps anyway) and phi's small tensors, not a noise or pre-activation map of h's size."""
+    h = torch.randn(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+    h.requires_grad_(True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(make_phi(False), h, None, True, "expectation", grad=False)
+    others = sum(size for ptr, size in saved.items() if ptr != h.untyped_storage().data_ptr())
+    assert h.untyped_storage().data_ptr() in saved
+    assert others < 0.05 * h.untyped_storage().nbytes()
+
+
 def test_a_wrapped_resnet_trains_the_same_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whole model, same seed: the loss, the input gradient and one Adam step agree."""
+    """Whole model, same seed: the loss, the input gradient and one Adam step agree when the
+    PyTorch path draws its noise as the kernels do (a key from torch's generator per site)."""
 
     def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         torch.manual_seed(7)
@@ -184,6 +293,13 @@ def test_a_wrapped_resnet_trains_the_same_either_way(monkeypatch: pytest.MonkeyP
 
     fused = step()
     monkeypatch.setattr(native, "usable", lambda *args: False)
+    monkeypatch.setattr(
+        site,
+        "standard_normal_like",
+        lambda t: native.like(
+            native.standard_normal(native.channels_last(t), native.draw_key()), t
+        ),
+    )
     expected = step()
     for actual, wanted in zip(fused, expected, strict=True):
         torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-5)

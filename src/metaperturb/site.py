@@ -116,12 +116,10 @@ def perturb(
     scale = phi.channel_scale(mean, var, channel_ratio, spatial_ratio)
 
     if fused and sampling:
-        # Drawn in h's layout, so both paths use the same numbers for the same seed.
-        draw = standard_normal_like(h) if noise is None else noise.to(h.dtype)
+        # The kernels draw their own noise (Philox, keyed from torch's generator) unless given.
+        given = None if noise is None else _native.channels_last(noise.to(x.dtype))
         clip = phi.config.clip if training else None
-        out = _native.sampled(
-            x, phi.noise_kernels(), _native.channels_last(draw), scale, strength, clip
-        )
+        out = _native.sampled(x, phi.noise_kernels(), scale, strength, clip, noise=given)
         return _native.like(out, h)
     if fused:
         out = _native.expectation(

@@ -145,4 +145,13 @@ def available() -> bool:
     return kernels() is not None
 
 
-from .autograd import channels_last, expectation, like, sampled, scale_pool, usable
+from .autograd import (
+    channels_last,
+    draw_key,
+    expectation,
+    like,
+    sampled,
+    scale_pool,
+    standard_normal,
+    usable,
+)

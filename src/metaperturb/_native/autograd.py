@@ -15,7 +15,16 @@ from torch.autograd.function import once_differentiable
 
 from . import kernels
 
-__all__ = ["channels_last", "expectation", "like", "sampled", "scale_pool", "usable"]
+__all__ = [
+    "channels_last",
+    "draw_key",
+    "expectation",
+    "like",
+    "sampled",
+    "scale_pool",
+    "standard_normal",
+    "usable",
+]
 
 _CHANNELS_LAST = torch.channels_last
 
@@ -77,47 +86,75 @@ class _Sampled(torch.autograd.Function):
         ctx: Any,
         h: Tensor,
         noise_weights: Tensor,
-        noise: Tensor,
+        noise: Tensor | None,
+        key: int,
         scale: Tensor,
         strength: float,
         clip: float | None,
     ) -> Tensor:
-        out, pre = kernels().sampled_forward(  # type: ignore[union-attr]
-            h, noise_weights, noise, scale, strength, clip or 0.0
+        out: Tensor = kernels().sampled_forward(  # type: ignore[union-attr]
+            h, noise_weights, noise, key, scale, strength, clip or 0.0
         )
-        ctx.save_for_backward(h, noise_weights, pre, scale)
-        ctx.strength, ctx.clip = strength, clip or 0.0
+        # Only h (the host keeps it anyway) and the key: backward draws the noise again.
+        ctx.save_for_backward(h, noise_weights, scale, noise)
+        ctx.key, ctx.strength, ctx.clip = key, strength, clip or 0.0
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, noise_weights, pre, scale = ctx.saved_tensors
+        x, noise_weights, scale, noise = ctx.saved_tensors
         grad_h, grad_scale, grad_weights = kernels().sampled_backward(  # type: ignore[union-attr]
-            x, noise_weights, pre, scale, ctx.strength, ctx.clip, grad, ctx.needs_input_grad[1]
+            x,
+            noise_weights,
+            noise,
+            ctx.key,
+            scale,
+            ctx.strength,
+            ctx.clip,
+            grad,
+            ctx.needs_input_grad[1],
         )
         return (
             grad_h if ctx.needs_input_grad[0] else None,
             grad_weights.to(noise_weights.dtype) if ctx.needs_input_grad[1] else None,
             None,
-            grad_scale.to(scale.dtype) if ctx.needs_input_grad[3] else None,
+            None,
+            grad_scale.to(scale.dtype) if ctx.needs_input_grad[4] else None,
             None,
             None,
         )
 
 
+def draw_key() -> int:
+    """A 63-bit key for the kernels' noise from torch's default CPU generator, so that
+    ``torch.manual_seed`` (and a saved and restored generator state) fixes the noise."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def standard_normal(h: Tensor, key: int) -> Tensor:
+    """The noise :func:`sampled` draws under ``key`` for a map shaped like ``h`` (channels_last
+    float32): to give the PyTorch path the same numbers."""
+    result: Tensor = kernels().standard_normal(h, key)  # type: ignore[union-attr]
+    return result
+
+
 def sampled(
     h: Tensor,
     noise_weights: Tensor,
-    noise: Tensor,
     scale: Tensor,
     strength: Tensor,
     clip: float | None,
+    noise: Tensor | None = None,
+    key: int | None = None,
 ) -> Tensor:
     """``h * ((s * softplus(mu + noise) - 1) * c + 1)`` with ``mu = E2(relu(E1(h)))``, clamped
     from above at ``clip``; ``noise_weights`` are E1's and E2's four kernels, flattened (36).
-    ``h`` and ``noise`` channels_last; so is the result."""
-    result: Tensor = _Sampled.apply(h, noise_weights, noise, scale, float(strength), clip)
+    The noise is ``noise`` when given (channels_last, like ``h``), else drawn in the kernels from
+    ``key`` (default: :func:`draw_key`). ``h`` channels_last; so is the result."""
+    if noise is None and key is None:
+        key = draw_key()
+    result: Tensor = _Sampled.apply(h, noise_weights, noise, key or 0, scale, float(strength), clip)
     return result
 
 

@@ -34,6 +34,8 @@ extern "C" {
 float expf(float);
 #pragma omp declare simd notinbranch
 float logf(float);
+#pragma omp declare simd notinbranch
+float sinf(float);
 }
 #endif
 
@@ -214,6 +216,64 @@ void equivariant_transpose(const float* dy, const Shape& s, const float* self_k,
 inline float softplus(float a) { return std::max(a, 0.f) + logf(1.f + expf(-std::fabs(a))); }
 inline float sigmoid(float a) { return 1.f / (1.f + expf(-a)); }
 
+// The noise: Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as
+// 1, 2, 3", SC 2011), the counter-based generator of cuRAND and of torch on CUDA, then the
+// Box-Muller transform. Each image's noise is a pure function of (key, image index, position),
+// so it is the same for any thread count and can be drawn again in backward instead of being
+// stored. One counter gives four 32-bit words, hence four normal numbers: for an image of E
+// values and Q = ceil(E / 4), word k of counter q becomes value k * Q + q.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                          uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// 24 random bits as a float in (0, 1] (for the logarithm) or [0, 1) (for the angle). Through a
+// signed integer: AVX2 has no unsigned-to-float conversion, and the loop would not vectorise.
+inline float unit_open_low(uint32_t word) {
+  return static_cast<float>(static_cast<int32_t>((word >> 8) + 1)) * (1.f / 16777216.f);
+}
+inline float unit(uint32_t word) {
+  return static_cast<float>(static_cast<int32_t>(word >> 8)) * (1.f / 16777216.f);
+}
+
+inline int64_t noise_blocks(int64_t count) { return (count + 3) / 4; }
+
+// N(0, 1) values for image `image` under `key` into out[0, 4 * noise_blocks(count)). The cosine
+// is written as a shifted sine: GCC fuses sinf(t) and cosf(t) into one sincos call, which has no
+// vector variant, and then the whole loop runs scalar (three times slower).
+void standard_normal_image(uint64_t key, uint64_t image, int64_t count, float* out) {
+  const int64_t q = noise_blocks(count);
+  TORCH_CHECK(q <= INT64_C(0xFFFFFFFF), "metaperturb native kernels: image too large for noise");
+  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  const uint32_t i0 = static_cast<uint32_t>(image), i1 = static_cast<uint32_t>(image >> 32);
+  constexpr float kTwoPi = 6.28318530717958647692f, kQuarterTurn = 1.57079632679489661923f;
+#pragma omp simd
+  for (int64_t block = 0; block < q; ++block) {
+    uint32_t c0 = static_cast<uint32_t>(block), c1 = 0, c2 = i0, c3 = i1;
+    philox4x32_10(c0, c1, c2, c3, k0, k1);
+    const float r0 = std::sqrt(-2.f * logf(unit_open_low(c0))), t0 = kTwoPi * unit(c1);
+    const float r1 = std::sqrt(-2.f * logf(unit_open_low(c2))), t1 = kTwoPi * unit(c3);
+    out[block] = r0 * sinf(t0);
+    out[q + block] = r0 * sinf(t0 + kQuarterTurn);
+    out[2 * q + block] = r1 * sinf(t1);
+    out[3 * q + block] = r1 * sinf(t1 + kQuarterTurn);
+  }
+}
+
 // Scratch buffers of one thread, sized for one image.
 struct Scratch {
   std::vector<float> mean_in, mean_hidden, hidden, image_a, image_b, sum_map, row_map;
@@ -247,16 +307,14 @@ std::vector<float> tile_row(const float* per_channel, float factor, const Shape&
   return row;
 }
 
-// One row of the sampled site: a += noise, out = h * (gain * softplus(a) + offset), clamped.
+// One row of the sampled site: a = mu + noise, out = h * (gain * softplus(a) + offset), clamped.
 // Clamp is a template argument so that the loop has no branch and vectorises.
 template <bool Clamp>
 inline void sampled_row(const float* x, const float* eps, const float* gain, float offset,
-                        float limit, int64_t n, float* a, float* out) {
+                        float limit, int64_t n, const float* mu, float* out) {
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) {
-    const float value = a[e] + eps[e];
-    a[e] = value;
-    const float y = x[e] * (gain[e] * softplus(value) + offset);
+    const float y = x[e] * (gain[e] * softplus(mu[e] + eps[e]) + offset);
     out[e] = Clamp ? std::min(y, limit) : y;
   }
 }
@@ -265,19 +323,39 @@ inline void sampled_row(const float* x, const float* eps, const float* gain, flo
 // times z summed per element (into scale_sum, reduced per channel by the caller), and the noise
 // mean's gradient (into dmu). Where the forward clamped, the gradient is 0.
 template <bool Clamp>
-inline void sampled_grad_row(const float* x, const float* a, const float* grad_out,
-                             const float* gain, const float* scale, float strength, float offset,
-                             float limit, int64_t n, float* dx, float* scale_sum, float* dmu) {
+inline void sampled_grad_row(const float* x, const float* mu, const float* eps,
+                             const float* grad_out, const float* gain, const float* scale,
+                             float strength, float offset, float limit, int64_t n, float* dx,
+                             float* scale_sum, float* dmu) {
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) {
-    const float z = softplus(a[e]);
+    const float a = mu[e] + eps[e];
+    const float z = softplus(a);
     const float g = gain[e] * z + offset;
     const float grad = (!Clamp || x[e] * g <= limit) ? grad_out[e] : 0.f;
     dx[e] = grad * g;
     const float through_gain = grad * x[e] * strength;
     scale_sum[e] += through_gain * z;
-    dmu[e] = through_gain * scale[e] * sigmoid(a[e]);
+    dmu[e] = through_gain * scale[e] * sigmoid(a);
   }
+}
+
+// The noise of image b: the caller's tensor (tests compare paths with it), else Philox's under
+// `key`, drawn into `buffer`.
+const float* image_noise(const float* given, uint64_t key, int64_t b, const Shape& s,
+                         std::vector<float>& buffer) {
+  if (given != nullptr) return given + b * s.image();
+  standard_normal_image(key, static_cast<uint64_t>(b), s.image(), buffer.data());
+  return buffer.data();
+}
+
+const float* noise_pointer(const c10::optional<at::Tensor>& noise, const Shape& s) {
+  if (!noise.has_value() || !noise->defined()) return nullptr;
+  TORCH_CHECK(noise->sizes() == at::IntArrayRef({s.batch, s.channels, s.height, s.width}) &&
+                  noise->is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                  noise->scalar_type() == at::kFloat,
+              "metaperturb native kernels: noise must match h (float32, channels_last)");
+  return noise->data_ptr<float>();
 }
 
 }  // namespace
@@ -379,25 +457,21 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
 }
 
 // The sampled site: a = E2(relu(E1(h))) + noise, z = softplus(a), g = scale[c] * c * z + (1 - c),
-// out = h * g, clamped from above at `clip` when clip > 0. Returns (out, a); backward needs a.
-std::vector<at::Tensor> sampled_forward(const at::Tensor& h, const at::Tensor& weights,
-                                           const at::Tensor& noise, const at::Tensor& scale,
-                                           double strength, double clip) {
+// out = h * g, clamped from above at `clip` when clip > 0. The noise is `noise` when given, else
+// Philox's under `key`; backward draws it again from the same key, so nothing but h is kept.
+at::Tensor sampled_forward(const at::Tensor& h, const at::Tensor& weights,
+                           const c10::optional<at::Tensor>& noise, int64_t key,
+                           const at::Tensor& scale, double strength, double clip) {
   const Shape s = shape_of(h);
-  TORCH_CHECK(noise.sizes() == h.sizes() && noise.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                  noise.scalar_type() == at::kFloat,
-              "metaperturb native kernels: noise must match h (float32, channels_last)");
+  const float* given = noise_pointer(noise, s);
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto sc = scale.detach().to(at::kFloat).contiguous();
   TORCH_CHECK(sc.numel() == s.channels, "metaperturb native kernels: one scale per channel");
   auto out = at::empty_like(h);
-  auto pre = at::empty_like(h);
   const float* x = h.data_ptr<float>();
-  const float* eps = noise.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  float* ap = pre.data_ptr<float>();
   const float c = static_cast<float>(strength), offset = 1.f - c;
   const float limit = static_cast<float>(clip);
   const bool clamp = clip > 0;
@@ -405,28 +479,49 @@ std::vector<at::Tensor> sampled_forward(const at::Tensor& h, const at::Tensor& w
   const std::vector<float> gain = tile_row(sp, c, s);
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     Scratch scratch(s);
+    std::vector<float> drawn(given ? 0 : 4 * noise_blocks(s.image()));
     for (int64_t b = first; b < last; ++b) {
       const int64_t base = b * s.image();
-      float* a = ap + base;
-      noise_mean(x + base, s, wp, a, scratch);
+      float* mu = scratch.image_a.data();
+      noise_mean(x + base, s, wp, mu, scratch);
+      const float* eps = image_noise(given, static_cast<uint64_t>(key), b, s, drawn);
       for (int64_t i = 0; i < s.height; ++i) {
-        const int64_t row = base + i * n;
+        const int64_t row = i * n;
         if (clamp)
-          sampled_row<true>(x + row, eps + row, gain.data(), offset, limit, n, ap + row, op + row);
+          sampled_row<true>(x + base + row, eps + row, gain.data(), offset, limit, n, mu + row,
+                            op + base + row);
         else
-          sampled_row<false>(x + row, eps + row, gain.data(), offset, limit, n, ap + row, op + row);
+          sampled_row<false>(x + base + row, eps + row, gain.data(), offset, limit, n, mu + row,
+                             op + base + row);
       }
     }
   });
-  return {out, pre};
+  return out;
+}
+
+// The noise sampled_forward draws for a feature map shaped like h (channels_last), for tests and
+// for giving the PyTorch path the same numbers.
+at::Tensor standard_normal(const at::Tensor& h, int64_t key) {
+  const Shape s = shape_of(h);
+  auto out = at::empty_like(h);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> drawn(4 * noise_blocks(s.image()));
+    for (int64_t b = first; b < last; ++b) {
+      const float* eps = image_noise(nullptr, static_cast<uint64_t>(key), b, s, drawn);
+      std::copy(eps, eps + s.image(), op + b * s.image());
+    }
+  });
+  return out;
 }
 
 // Backward of sampled_forward: (grad_h, grad_scale (C), grad_weights (36) or undefined).
 std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& weights,
-                                            const at::Tensor& pre, const at::Tensor& scale,
-                                            double strength, double clip,
+                                            const c10::optional<at::Tensor>& noise, int64_t key,
+                                            const at::Tensor& scale, double strength, double clip,
                                             const at::Tensor& grad_out_any, bool weight_grad) {
   const Shape s = shape_of(h);
+  const float* given = noise_pointer(noise, s);
   const auto grad_out = grad_out_any.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto sc = scale.detach().to(at::kFloat).contiguous();
@@ -434,7 +529,6 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
   std::vector<double> scale_partial(s.batch * s.channels, 0.0);
   std::vector<double> weight_partial(weight_grad ? s.batch * 4 * kTaps : 0, 0.0);
   const float* x = h.data_ptr<float>();
-  const float* ap = pre.data_ptr<float>();
   const float* go = grad_out.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* sp = sc.data_ptr<float>();
@@ -447,56 +541,46 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
   const std::vector<float> gain = tile_row(sp, c, s), scale_row = tile_row(sp, 1.f, s);
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     Scratch scratch(s);
-    std::vector<float> pre_act(s.image()), row_sums(n);
+    std::vector<float> mu(s.image()), row_sums(n);
+    std::vector<float> drawn(given ? 0 : 4 * noise_blocks(s.image()));
     for (int64_t b = first; b < last; ++b) {
       const int64_t base = b * s.image();
       const float* image = x + base;
       float* dx = dxp + base;
       float* dmu = scratch.image_a.data();
+      // Recompute the forward: hidden = relu(E1(h)) (also E1's relu mask, hidden > 0), its
+      // channel means, mu = E2(hidden), and the noise.
+      noise_mean(image, s, wp, mu.data(), scratch);
+      const float* eps = image_noise(given, static_cast<uint64_t>(key), b, s, drawn);
       std::fill(row_sums.begin(), row_sums.end(), 0.f);
       // Direct term, the scale's gradient and the noise mean's gradient.
       for (int64_t i = 0; i < s.height; ++i) {
         const int64_t row = i * n;
         if (clamp)
-          sampled_grad_row<true>(image + row, ap + base + row, go + base + row, gain.data(),
-                                 scale_row.data(), c, offset, limit, n, dx + row, row_sums.data(),
-                                 dmu + row);
+          sampled_grad_row<true>(image + row, mu.data() + row, eps + row, go + base + row,
+                                 gain.data(), scale_row.data(), c, offset, limit, n, dx + row,
+                                 row_sums.data(), dmu + row);
         else
-          sampled_grad_row<false>(image + row, ap + base + row, go + base + row, gain.data(),
-                                  scale_row.data(), c, offset, limit, n, dx + row, row_sums.data(),
-                                  dmu + row);
+          sampled_grad_row<false>(image + row, mu.data() + row, eps + row, go + base + row,
+                                  gain.data(), scale_row.data(), c, offset, limit, n, dx + row,
+                                  row_sums.data(), dmu + row);
       }
       std::vector<float> channel_sums(C, 0.f);
       for (int64_t j = 0; j < s.width; ++j)
         for (int64_t ch = 0; ch < C; ++ch) channel_sums[ch] += row_sums[j * C + ch];
       for (int64_t ch = 0; ch < C; ++ch) scale_partial[b * C + ch] = channel_sums[ch];
-      // Recompute E1 (its relu mask and the hidden map) and push dmu through E2, relu, E1.
-      channel_mean(image, s, scratch.mean_in.data());
-      equivariant(image, scratch.mean_in.data(), s, wp, wp + 9, false, pre_act.data(), nullptr,
-                  scratch.row_map);
+      // Push dmu through E2, relu, E1.
+      const float* hidden = scratch.hidden.data();
       float* dhidden = scratch.image_b.data();
       equivariant_transpose<false>(dmu, s, wp + 18, wp + 27, dhidden, scratch.sum_map, scratch.row_map);
       if (weight_grad) {
-        // hidden = relu(pre_act) and its channel mean, for E2's weight gradients.
-        float* hidden = scratch.hidden.data();
-        const float inv = 1.0f / static_cast<float>(C);
-        for (int64_t p = 0; p < s.pixels(); ++p) {
-          float total = 0.f;
-#pragma omp simd reduction(+ : total)
-          for (int64_t ch = 0; ch < C; ++ch) {
-            const float e = std::max(pre_act[p * C + ch], 0.f);
-            hidden[p * C + ch] = e;
-            total += e;
-          }
-          scratch.mean_hidden[p] = total * inv;
-        }
         double* wg = weight_partial.data() + b * 4 * kTaps;
         accumulate_kernel_grad(dmu, hidden, s.height, s.width, C, wg + 18);
         // scratch.sum_map holds sum_c dmu; mu's mean term is conv(mean_c hidden, mean_k).
         accumulate_kernel_grad(scratch.sum_map.data(), scratch.mean_hidden.data(), s.height,
                                s.width, 1, wg + 27);
       }
-      for (int64_t e = 0; e < s.image(); ++e) dhidden[e] = pre_act[e] > 0.f ? dhidden[e] : 0.f;
+      for (int64_t e = 0; e < s.image(); ++e) dhidden[e] = hidden[e] > 0.f ? dhidden[e] : 0.f;
       equivariant_transpose<true>(dhidden, s, wp, wp + 9, dx, scratch.sum_map, scratch.row_map);
       if (weight_grad) {
         double* wg = weight_partial.data() + b * 4 * kTaps;
@@ -564,10 +648,22 @@ at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
   return out;
 }
 
+// The generator's four output words for one counter and key, for the known-answer test.
+std::vector<int64_t> philox(const std::vector<int64_t>& counter, const std::vector<int64_t>& key) {
+  TORCH_CHECK(counter.size() == 4 && key.size() == 2, "philox: 4 counter words and 2 key words");
+  uint32_t c[4];
+  for (int i = 0; i < 4; ++i) c[i] = static_cast<uint32_t>(counter[i]);
+  philox4x32_10(c[0], c[1], c[2], c[3], static_cast<uint32_t>(key[0]),
+                static_cast<uint32_t>(key[1]));
+  return {c[0], c[1], c[2], c[3]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("philox", &philox);
   module.def("scale_pool_forward", &scale_pool_forward);
   module.def("scale_pool_backward", &scale_pool_backward);
   module.def("sampled_forward", &sampled_forward);
   module.def("sampled_backward", &sampled_backward);
   module.def("expectation_forward", &expectation_forward);
+  module.def("standard_normal", &standard_normal);
 }
