@@ -20,8 +20,8 @@ import torch
 
 import metaperturb
 import metaperturb._native as native
-from metaperturb.phi import Perturbation
 from metaperturb import site
+from metaperturb.phi import Perturbation
 from metaperturb.site import SiteState, perturb
 
 HAS_COMPILER = shutil.which("c++") is not None and shutil.which("ninja") is not None

@@ -25,11 +25,13 @@ from types import ModuleType
 __all__ = [
     "available",
     "channels_last",
+    "draw_key",
     "expectation",
     "kernels",
     "like",
     "sampled",
     "scale_pool",
+    "standard_normal",
     "usable",
 ]
 
