@@ -361,6 +361,73 @@ const float* noise_pointer(const c10::optional<at::Tensor>& noise, const Shape& 
 }  // namespace
 
 // Pooled scale maps: pooled[b][c][k] = mean over pixels of relu(conv(h[b, c], kernels[k])).
+// Row r of an image with a zero pixel on each side ((W + 2) * C values), zeros outside the image:
+// a 3x3 kernel then reads the same nine offsets for every pixel, edges included.
+void padded_row(const float* x, const Shape& s, int64_t r, float* out) {
+  const int64_t C = s.channels, n = s.width * C;
+  std::fill(out, out + C, 0.f);
+  std::fill(out + C + n, out + 2 * C + n, 0.f);
+  if (r < 0 || r >= s.height)
+    std::fill(out + C, out + C + n, 0.f);
+  else
+    std::copy(x + r * n, x + (r + 1) * n, out + C);
+}
+
+// Three padded rows around row i, moved down one row at a time (one row copied per step).
+struct RowWindow {
+  std::vector<float> storage;
+  float* rows[3];
+  const float* x;
+  const Shape& s;
+  RowWindow(const float* image, const Shape& shape)
+      : storage(3 * (shape.width + 2) * shape.channels), x(image), s(shape) {
+    const int64_t stride = (s.width + 2) * s.channels;
+    for (int r = 0; r < 3; ++r) {
+      rows[r] = storage.data() + r * stride;
+      padded_row(x, s, r - 1, rows[r]);
+    }
+  }
+  // From rows (i-1, i, i+1) to (i, i+1, i+2).
+  void advance(int64_t i) {
+    float* oldest = rows[0];
+    rows[0] = rows[1];
+    rows[1] = rows[2];
+    rows[2] = oldest;
+    padded_row(x, s, i + 2, rows[2]);
+  }
+};
+
+// The four scale maps of one row from its padded window, relu'd and added into sums[m * n + e]:
+// every input value is loaded once for the 36 taps.
+inline void scale_sums_row(const RowWindow& window, int64_t n, int64_t C, const float* k,
+                           float* sums) {
+  const float* up = window.rows[0];
+  const float* mid = window.rows[1];
+  const float* down = window.rows[2];
+  float* t0 = sums;
+  float* t1 = sums + n;
+  float* t2 = sums + 2 * n;
+  float* t3 = sums + 3 * n;
+#pragma omp simd
+  for (int64_t e = 0; e < n; ++e) {
+    const float a0 = up[e], a1 = up[e + C], a2 = up[e + 2 * C];
+    const float b0 = mid[e], b1 = mid[e + C], b2 = mid[e + 2 * C];
+    const float c0 = down[e], c1 = down[e + C], c2 = down[e + 2 * C];
+    const float m0 = k[0] * a0 + k[1] * a1 + k[2] * a2 + k[3] * b0 + k[4] * b1 + k[5] * b2 +
+                     k[6] * c0 + k[7] * c1 + k[8] * c2;
+    const float m1 = k[9] * a0 + k[10] * a1 + k[11] * a2 + k[12] * b0 + k[13] * b1 +
+                     k[14] * b2 + k[15] * c0 + k[16] * c1 + k[17] * c2;
+    const float m2 = k[18] * a0 + k[19] * a1 + k[20] * a2 + k[21] * b0 + k[22] * b1 +
+                     k[23] * b2 + k[24] * c0 + k[25] * c1 + k[26] * c2;
+    const float m3 = k[27] * a0 + k[28] * a1 + k[29] * a2 + k[30] * b0 + k[31] * b1 +
+                     k[32] * b2 + k[33] * c0 + k[34] * c1 + k[35] * c2;
+    t0[e] += std::max(m0, 0.f);
+    t1[e] += std::max(m1, 0.f);
+    t2[e] += std::max(m2, 0.f);
+    t3[e] += std::max(m3, 0.f);
+  }
+}
+
 at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
   const Shape s = shape_of(h);
   const auto k = flat_weights(kernels, 4 * kTaps);
@@ -371,19 +438,18 @@ at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
   const float inv_area = 1.0f / static_cast<float>(s.pixels());
   const int64_t n = s.width * s.channels;
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> row(n), sums(4 * n);
+    std::vector<float> sums(4 * n);
+    float k[4 * kTaps];
+    std::copy(kp, kp + 4 * kTaps, k);
     for (int64_t b = first; b < last; ++b) {
       const float* image = x + b * s.image();
       std::fill(sums.begin(), sums.end(), 0.f);
-      // Row by row, the four maps of a row while its three input rows are in cache; relu and a
+      // Row by row, the four maps of a row in one pass over its three input rows; relu and a
       // running sum per (column, channel), reduced over the columns at the end.
+      RowWindow window(image, s);
       for (int64_t i = 0; i < s.height; ++i) {
-        for (int m = 0; m < 4; ++m) {
-          convolve_row<false>(image, s, i, kp + m * kTaps, row.data());
-          float* total = sums.data() + m * n;
-#pragma omp simd
-          for (int64_t e = 0; e < n; ++e) total[e] += std::max(row[e], 0.f);
-        }
+        scale_sums_row(window, n, s.channels, k, sums.data());
+        if (i + 1 < s.height) window.advance(i);
       }
       for (int m = 0; m < 4; ++m) {
         for (int64_t c = 0; c < s.channels; ++c) {
@@ -398,6 +464,53 @@ at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
 }
 
 // Backward of scale_pool_forward: (grad_h, grad_kernels (4, 1, 3, 3) or undefined).
+// A whole image with a zero border of one pixel: ((H + 2) x (W + 2) x C), so that every pixel
+// reads the same nine offsets.
+struct PaddedImage {
+  int64_t stride;  // values per padded row
+  std::vector<float> values;
+  explicit PaddedImage(const Shape& s)
+      : stride((s.width + 2) * s.channels), values((s.height + 2) * stride, 0.f) {}
+  float* row(int64_t i) { return values.data() + (i + 1) * stride; }  // padded row of image row i
+  const float* row(int64_t i) const { return values.data() + (i + 1) * stride; }
+};
+
+// The kernel gradients of two maps at once: grad_a[t] += sum over pixels and channels of
+// dy_a[p] * x[p + offset(t)], likewise for b (a convolution's kernel gradient: the output
+// gradient cross-correlated with the input). All padded; each input value is loaded once for
+// the 18 products, and each row's float sums are added into doubles.
+void accumulate_kernel_grad_pair(const PaddedImage& dy_a, const PaddedImage& dy_b,
+                                 const PaddedImage& x, const Shape& s, double* grad_a,
+                                 double* grad_b) {
+  const int64_t C = s.channels, n = s.width * C;
+  for (int64_t i = 0; i < s.height; ++i) {
+    const float* a = dy_a.row(i) + C;
+    const float* b = dy_b.row(i) + C;
+    const float* up = x.row(i - 1);
+    const float* mid = x.row(i);
+    const float* down = x.row(i + 1);
+    float a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0, a8 = 0;
+    float b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0, b5 = 0, b6 = 0, b7 = 0, b8 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, a4, a5, a6, a7, a8, b0, b1, b2, b3, b4, b5, b6, b7, b8)
+    for (int64_t e = 0; e < n; ++e) {
+      const float x0 = up[e], x1 = up[e + C], x2 = up[e + 2 * C];
+      const float x3 = mid[e], x4 = mid[e + C], x5 = mid[e + 2 * C];
+      const float x6 = down[e], x7 = down[e + C], x8 = down[e + 2 * C];
+      const float da = a[e], db = b[e];
+      a0 += da * x0; a1 += da * x1; a2 += da * x2; a3 += da * x3; a4 += da * x4;
+      a5 += da * x5; a6 += da * x6; a7 += da * x7; a8 += da * x8;
+      b0 += db * x0; b1 += db * x1; b2 += db * x2; b3 += db * x3; b4 += db * x4;
+      b5 += db * x5; b6 += db * x6; b7 += db * x7; b8 += db * x8;
+    }
+    const float ra[kTaps] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
+    const float rb[kTaps] = {b0, b1, b2, b3, b4, b5, b6, b7, b8};
+    for (int t = 0; t < kTaps; ++t) {
+      grad_a[t] += ra[t];
+      grad_b[t] += rb[t];
+    }
+  }
+}
+
 std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tensor& kernels,
                                                const at::Tensor& grad_pooled, bool kernel_grad) {
   const Shape s = shape_of(h);
@@ -410,36 +523,80 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
   const float* g = gp.data_ptr<float>();
   float* dx = grad_h.data_ptr<float>();
   const float inv_area = 1.0f / static_cast<float>(s.pixels());
+  const int64_t C = s.channels, n = s.width * C;
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> dmap(s.image()), factor(s.channels);
+    std::vector<PaddedImage> dmap(4, PaddedImage(s));
+    PaddedImage padded_x(s);
+    std::vector<float> factor(4 * n);
+    float kr[4 * kTaps];  // each map's kernel rotated by 180 degrees: the transposed conv's
+    for (int m = 0; m < 4; ++m) rotate(kp + m * kTaps, kr + m * kTaps);
     for (int64_t b = first; b < last; ++b) {
       const float* image = x + b * s.image();
       float* dimage = dx + b * s.image();
-      for (int m = 0; m < 4; ++m) {
-        for (int64_t c = 0; c < s.channels; ++c) factor[c] = g[(b * s.channels + c) * 4 + m] * inv_area;
-        // The map's gradient: the pooled gradient where the map is positive.
-        for (int64_t i = 0; i < s.height; ++i) {
-          float* row = dmap.data() + i * s.width * s.channels;
-          convolve_row<false>(image, s, i, kp + m * kTaps, row);
-          for (int64_t j = 0; j < s.width; ++j) {
-            float* v = row + j * s.channels;
+      for (int m = 0; m < 4; ++m)
+        for (int64_t j = 0; j < s.width; ++j)
+          for (int64_t c = 0; c < C; ++c)
+            factor[m * n + j * C + c] = g[(b * C + c) * 4 + m] * inv_area;
+      // Each map's gradient, the pooled gradient where the map is positive: all four maps of a
+      // row in one pass over its padded input rows.
+      RowWindow window(image, s);
+      for (int64_t i = 0; i < s.height; ++i) {
+        const float* up = window.rows[0];
+        const float* mid = window.rows[1];
+        const float* down = window.rows[2];
+        float* d0 = dmap[0].row(i) + C;
+        float* d1 = dmap[1].row(i) + C;
+        float* d2 = dmap[2].row(i) + C;
+        float* d3 = dmap[3].row(i) + C;
+        const float* f = factor.data();
 #pragma omp simd
-            for (int64_t c = 0; c < s.channels; ++c) v[c] = v[c] > 0.f ? factor[c] : 0.f;
+        for (int64_t e = 0; e < n; ++e) {
+          const float a0 = up[e], a1 = up[e + C], a2 = up[e + 2 * C];
+          const float b0 = mid[e], b1 = mid[e + C], b2 = mid[e + 2 * C];
+          const float c0 = down[e], c1 = down[e + C], c2 = down[e + 2 * C];
+          const float m0 = kp[0] * a0 + kp[1] * a1 + kp[2] * a2 + kp[3] * b0 + kp[4] * b1 +
+                           kp[5] * b2 + kp[6] * c0 + kp[7] * c1 + kp[8] * c2;
+          const float m1 = kp[9] * a0 + kp[10] * a1 + kp[11] * a2 + kp[12] * b0 + kp[13] * b1 +
+                           kp[14] * b2 + kp[15] * c0 + kp[16] * c1 + kp[17] * c2;
+          const float m2 = kp[18] * a0 + kp[19] * a1 + kp[20] * a2 + kp[21] * b0 + kp[22] * b1 +
+                           kp[23] * b2 + kp[24] * c0 + kp[25] * c1 + kp[26] * c2;
+          const float m3 = kp[27] * a0 + kp[28] * a1 + kp[29] * a2 + kp[30] * b0 + kp[31] * b1 +
+                           kp[32] * b2 + kp[33] * c0 + kp[34] * c1 + kp[35] * c2;
+          d0[e] = m0 > 0.f ? f[e] : 0.f;
+          d1[e] = m1 > 0.f ? f[n + e] : 0.f;
+          d2[e] = m2 > 0.f ? f[2 * n + e] : 0.f;
+          d3[e] = m3 > 0.f ? f[3 * n + e] : 0.f;
+        }
+        if (i + 1 < s.height) window.advance(i);
+      }
+      // grad_h: the four transposed convolutions summed in one pass.
+      for (int64_t i = 0; i < s.height; ++i) {
+        float* out = dimage + i * n;
+        const float* u[4];
+        const float* c[4];
+        const float* d[4];
+        for (int m = 0; m < 4; ++m) {
+          u[m] = dmap[m].row(i - 1);
+          c[m] = dmap[m].row(i);
+          d[m] = dmap[m].row(i + 1);
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) {
+          float total = 0.f;
+          for (int m = 0; m < 4; ++m) {
+            const float* r = kr + m * kTaps;
+            total += r[0] * u[m][e] + r[1] * u[m][e + C] + r[2] * u[m][e + 2 * C] +
+                     r[3] * c[m][e] + r[4] * c[m][e + C] + r[5] * c[m][e + 2 * C] +
+                     r[6] * d[m][e] + r[7] * d[m][e + C] + r[8] * d[m][e + 2 * C];
           }
+          out[e] = total;
         }
-        float rotated[kTaps];
-        rotate(kp + m * kTaps, rotated);
-        // The first map's term is written, the others added: no zero-fill of the gradient.
-        for (int64_t i = 0; i < s.height; ++i) {
-          float* out = dimage + i * s.width * s.channels;
-          if (m == 0)
-            convolve_row<false>(dmap.data(), s, i, rotated, out);
-          else
-            convolve_row<true>(dmap.data(), s, i, rotated, out);
-        }
-        if (kernel_grad)
-          accumulate_kernel_grad(dmap.data(), image, s.height, s.width, s.channels,
-                                 partial.data() + (b * 4 + m) * kTaps);
+      }
+      if (kernel_grad) {
+        for (int64_t i = 0; i < s.height; ++i) std::copy(image + i * n, image + (i + 1) * n, padded_x.row(i) + C);
+        double* grad = partial.data() + b * 4 * kTaps;
+        accumulate_kernel_grad_pair(dmap[0], dmap[1], padded_x, s, grad, grad + kTaps);
+        accumulate_kernel_grad_pair(dmap[2], dmap[3], padded_x, s, grad + 2 * kTaps, grad + 3 * kTaps);
       }
     }
   });
