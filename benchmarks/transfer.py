@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb._run_lock import lock_holder
 from metaperturb.errors import RunInProgressError
 from metaperturb.transfer import TransferConfig, find_equivalent_result, run_id, run_transfer
 
@@ -265,7 +266,9 @@ def main() -> None:
             config.phi is not None and find_equivalent_result(config, args.output_dir) is not None
         )
         if args.list:
-            print(f"{'done   ' if done else 'pending'} {run_id(config)}")
+            holder = lock_holder(args.output_dir / f"{run_id(config)}.lock")
+            state = "done   " if done else f"running ({holder})" if holder else "pending"
+            print(f"{state} {run_id(config)}")
             continue
         if done or position % count != index:
             continue

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metaperturb._run_lock import run_lock
+from metaperturb._run_lock import lock_holder, run_lock
 from metaperturb.errors import RunInProgressError
 
 
@@ -46,6 +46,7 @@ def test_a_lock_held_by_a_live_process_is_refused_and_left_alone(tmp_path: Path)
         with refused, run_lock(lock):
             pytest.fail("entered a run another process holds")
         assert lock.read_text() == content
+        assert lock_holder(lock) == f"pid {holder.pid} on {socket.gethostname()}"
     finally:
         holder.kill()
         holder.wait()
@@ -54,6 +55,7 @@ def test_a_lock_held_by_a_live_process_is_refused_and_left_alone(tmp_path: Path)
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     lock = tmp_path / "run.lock"
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _finished_pid()}))
+    assert lock_holder(lock) is None
     with run_lock(lock):
         assert json.loads(lock.read_text())["pid"] != _finished_pid()
     assert not lock.exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import RunInProgressError
 
-__all__ = ["run_lock"]
+__all__ = ["lock_holder", "run_lock"]
 
 
 def _owner() -> dict[str, object]:
@@ -59,6 +59,14 @@ def _create(path: Path) -> bool:
     with os.fdopen(descriptor, "w") as stream:
         stream.write(json.dumps(_owner()) + "\n")
     return True
+
+
+def lock_holder(path: str | os.PathLike[str]) -> str | None:
+    """Who holds the lock at ``path`` ("pid P on HOST"), or None when nobody live does."""
+    owner = _read(Path(path))
+    if owner is None or _stale(owner):
+        return None
+    return f"pid {owner.get('pid')} on {owner.get('host')}"
 
 
 @contextlib.contextmanager
