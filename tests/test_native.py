@@ -255,10 +255,14 @@ def test_torch_manual_seed_fixes_the_kernel_noise() -> None:
     assert not torch.equal(model(x), first)
 
 
-def test_a_training_site_keeps_only_its_input_for_backward() -> None:
-    """The noise is drawn again in backward, so a channels_last site saves h (which the host
-    keeps anyway) and phi's small tensors, not a noise or pre-activation map of h's size."""
-    h = torch.randn(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_a_training_site_keeps_only_its_input_for_backward(channels_last: bool) -> None:
+    """The noise is drawn again in backward and an NCHW map is read in place, so a site saves h
+    (which the host keeps anyway) and phi's small tensors: no noise, pre-activation or
+    channels_last copy of h's size."""
+    h = torch.randn(8, 16, 32, 32)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
     h.requires_grad_(True)
     saved: dict[int, int] = {}
 
@@ -271,6 +275,47 @@ def test_a_training_site_keeps_only_its_input_for_backward() -> None:
     others = sum(size for ptr, size in saved.items() if ptr != h.untyped_storage().data_ptr())
     assert h.untyped_storage().data_ptr() in saved
     assert others < 0.05 * h.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize(
+    "training,mode", [(True, "expectation"), (False, "sample"), (False, "expectation")]
+)
+def test_nchw_and_channels_last_give_the_same_numbers(training: bool, mode: str) -> None:
+    """The kernels read either layout, and a value's noise depends on its position alone, so
+    the two layouts give the same output and gradients, bit for bit, each in its own layout."""
+    h = torch.randn(5, 6, 7, 9, generator=torch.Generator().manual_seed(8))
+    grad = training or mode == "sample"
+    # The deterministic eval kernel serves a frozen phi without autograd.
+    nchw = run(make_phi(not grad), h, None, training, mode, grad)
+    cl = run(
+        make_phi(not grad),
+        h.contiguous(memory_format=torch.channels_last),
+        None,
+        training,
+        mode,
+        grad,
+    )
+    assert nchw["out"].is_contiguous() and cl["out"].is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert torch.equal(nchw["out"], cl["out"])
+    if grad:
+        assert torch.equal(nchw["h"], cl["h"])
+        for name, value in nchw["phi"].items():
+            other = cl["phi"][name]
+            assert (value is None and other is None) or torch.equal(value, other), name
+
+
+def test_a_map_in_neither_layout_is_read_through_a_copy() -> None:
+    base = torch.randn(4, 6, 8, 10, generator=torch.Generator().manual_seed(9))
+    sliced = base[:, :, :, ::2]  # strided: neither contiguous layout
+    assert not sliced.is_contiguous() and not sliced.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    fused = run(make_phi(True), sliced, None, True, "expectation")
+    expected = run(make_phi(True), sliced.contiguous(), None, True, "expectation")
+    assert torch.equal(fused["out"], expected["out"])
+    assert torch.equal(fused["h"], expected["h"])
 
 
 def test_a_wrapped_resnet_trains_the_same_either_way(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -90,8 +90,9 @@ def perturb(
     # its own dtype (fp32 unless the whole model was cast), so that a 16-bit input does not make
     # phi's weight gradients lose precision.
     x = h if torch.is_autocast_enabled(h.device.type) else h.to(phi.scale_weight.dtype)
-    # The fused CPU kernels (float32 on a CPU, when they built), channels_last once for all of
-    # them; the deterministic eval kernel has no backward, so it serves only without autograd.
+    # The fused CPU kernels (float32 on a CPU, when they built) read channels_last or NCHW and
+    # answer in the same layout; the deterministic eval kernel has no backward, so it serves
+    # only without autograd.
     sampling = training or eval_mode == "sample"
     fused = (
         fused
@@ -99,7 +100,7 @@ def perturb(
         and (sampling or not (torch.is_grad_enabled() and (h.requires_grad or not phi.frozen)))
     )
     if fused:
-        x = _native.channels_last(x)
+        x = _native.kernel_layout(x)
     if training:
         if fused:
             maps = _native.scale_pool(x, phi._weight(phi.scale_kernels))
@@ -119,10 +120,9 @@ def perturb(
         # The kernels draw their own noise (Philox, keyed from torch's generator) unless given.
         given = None if noise is None else _native.channels_last(noise.to(x.dtype))
         clip = phi.config.clip if training else None
-        out = _native.sampled(x, phi.noise_kernels(), scale, strength, clip, noise=given)
-        return _native.like(out, h)
+        return _native.sampled(x, phi.noise_kernels(), scale, strength, clip, noise=given)
     if fused:
-        out = _native.expectation(
+        return _native.expectation(
             x,
             phi.noise_kernels(),
             scale,
@@ -131,7 +131,6 @@ def perturb(
             _EXPECTATION_BUMP,
             _EXPECTATION_WIDTH,
         )
-        return _native.like(out, h)
     mu = phi.noise_mean(x)
     if sampling:
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)

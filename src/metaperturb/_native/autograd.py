@@ -1,8 +1,8 @@
 """Autograd functions over the fused CPU kernels, and when a site may use them.
 
-The kernels work on channels_last memory: the site converts an NCHW feature map once on the way
-in (:func:`channels_last`) and its result once on the way out (:func:`like`), two passes
-against the twenty the PyTorch path makes.
+The kernels take channels_last or NCHW memory (:func:`kernel_layout`) and return their result in
+the same layout; they work on one image at a time in channels_last order, transposing an NCHW
+image in cache rather than the whole tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "channels_last",
     "draw_key",
     "expectation",
+    "kernel_layout",
     "like",
     "sampled",
     "scale_pool",
@@ -43,6 +44,14 @@ def usable(h: Tensor, weight_dtype: torch.dtype) -> bool:
         and not torch.jit.is_tracing()
         and kernels() is not None
     )
+
+
+def kernel_layout(x: Tensor) -> Tensor:
+    """``x`` itself if it is channels_last or contiguous NCHW (what the kernels read), else a
+    contiguous copy."""
+    if x.is_contiguous(memory_format=_CHANNELS_LAST) or x.is_contiguous():
+        return x
+    return x.contiguous()
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -75,7 +84,8 @@ class _ScalePool(torch.autograd.Function):
 
 
 def scale_pool(h: Tensor, scale_kernels: Tensor) -> Tensor:
-    """phi's 4 pooled scale maps per (example, channel), shape (B, C, 4); ``h`` channels_last."""
+    """phi's 4 pooled scale maps per (example, channel), shape (B, C, 4); ``h`` in
+    :func:`kernel_layout`."""
     result: Tensor = _ScalePool.apply(h, scale_kernels)
     return result
 
@@ -133,8 +143,9 @@ def draw_key() -> int:
 
 
 def standard_normal(h: Tensor, key: int) -> Tensor:
-    """The noise :func:`sampled` draws under ``key`` for a map shaped like ``h`` (channels_last
-    float32): to give the PyTorch path the same numbers."""
+    """The noise :func:`sampled` draws under ``key`` for a map shaped like ``h`` (float32, in
+    ``h``'s layout; a value's noise depends on its position, not on the layout): to give the
+    PyTorch path the same numbers."""
     result: Tensor = kernels().standard_normal(h, key)  # type: ignore[union-attr]
     return result
 
@@ -150,8 +161,9 @@ def sampled(
 ) -> Tensor:
     """``h * ((s * softplus(mu + noise) - 1) * c + 1)`` with ``mu = E2(relu(E1(h)))``, clamped
     from above at ``clip``; ``noise_weights`` are E1's and E2's four kernels, flattened (36).
-    The noise is ``noise`` when given (channels_last, like ``h``), else drawn in the kernels from
-    ``key`` (default: :func:`draw_key`). ``h`` channels_last; so is the result."""
+    The noise is ``noise`` when given (channels_last, shaped like ``h``), else drawn in the
+    kernels from ``key`` (default: :func:`draw_key`). ``h`` in :func:`kernel_layout`; the result
+    in ``h``'s layout."""
     if noise is None and key is None:
         key = draw_key()
     result: Tensor = _Sampled.apply(h, noise_weights, noise, key or 0, scale, float(strength), clip)
@@ -168,7 +180,7 @@ def expectation(
     width: float,
 ) -> Tensor:
     """The deterministic eval site, without autograd (the caller checks none is needed); ``h``
-    channels_last, and so is the result."""
+    in :func:`kernel_layout`, the result in ``h``'s layout."""
     c = float(strength)
     return kernels().expectation_forward(  # type: ignore[union-attr]
         h, noise_weights, scale.float() * c, 1.0 - c, slope, bump, width

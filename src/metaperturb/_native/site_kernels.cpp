@@ -5,7 +5,8 @@
 // are the cost. Here one image at a time stays in cache while every step runs over it.
 //
 // Layout: a (B, C, H, W) tensor in channels_last memory, i.e. B images of H x W pixels of C
-// contiguous channels. A "shared-kernel convolution" applies one 3x3 kernel k to every channel
+// contiguous channels; an NCHW tensor is read one image at a time into that order (and results
+// written back), so the kernels take either without a pass over the whole tensor. A "shared-kernel convolution" applies one 3x3 kernel k to every channel
 // on its own, padding 1, as F.conv2d does (cross-correlation):
 //     out[i][j][c] = sum over (di, dj) in {-1, 0, 1}^2 of k[(di+1)*3 + (dj+1)] * x[i+di][j+dj][c].
 // Its transpose is the same operation with the kernel rotated by 180 degrees.
@@ -45,16 +46,59 @@ constexpr int kTaps = 9;
 
 struct Shape {
   int64_t batch, channels, height, width;
+  bool planar;  // NCHW memory; the kernels work on each image transposed to channels_last
   int64_t pixels() const { return height * width; }
   int64_t image() const { return height * width * channels; }
 };
 
+// channels_last or NCHW (contiguous) memory. Where both hold (one channel, or 1x1 maps) the two
+// layouts are the same bytes, and it counts as channels_last.
 Shape shape_of(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "metaperturb native kernels: expected a 4-d feature map");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "metaperturb native kernels: float32 only");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "metaperturb native kernels: channels_last memory expected");
-  return {x.size(0), x.size(1), x.size(2), x.size(3)};
+  const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(),
+              "metaperturb native kernels: channels_last or contiguous NCHW memory expected");
+  return {x.size(0), x.size(1), x.size(2), x.size(3), !channels_last};
+}
+
+// Image b of x in channels_last order: in place, or transposed from NCHW into `buffer` (one
+// image, in cache, instead of a pass over the whole tensor and a copy kept for backward).
+const float* read_image(const float* x, const Shape& s, int64_t b, std::vector<float>& buffer) {
+  const float* image = x + b * s.image();
+  if (!s.planar) return image;
+  const int64_t C = s.channels, P = s.pixels();
+  if (static_cast<int64_t>(buffer.size()) < s.image()) buffer.resize(s.image());
+  float* out = buffer.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const float* plane = image + c * P;
+    for (int64_t p = 0; p < P; ++p) out[p * C + c] = plane[p];
+  }
+  return out;
+}
+
+// Where image b of an output is computed: in place, or in `buffer` for write_image.
+float* output_image(float* out, const Shape& s, int64_t b, std::vector<float>& buffer) {
+  if (!s.planar) return out + b * s.image();
+  if (static_cast<int64_t>(buffer.size()) < s.image()) buffer.resize(s.image());
+  return buffer.data();
+}
+
+// Moves an image computed by output_image into an NCHW output (nothing to do in channels_last).
+void write_image(float* out, const Shape& s, int64_t b, const float* computed) {
+  if (!s.planar) return;
+  const int64_t C = s.channels, P = s.pixels();
+  float* image = out + b * s.image();
+  for (int64_t c = 0; c < C; ++c) {
+    float* plane = image + c * P;
+    for (int64_t p = 0; p < P; ++p) plane[p] = computed[p * C + c];
+  }
+}
+
+// A tensor shaped like h in h's layout (a copy only where it is not).
+at::Tensor in_layout_of(const at::Tensor& t, const Shape& s) {
+  return t.to(at::kFloat).contiguous(s.planar ? at::MemoryFormat::Contiguous
+                                              : at::MemoryFormat::ChannelsLast);
 }
 
 void rotate(const float* k, float* rotated) {
@@ -438,11 +482,11 @@ at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
   const float inv_area = 1.0f / static_cast<float>(s.pixels());
   const int64_t n = s.width * s.channels;
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> sums(4 * n);
+    std::vector<float> sums(4 * n), transposed;
     float k[4 * kTaps];
     std::copy(kp, kp + 4 * kTaps, k);
     for (int64_t b = first; b < last; ++b) {
-      const float* image = x + b * s.image();
+      const float* image = read_image(x, s, b, transposed);
       std::fill(sums.begin(), sums.end(), 0.f);
       // Row by row, the four maps of a row in one pass over its three input rows; relu and a
       // running sum per (column, channel), reduced over the columns at the end.
@@ -528,11 +572,12 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
     std::vector<PaddedImage> dmap(4, PaddedImage(s));
     PaddedImage padded_x(s);
     std::vector<float> factor(4 * n);
+    std::vector<float> transposed, computed;
     float kr[4 * kTaps];  // each map's kernel rotated by 180 degrees: the transposed conv's
     for (int m = 0; m < 4; ++m) rotate(kp + m * kTaps, kr + m * kTaps);
     for (int64_t b = first; b < last; ++b) {
-      const float* image = x + b * s.image();
-      float* dimage = dx + b * s.image();
+      const float* image = read_image(x, s, b, transposed);
+      float* dimage = output_image(dx, s, b, computed);
       for (int m = 0; m < 4; ++m)
         for (int64_t j = 0; j < s.width; ++j)
           for (int64_t c = 0; c < C; ++c)
@@ -592,6 +637,7 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
           out[e] = total;
         }
       }
+      write_image(dx, s, b, dimage);
       if (kernel_grad) {
         for (int64_t i = 0; i < s.height; ++i) std::copy(image + i * n, image + (i + 1) * n, padded_x.row(i) + C);
         double* grad = partial.data() + b * 4 * kTaps;
@@ -636,21 +682,23 @@ at::Tensor sampled_forward(const at::Tensor& h, const at::Tensor& weights,
   const std::vector<float> gain = tile_row(sp, c, s);
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     Scratch scratch(s);
-    std::vector<float> drawn(given ? 0 : 4 * noise_blocks(s.image()));
+    std::vector<float> drawn(given ? 0 : 4 * noise_blocks(s.image())), transposed, computed;
     for (int64_t b = first; b < last; ++b) {
-      const int64_t base = b * s.image();
+      const float* image = read_image(x, s, b, transposed);
+      float* result = output_image(op, s, b, computed);
       float* mu = scratch.image_a.data();
-      noise_mean(x + base, s, wp, mu, scratch);
+      noise_mean(image, s, wp, mu, scratch);
       const float* eps = image_noise(given, static_cast<uint64_t>(key), b, s, drawn);
       for (int64_t i = 0; i < s.height; ++i) {
         const int64_t row = i * n;
         if (clamp)
-          sampled_row<true>(x + base + row, eps + row, gain.data(), offset, limit, n, mu + row,
-                            op + base + row);
+          sampled_row<true>(image + row, eps + row, gain.data(), offset, limit, n, mu + row,
+                            result + row);
         else
-          sampled_row<false>(x + base + row, eps + row, gain.data(), offset, limit, n, mu + row,
-                             op + base + row);
+          sampled_row<false>(image + row, eps + row, gain.data(), offset, limit, n, mu + row,
+                             result + row);
       }
+      write_image(op, s, b, result);
     }
   });
   return out;
@@ -666,7 +714,10 @@ at::Tensor standard_normal(const at::Tensor& h, int64_t key) {
     std::vector<float> drawn(4 * noise_blocks(s.image()));
     for (int64_t b = first; b < last; ++b) {
       const float* eps = image_noise(nullptr, static_cast<uint64_t>(key), b, s, drawn);
-      std::copy(eps, eps + s.image(), op + b * s.image());
+      if (s.planar)
+        write_image(op, s, b, eps);
+      else
+        std::copy(eps, eps + s.image(), op + b * s.image());
     }
   });
   return out;
@@ -679,7 +730,7 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
                                             const at::Tensor& grad_out_any, bool weight_grad) {
   const Shape s = shape_of(h);
   const float* given = noise_pointer(noise, s);
-  const auto grad_out = grad_out_any.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const auto grad_out = in_layout_of(grad_out_any, s);
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto sc = scale.detach().to(at::kFloat).contiguous();
   auto grad_h = at::empty_like(h);
@@ -700,10 +751,11 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
     Scratch scratch(s);
     std::vector<float> mu(s.image()), row_sums(n);
     std::vector<float> drawn(given ? 0 : 4 * noise_blocks(s.image()));
+    std::vector<float> transposed, transposed_grad, computed;
     for (int64_t b = first; b < last; ++b) {
-      const int64_t base = b * s.image();
-      const float* image = x + base;
-      float* dx = dxp + base;
+      const float* image = read_image(x, s, b, transposed);
+      const float* grad_image = read_image(go, s, b, transposed_grad);
+      float* dx = output_image(dxp, s, b, computed);
       float* dmu = scratch.image_a.data();
       // Recompute the forward: hidden = relu(E1(h)) (also E1's relu mask, hidden > 0), its
       // channel means, mu = E2(hidden), and the noise.
@@ -714,11 +766,11 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
       for (int64_t i = 0; i < s.height; ++i) {
         const int64_t row = i * n;
         if (clamp)
-          sampled_grad_row<true>(image + row, mu.data() + row, eps + row, go + base + row,
+          sampled_grad_row<true>(image + row, mu.data() + row, eps + row, grad_image + row,
                                  gain.data(), scale_row.data(), c, offset, limit, n, dx + row,
                                  row_sums.data(), dmu + row);
         else
-          sampled_grad_row<false>(image + row, mu.data() + row, eps + row, go + base + row,
+          sampled_grad_row<false>(image + row, mu.data() + row, eps + row, grad_image + row,
                                   gain.data(), scale_row.data(), c, offset, limit, n, dx + row,
                                   row_sums.data(), dmu + row);
       }
@@ -739,6 +791,7 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
       }
       for (int64_t e = 0; e < s.image(); ++e) dhidden[e] = hidden[e] > 0.f ? dhidden[e] : 0.f;
       equivariant_transpose<true>(dhidden, s, wp, wp + 9, dx, scratch.sum_map, scratch.row_map);
+      write_image(dxp, s, b, dx);
       if (weight_grad) {
         double* wg = weight_partial.data() + b * 4 * kTaps;
         accumulate_kernel_grad(dhidden, image, s.height, s.width, C, wg);
@@ -785,14 +838,16 @@ at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
   const float fb = static_cast<float>(bump), fw = static_cast<float>(width), inv_slope = 1.f / fs;
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     Scratch scratch(s);
+    std::vector<float> transposed, computed;
     for (int64_t b = first; b < last; ++b) {
-      const int64_t base = b * s.image();
+      const float* image = read_image(x, s, b, transposed);
+      float* result = output_image(op, s, b, computed);
       float* mu = scratch.image_a.data();
-      noise_mean(x + base, s, wp, mu, scratch);
+      noise_mean(image, s, wp, mu, scratch);
       for (int64_t p = 0; p < s.pixels(); ++p) {
-        const float* xv = x + base + p * s.channels;
+        const float* xv = image + p * s.channels;
         const float* mv = mu + p * s.channels;
-        float* ov = op + base + p * s.channels;
+        float* ov = result + p * s.channels;
 #pragma omp simd
         for (int64_t ch = 0; ch < s.channels; ++ch) {
           const float m = mv[ch];
@@ -800,6 +855,7 @@ at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
           ov[ch] = xv[ch] * (gp[ch] * expected + fo);
         }
       }
+      write_image(op, s, b, result);
     }
   });
   return out;
