@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaperturb
+import metaperturb._native as native
 from metaperturb import (
     AlreadyWrappedError,
     NoSitesError,
@@ -308,7 +309,13 @@ def test_default_phi_is_not_faked() -> None:
         metaperturb.wrap(MyResNet(), input_size=(3, 16, 16))
 
 
-def test_memory_efficient_sites_give_the_same_step_with_less_saved_memory() -> None:
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused-kernels", "pytorch-ops"])
+def test_memory_efficient_sites_give_the_same_step_with_less_saved_memory(
+    kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not kernels:
+        monkeypatch.setattr(native, "usable", lambda *args: False)
+
     def step(memory_efficient: bool) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, int]:
         torch.manual_seed(0)
         model = wrapped(MyResNet(), memory_efficient=memory_efficient)
@@ -332,10 +339,12 @@ def test_memory_efficient_sites_give_the_same_step_with_less_saved_memory() -> N
     for a, b in zip(grads_lean, grads, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(running_lean, running)  # updated once, not again in backward
-    # On a CPU the fused sites already keep little beyond their input (their noise is drawn
-    # again in backward), so the saving here is the NCHW input's channels_last copy and the
-    # scale path's small tensors; on the PyTorch path it is about half.
-    assert memory_lean < 0.9 * memory
+    if kernels and native.usable(torch.zeros(1, 1, 1, 1), torch.float32):
+        # The fused sites keep only their input already (the noise is drawn again in backward),
+        # so checkpointing them saves at most the scale path's small tensors.
+        assert memory_lean <= memory
+    else:
+        assert memory_lean < 0.8 * memory
 
 
 class ActBlock(MyBlock):
