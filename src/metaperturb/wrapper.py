@@ -361,7 +361,8 @@ def wrap(
         revision: Hub revision (branch, tag or commit) when ``phi`` is a repo id.
         memory_efficient: keep only each site's input for the backward pass and recompute phi
             there (activation checkpointing of the sites): much less memory, one more phi
-            forward per step. Same values and gradients.
+            forward per step. Same values and gradients. For the PyTorch path (GPU, other
+            dtypes, autocast); the fused CPU kernels keep only the input already.
         placement: ``"output"`` (phi perturbs what each block returns) or
             ``"before_activation"`` (the input of the block's final activation module where
             there is one, as in the authors' ResNets; elsewhere the output). Since the gain is
