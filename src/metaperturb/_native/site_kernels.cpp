@@ -441,34 +441,28 @@ struct RowWindow {
   }
 };
 
-// The four scale maps of one row from its padded window, relu'd and added into sums[m * n + e]:
-// every input value is loaded once for the 36 taps.
-inline void scale_sums_row(const RowWindow& window, int64_t n, int64_t C, const float* k,
-                           float* sums) {
+// The four scale maps of one row from its padded window, handed to `use(e, m0, m1, m2, m3)` for
+// each value e of the row: every input value is loaded once for the 36 taps.
+template <class Use>
+inline void scale_maps_row(const RowWindow& window, int64_t n, int64_t C, const float* k,
+                           Use use) {
   const float* up = window.rows[0];
   const float* mid = window.rows[1];
   const float* down = window.rows[2];
-  float* t0 = sums;
-  float* t1 = sums + n;
-  float* t2 = sums + 2 * n;
-  float* t3 = sums + 3 * n;
 #pragma omp simd
   for (int64_t e = 0; e < n; ++e) {
     const float a0 = up[e], a1 = up[e + C], a2 = up[e + 2 * C];
     const float b0 = mid[e], b1 = mid[e + C], b2 = mid[e + 2 * C];
     const float c0 = down[e], c1 = down[e + C], c2 = down[e + 2 * C];
-    const float m0 = k[0] * a0 + k[1] * a1 + k[2] * a2 + k[3] * b0 + k[4] * b1 + k[5] * b2 +
-                     k[6] * c0 + k[7] * c1 + k[8] * c2;
-    const float m1 = k[9] * a0 + k[10] * a1 + k[11] * a2 + k[12] * b0 + k[13] * b1 +
-                     k[14] * b2 + k[15] * c0 + k[16] * c1 + k[17] * c2;
-    const float m2 = k[18] * a0 + k[19] * a1 + k[20] * a2 + k[21] * b0 + k[22] * b1 +
-                     k[23] * b2 + k[24] * c0 + k[25] * c1 + k[26] * c2;
-    const float m3 = k[27] * a0 + k[28] * a1 + k[29] * a2 + k[30] * b0 + k[31] * b1 +
-                     k[32] * b2 + k[33] * c0 + k[34] * c1 + k[35] * c2;
-    t0[e] += std::max(m0, 0.f);
-    t1[e] += std::max(m1, 0.f);
-    t2[e] += std::max(m2, 0.f);
-    t3[e] += std::max(m3, 0.f);
+    use(e,
+        k[0] * a0 + k[1] * a1 + k[2] * a2 + k[3] * b0 + k[4] * b1 + k[5] * b2 + k[6] * c0 +
+            k[7] * c1 + k[8] * c2,
+        k[9] * a0 + k[10] * a1 + k[11] * a2 + k[12] * b0 + k[13] * b1 + k[14] * b2 +
+            k[15] * c0 + k[16] * c1 + k[17] * c2,
+        k[18] * a0 + k[19] * a1 + k[20] * a2 + k[21] * b0 + k[22] * b1 + k[23] * b2 +
+            k[24] * c0 + k[25] * c1 + k[26] * c2,
+        k[27] * a0 + k[28] * a1 + k[29] * a2 + k[30] * b0 + k[31] * b1 + k[32] * b2 +
+            k[33] * c0 + k[34] * c1 + k[35] * c2);
   }
 }
 
@@ -491,8 +485,18 @@ at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
       // Row by row, the four maps of a row in one pass over its three input rows; relu and a
       // running sum per (column, channel), reduced over the columns at the end.
       RowWindow window(image, s);
+      float* t0 = sums.data();
+      float* t1 = t0 + n;
+      float* t2 = t1 + n;
+      float* t3 = t2 + n;
       for (int64_t i = 0; i < s.height; ++i) {
-        scale_sums_row(window, n, s.channels, k, sums.data());
+        scale_maps_row(window, n, s.channels, k,
+                       [=](int64_t e, float m0, float m1, float m2, float m3) {
+                         t0[e] += std::max(m0, 0.f);
+                         t1[e] += std::max(m1, 0.f);
+                         t2[e] += std::max(m2, 0.f);
+                         t3[e] += std::max(m3, 0.f);
+                       });
         if (i + 1 < s.height) window.advance(i);
       }
       for (int m = 0; m < 4; ++m) {
@@ -586,32 +590,17 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
       // row in one pass over its padded input rows.
       RowWindow window(image, s);
       for (int64_t i = 0; i < s.height; ++i) {
-        const float* up = window.rows[0];
-        const float* mid = window.rows[1];
-        const float* down = window.rows[2];
         float* d0 = dmap[0].row(i) + C;
         float* d1 = dmap[1].row(i) + C;
         float* d2 = dmap[2].row(i) + C;
         float* d3 = dmap[3].row(i) + C;
         const float* f = factor.data();
-#pragma omp simd
-        for (int64_t e = 0; e < n; ++e) {
-          const float a0 = up[e], a1 = up[e + C], a2 = up[e + 2 * C];
-          const float b0 = mid[e], b1 = mid[e + C], b2 = mid[e + 2 * C];
-          const float c0 = down[e], c1 = down[e + C], c2 = down[e + 2 * C];
-          const float m0 = kp[0] * a0 + kp[1] * a1 + kp[2] * a2 + kp[3] * b0 + kp[4] * b1 +
-                           kp[5] * b2 + kp[6] * c0 + kp[7] * c1 + kp[8] * c2;
-          const float m1 = kp[9] * a0 + kp[10] * a1 + kp[11] * a2 + kp[12] * b0 + kp[13] * b1 +
-                           kp[14] * b2 + kp[15] * c0 + kp[16] * c1 + kp[17] * c2;
-          const float m2 = kp[18] * a0 + kp[19] * a1 + kp[20] * a2 + kp[21] * b0 + kp[22] * b1 +
-                           kp[23] * b2 + kp[24] * c0 + kp[25] * c1 + kp[26] * c2;
-          const float m3 = kp[27] * a0 + kp[28] * a1 + kp[29] * a2 + kp[30] * b0 + kp[31] * b1 +
-                           kp[32] * b2 + kp[33] * c0 + kp[34] * c1 + kp[35] * c2;
+        scale_maps_row(window, n, C, kp, [=](int64_t e, float m0, float m1, float m2, float m3) {
           d0[e] = m0 > 0.f ? f[e] : 0.f;
           d1[e] = m1 > 0.f ? f[n + e] : 0.f;
           d2[e] = m2 > 0.f ? f[2 * n + e] : 0.f;
           d3[e] = m3 > 0.f ? f[3 * n + e] : 0.f;
-        }
+        });
         if (i + 1 < s.height) window.advance(i);
       }
       // grad_h: the four transposed convolutions summed in one pass.
