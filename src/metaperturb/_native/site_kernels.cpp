@@ -516,6 +516,30 @@ at::Tensor scale_pool_forward(const at::Tensor& h, const at::Tensor& kernels) {
   return pooled;
 }
 
+// Channels c0 .. c0 + width of a channels_last image as an image of `width` channels (the image
+// itself when that is all of them; channels past the last are zeros).
+const float* channel_block(const float* image, const Shape& s, int64_t c0, int64_t width,
+                           std::vector<float>& buffer) {
+  if (c0 == 0 && width == s.channels) return image;
+  buffer.resize(s.pixels() * width);
+  const int64_t valid = std::min(width, s.channels - c0);
+  for (int64_t p = 0; p < s.pixels(); ++p) {
+    const float* from = image + p * s.channels + c0;
+    float* to = buffer.data() + p * width;
+    std::copy(from, from + valid, to);
+    std::fill(to + valid, to + width, 0.f);
+  }
+  return buffer.data();
+}
+
+// The inverse of channel_block: its first valid channels back into the whole image.
+void scatter_channel_block(const float* block, const Shape& s, int64_t c0, int64_t width,
+                           float* image) {
+  const int64_t valid = std::min(width, s.channels - c0);
+  for (int64_t p = 0; p < s.pixels(); ++p)
+    std::copy(block + p * width, block + p * width + valid, image + p * s.channels + c0);
+}
+
 // Backward of scale_pool_forward: (grad_h, grad_kernels (4, 1, 3, 3) or undefined).
 //
 // A row pipeline: the gradient of each map's row r (the pooled gradient where the map is
@@ -598,25 +622,39 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
   const float* g = gp.data_ptr<float>();
   float* dx = grad_h.data_ptr<float>();
   const float inv_area = 1.0f / static_cast<float>(s.pixels());
-  const int64_t C = s.channels, n = s.width * C, stride = (s.width + 2) * C;
+  // Channels are independent here (each map is one kernel applied to every channel alone), so
+  // wide maps are taken kChannelBlock channels at a time: the rows of four maps stay in cache.
+  constexpr int64_t kChannelBlock = 64;
+  const int64_t C = std::min(s.channels, kChannelBlock);
+  const Shape block{s.batch, C, s.height, s.width, false};
+  const int64_t n = s.width * C, stride = (s.width + 2) * C;
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     // Row r of map m at ring[(m * 3 + r % 3) * stride], padded: the borders stay zero.
     std::vector<float> ring(4 * 3 * stride, 0.f), zeros(stride, 0.f);
     auto map_row = [&](int m, int64_t r) -> float* {
       return r < 0 || r >= s.height ? zeros.data() : ring.data() + (m * 3 + r % 3) * stride;
     };
-    std::vector<float> transposed, computed, factor(4 * n);
+    std::vector<float> transposed, computed, factor(4 * n), block_in, block_out;
     float kr[4 * kTaps];  // each map's kernel rotated by 180 degrees: the transposed conv's
     for (int m = 0; m < 4; ++m) rotate(kp + m * kTaps, kr + m * kTaps);
     for (int64_t b = first; b < last; ++b) {
-      const float* image = read_image(x, s, b, transposed);
-      float* dimage = output_image(dx, s, b, computed);
+      const float* whole = read_image(x, s, b, transposed);
+      float* dwhole = output_image(dx, s, b, computed);
       double* grad = kernel_grad ? partial.data() + b * 4 * kTaps : nullptr;
+      for (int64_t c0 = 0; c0 < s.channels; c0 += C) {
+      const int64_t width_c = std::min(C, s.channels - c0);
+      const float* image = channel_block(whole, s, c0, C, block_in);
+      float* dimage = dwhole;
+      if (C != s.channels) {
+        block_out.resize(block.image());
+        dimage = block_out.data();
+      }
       for (int m = 0; m < 4; ++m)
         for (int64_t j = 0; j < s.width; ++j)
           for (int64_t c = 0; c < C; ++c)
-            factor[m * n + j * C + c] = g[(b * C + c) * 4 + m] * inv_area;
-      RowWindow window(image, s);
+            factor[m * n + j * C + c] =
+                c < width_c ? g[(b * s.channels + c0 + c) * 4 + m] * inv_area : 0.f;
+      RowWindow window(image, block);
       for (int64_t r = 0; r <= s.height; ++r) {
         if (r < s.height) {
           float* d0 = map_row(0, r) + C;
@@ -646,7 +684,9 @@ std::vector<at::Tensor> scale_pool_backward(const at::Tensor& h, const at::Tenso
           transposed_row(rows, kr, n, C, dimage + i * n);
         }
       }
-      write_image(dx, s, b, dimage);
+      if (dimage != dwhole) scatter_channel_block(dimage, s, c0, C, dwhole);
+      }
+      write_image(dx, s, b, dwhole);
     }
   });
   at::Tensor grad_k;
