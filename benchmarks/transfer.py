@@ -27,6 +27,7 @@ process holds (its ``<run id>.lock``).
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,8 @@ def main() -> None:
         "--data-root", type=Path, default=DATA, help="folder of the datasets (../shared/data)"
     )
     args = parser.parse_args()
+    # SIGTERM (how a sweep is stopped) as SystemExit, so the running run's lock is released.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     DATA = args.data_root.resolve()
     for entry in args.phi:
         name, sep, path = entry.partition("=")
