@@ -61,12 +61,16 @@ def _create(path: Path) -> bool:
     return True
 
 
+def _describe(owner: dict[str, object]) -> str:
+    return f"pid {owner.get('pid')} on {owner.get('host')}"
+
+
 def lock_holder(path: str | os.PathLike[str]) -> str | None:
     """Who holds the lock at ``path`` ("pid P on HOST"), or None when nobody live does."""
     owner = _read(Path(path))
     if owner is None or _stale(owner):
         return None
-    return f"pid {owner.get('pid')} on {owner.get('host')}"
+    return _describe(owner)
 
 
 @contextlib.contextmanager
@@ -80,7 +84,7 @@ def run_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             lock.unlink(missing_ok=True)  # two takers race here; O_EXCL below picks one
         if not _stale(owner) or not _create(lock):
             owner = _read(lock) or owner
-            holder = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "a process"
+            holder = _describe(owner) if owner else "a process"
             raise RunInProgressError(
                 f"{lock.stem} is being run by {holder} (lock file {lock}). Run something else, "
                 "or delete the lock file if that process is gone."
