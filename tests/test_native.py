@@ -91,7 +91,7 @@ MODES = [(True, "expectation"), (False, "sample"), (False, "expectation")]
 def kernel_noise(h: torch.Tensor) -> torch.Tensor:
     """The noise the kernels draw for ``h`` after ``run``'s ``torch.manual_seed(11)``."""
     torch.manual_seed(11)
-    return native.like(native.standard_normal(native.channels_last(h), native.draw_key()), h)
+    return native.standard_normal(native.kernel_layout(h), native.draw_key())
 
 
 # The deterministic eval (not training, "expectation") draws no noise.
@@ -342,9 +342,7 @@ def test_a_wrapped_resnet_trains_the_same_either_way(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(
         site,
         "standard_normal_like",
-        lambda t: native.like(
-            native.standard_normal(native.channels_last(t), native.draw_key()), t
-        ),
+        lambda t: native.standard_normal(native.kernel_layout(t), native.draw_key()),
     )
     expected = step()
     for actual, wanted in zip(fused, expected, strict=True):

@@ -20,7 +20,6 @@ __all__ = [
     "draw_key",
     "expectation",
     "kernel_layout",
-    "like",
     "sampled",
     "scale_pool",
     "standard_normal",
@@ -57,13 +56,6 @@ def kernel_layout(x: Tensor) -> Tensor:
 def channels_last(x: Tensor) -> Tensor:
     """``x`` in channels_last memory (itself if it already is)."""
     return x.contiguous(memory_format=_CHANNELS_LAST)
-
-
-def like(x: Tensor, reference: Tensor) -> Tensor:
-    """A channels_last result in ``reference``'s layout, so the host sees the layout it made."""
-    if reference.is_contiguous(memory_format=_CHANNELS_LAST):
-        return x
-    return x.contiguous()
 
 
 class _ScalePool(torch.autograd.Function):
