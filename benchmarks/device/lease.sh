@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One lent GPU call that does everything a lease is for, in order of how much it needs a quiet
+# GPU: phi's convolution forms timed alone (benchmarks/conv_forms.py), then every pending run of
+# the named grids at once, one process per run under MPS, beside the CUDA tests.
+#
+#   here:   benchmarks/device/prepare.sh
+#   device: command "bash benchmarks/device/lease.sh 560 tune placement:0,1"
+#           (seconds for the whole script; grids as NAME or NAME:SEEDS), carry [".whl", "runs/authors-phi"]
+#   here:   for f in FILES_AT/*.tar; do tar -xf "$f"; done; python benchmarks/transfer_report.py
+#
+# Results are packed into $OUT every minute (checks.tar: test log, conv-forms tables, GPU use;
+# results-<k>.tar: each run's result, checkpoint and log), so a call cut off at its limit still
+# hands back what was done. STEPS=N (a dry run: other run ids), DEVICE=cpu and CHECKS=0 for a
+# rehearsal on a machine without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+budget=$1; shift
+began=$(date +%s)
+source benchmarks/device/env.sh
+device=${DEVICE:-cuda}
+results=${RESULTS_DIR:-benchmarks/results/transfer}
+logs=/tmp/lease-logs; mkdir -p "$results" "$logs"
+touch /tmp/lease-start
+left() { echo $(( budget - ($(date +%s) - began) )); }
+
+if [ "$device" = cuda ] && command -v nvidia-cuda-mps-control > /dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p /tmp/mps /tmp/mps-log
+  if nvidia-cuda-mps-control -d && timeout 60 "$python" -c \
+    "import torch; print('MPS ok', (torch.ones(2, device='cuda') + 1).sum().item())"; then
+    echo "MPS on"
+  else
+    echo quit | timeout 10 nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "MPS unavailable: processes share the GPU by time slices"
+  fi
+fi
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
+    > "$logs/gpu.csv" 2>&1 &
+fi
+
+"$python" benchmarks/device/pack.py "$out" "$results" "$logs" /tmp/lease-start --every 60 &
+packer=$!
+
+# 1. Timings on a quiet GPU, bounded so that the runs keep most of the call.
+if [ "${CHECKS:-1}" = 1 ]; then
+  (cd benchmarks && timeout --signal=TERM "${FORMS_SECONDS:-110}" "$python" conv_forms.py \
+    --device "$device" --repeats 3 --steps 3) > "$logs/conv-forms.log" 2>&1
+  echo "conv_forms exit status $?"
+  cp benchmarks/results/conv-forms-"$device".* "$logs/" 2>/dev/null
+fi
+
+# 2. The runs, one process each, stopped 30 s before the end; the CUDA tests beside them.
+if [ "${CHECKS:-1}" = 1 ]; then
+  timeout "$(( $(left) - 40 ))" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
+    -k cuda > "$logs/cuda-tests.log" 2>&1 &
+fi
+seconds=$(( $(left) - 30 ))
+echo "runs get $seconds s"
+steps=${STEPS:+--steps $STEPS}
+runs=()
+for spec in "$@"; do
+  grid=${spec%%:*}; seeds=0
+  [ "$grid" != "$spec" ] && seeds=${spec#*:}
+  seeds=${seeds//,/ }
+  # shellcheck disable=SC2086
+  count=$("$python" benchmarks/transfer.py "$grid" --list --seeds $seeds --data-root shared/data \
+    --output-dir "$results" $steps 2>/dev/null | wc -l)
+  echo "$grid (seeds $seeds): $count runs"
+  for (( i = 0; i < count; i++ )); do
+    # shellcheck disable=SC2086
+    timeout --signal=TERM "$seconds" "$python" benchmarks/transfer.py "$grid" --seeds $seeds \
+      --shard "$i/$count" --data-root shared/data --device "$device" --threads 1 \
+      --checkpoint-every 250 --output-dir "$results" $steps > "$logs/$grid-$i.log" 2>&1 &
+    runs+=($!)
+  done
+done
+wait "${runs[@]}"
+kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+"$python" benchmarks/device/pack.py "$out" "$results" "$logs" /tmp/lease-start
+tail -n 2 "$logs"/*.log
+ls -la "$out"
