@@ -150,6 +150,26 @@ def calibration_table(results: list[dict[str, Any]]) -> list[str]:
     return table(["target", "method", "accuracy %", "ECE % (15 bins)"], rows)
 
 
+def tuning_table(folder: Path, steps: int) -> list[str]:
+    """The `tune` runs (a CIFAR-10 validation slice, not a target): each setting's validation
+    accuracy, and the one per family that the `datasets` grid uses (the best)."""
+    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    runs = [r for r in runs if r.get("steps") == steps and isinstance(r.get("target"), dict)]
+    best: dict[str, float] = {}
+    for run in runs:
+        family = run["method"].split("[")[0]
+        best[family] = max(best.get(family, 0.0), run["accuracy"])
+    rows = [
+        [
+            run["method"],
+            f"{run['accuracy'] * 100:.2f}",
+            "used" if run["accuracy"] == best[run["method"].split("[")[0]] else "",
+        ]
+        for run in sorted(runs, key=lambda r: (r["method"].split("[")[0], -r["accuracy"]))
+    ]
+    return table(["setting (ResNet-20, seed 0)", "validation accuracy %", "datasets grid"], rows)
+
+
 def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -242,6 +262,15 @@ def main() -> None:
         "### Calibration",
         "",
         *calibration_table(results),
+        "",
+        "### Tuning (DropBlock rate and block size, Mixup alpha)",
+        "",
+        (
+            "CIFAR-10 train images 500-749 of each class to train, 750-999 to test (disjoint "
+            "from s-CIFAR10 and its test split); `python benchmarks/transfer.py tune`."
+        ),
+        "",
+        *tuning_table(args.results, args.steps),
         "",
     ]
     for path in plots(results, args.output.parent / "transfer-plots"):
