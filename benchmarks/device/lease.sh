@@ -26,7 +26,8 @@ left() { echo $(( budget - ($(date +%s) - began) )); }
 if [ "$device" = cuda ] && command -v nvidia-cuda-mps-control > /dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p /tmp/mps /tmp/mps-log
-  if nvidia-cuda-mps-control -d && timeout 60 "$python" -c \
+  nvidia-cuda-mps-control -d 2> /dev/null  # on a warm machine the daemon may run already
+  if pgrep -f "nvidia-cuda-mps-control -d" > /dev/null && timeout 60 "$python" -c \
     "import torch; print('MPS ok', (torch.ones(2, device='cuda') + 1).sum().item())"; then
     echo "MPS on"
   else
