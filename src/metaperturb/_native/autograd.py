@@ -29,6 +29,12 @@ __all__ = [
 _CHANNELS_LAST = torch.channels_last
 
 
+def _labelled(name: str) -> torch.profiler.record_function:
+    """The kernel's name in a ``torch.profiler`` table (``metaperturb::<name>``), which would
+    otherwise fold its time into the Python or autograd frame that called it."""
+    return torch.profiler.record_function(f"metaperturb::{name}")
+
+
 def usable(h: Tensor, weight_dtype: torch.dtype) -> bool:
     """Whether a site may run on the fused kernels: float32 features and phi on a CPU, outside
     autocast, torch.compile and torch.jit.trace (which record the PyTorch path instead), kernels
@@ -62,15 +68,17 @@ class _ScalePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, scale_kernels: Tensor) -> Tensor:
         ctx.save_for_backward(h, scale_kernels)
-        return kernels().scale_pool_forward(h, scale_kernels)  # type: ignore[union-attr]
+        with _labelled("scale_pool_forward"):
+            return kernels().scale_pool_forward(h, scale_kernels)  # type: ignore[union-attr]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, scale_kernels = ctx.saved_tensors
-        grad_h, grad_kernels = kernels().scale_pool_backward(  # type: ignore[union-attr]
-            x, scale_kernels, grad, ctx.needs_input_grad[1]
-        )
+        with _labelled("scale_pool_backward"):
+            grad_h, grad_kernels = kernels().scale_pool_backward(  # type: ignore[union-attr]
+                x, scale_kernels, grad, ctx.needs_input_grad[1]
+            )
         grad_h = grad_h if ctx.needs_input_grad[0] else None
         return grad_h, grad_kernels.to(scale_kernels.dtype) if ctx.needs_input_grad[1] else None
 
@@ -94,9 +102,10 @@ class _Sampled(torch.autograd.Function):
         strength: float,
         clip: float | None,
     ) -> Tensor:
-        out: Tensor = kernels().sampled_forward(  # type: ignore[union-attr]
-            h, noise_weights, noise, key, scale, strength, clip or 0.0
-        )
+        with _labelled("sampled_forward"):
+            out: Tensor = kernels().sampled_forward(  # type: ignore[union-attr]
+                h, noise_weights, noise, key, scale, strength, clip or 0.0
+            )
         # Only h (the host keeps it anyway) and the key: backward draws the noise again.
         ctx.save_for_backward(h, noise_weights, scale, noise)
         ctx.key, ctx.strength, ctx.clip = key, strength, clip or 0.0
@@ -106,17 +115,18 @@ class _Sampled(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, noise_weights, scale, noise = ctx.saved_tensors
-        grad_h, grad_scale, grad_weights = kernels().sampled_backward(  # type: ignore[union-attr]
-            x,
-            noise_weights,
-            noise,
-            ctx.key,
-            scale,
-            ctx.strength,
-            ctx.clip,
-            grad,
-            ctx.needs_input_grad[1],
-        )
+        with _labelled("sampled_backward"):
+            grad_h, grad_scale, grad_weights = kernels().sampled_backward(  # type: ignore[union-attr]
+                x,
+                noise_weights,
+                noise,
+                ctx.key,
+                scale,
+                ctx.strength,
+                ctx.clip,
+                grad,
+                ctx.needs_input_grad[1],
+            )
         return (
             grad_h if ctx.needs_input_grad[0] else None,
             grad_weights.to(noise_weights.dtype) if ctx.needs_input_grad[1] else None,
@@ -174,6 +184,7 @@ def expectation(
     """The deterministic eval site, without autograd (the caller checks none is needed); ``h``
     in :func:`kernel_layout`, the result in ``h``'s layout."""
     c = float(strength)
-    return kernels().expectation_forward(  # type: ignore[union-attr]
-        h, noise_weights, scale.float() * c, 1.0 - c, slope, bump, width
-    )
+    with _labelled("expectation_forward"):
+        return kernels().expectation_forward(  # type: ignore[union-attr]
+            h, noise_weights, scale.float() * c, 1.0 - c, slope, bump, width
+        )
