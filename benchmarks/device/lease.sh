@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU call that does everything a lease is for, in order of how much it needs a quiet
 # GPU: phi's convolution forms timed alone (benchmarks/conv_forms.py), then every pending run of
-# the named grids at once, one process per run under MPS, beside the CUDA tests.
+# the named grids at once, one process per run (at most PROCESSES=14 per grid, each taking
+# every N-th run) under MPS, beside the CUDA tests.
 #
 #   here:   benchmarks/device/prepare.sh
 #   device: command "bash benchmarks/device/lease.sh 560 tune placement:0,1"
@@ -68,11 +69,12 @@ for spec in "$@"; do
   # shellcheck disable=SC2086
   count=$("$python" benchmarks/transfer.py "$grid" --list --seeds $seeds --data-root shared/data \
     --output-dir "$results" $steps 2>/dev/null | wc -l)
-  echo "$grid (seeds $seeds): $count runs"
-  for (( i = 0; i < count; i++ )); do
+  shards=$(( count < ${PROCESSES:-14} ? count : ${PROCESSES:-14} ))  # 16 CPU cores there
+  echo "$grid (seeds $seeds): $count runs in $shards processes"
+  for (( i = 0; i < shards; i++ )); do
     # shellcheck disable=SC2086
     timeout --signal=TERM "$seconds" "$python" benchmarks/transfer.py "$grid" --seeds $seeds \
-      --shard "$i/$count" --data-root shared/data --device "$device" --threads 1 \
+      --shard "$i/$shards" --data-root shared/data --device "$device" --threads 1 \
       --checkpoint-every 250 --output-dir "$results" $steps > "$logs/$grid-$i.log" 2>&1 &
     runs+=($!)
   done
