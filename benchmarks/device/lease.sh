@@ -11,7 +11,8 @@
 #
 # Results are packed into $OUT every minute (checks.tar: test log, conv-forms tables, GPU use;
 # results-<k>.tar: each run's result, checkpoint and log), so a call cut off at its limit still
-# hands back what was done. STEPS=N (a dry run: other run ids), DEVICE=cpu and CHECKS=0 for a
+# hands back what was done. COMPILE=1 also times torch.compile'd models (give them
+# FORMS_SECONDS=300). STEPS=N (a dry run: other run ids), DEVICE=cpu and CHECKS=0 for a
 # rehearsal on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,7 +37,7 @@ packer=$!
 # 1. Timings on a quiet GPU, bounded so that the runs keep most of the call.
 if [ "${CHECKS:-1}" = 1 ]; then
   (cd benchmarks && timeout --signal=TERM "${FORMS_SECONDS:-110}" "$python" conv_forms.py \
-    --device "$device" --repeats 3 --steps 3) > "$logs/conv-forms.log" 2>&1
+    --device "$device" --repeats 3 --steps 3 ${COMPILE:+--compile}) > "$logs/conv-forms.log" 2>&1
   echo "conv_forms exit status $?"
   cp benchmarks/results/conv-forms-"$device".* "$logs/" 2>/dev/null
 fi
