@@ -3,9 +3,11 @@
 # receives only the checkout (64 MiB at most, `shared/` inside it included) and cannot fetch.
 #
 #   benchmarks/device/prepare.sh            # here, once: data, wheels, the authors' phi
-#   then the device tool: command "bash benchmarks/device/sweep.sh priority 540",
-#   carry [".whl", "runs/authors-phi"] (and benchmarks/results/transfer if it holds *.ckpt
-#   files of stopped runs: they are git-ignored, so only a carry takes them along)
+#   then the device tool: command "bash benchmarks/device/lease.sh 560 priority:0,1",
+#   carry [".whl", "runs/authors-phi"] and the *.ckpt files of stopped runs by name (they are
+#   git-ignored, so only a carry takes them along; not the whole results folder, whose *.lock
+#   files of this machine's sweeps would make the device skip those runs).
+#   TARGET_DATASETS="cifar10 fashion-mnist mnist-10k omniglot" for the datasets grid.
 #
 # What it puts in place (all git-ignored through .git/info/exclude, never committed):
 #   shared/data/{cifar10,fashion-mnist}   the two priority targets (~39 MB of parquet)
