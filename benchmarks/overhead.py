@@ -5,7 +5,9 @@ configurations, ``--repeats`` rounds, each the median of ``--steps`` steps), and
 median over rounds. "reference" is the obvious implementation of phi
 (:mod:`metaperturb._reference`), "fast" the library's (on a CPU with the fused site kernels of
 :mod:`metaperturb._native`, which draw their own noise), "torch-noise" the same kernels given
-``torch.randn``'s noise instead (CPU), "pytorch-ops" the library's without those kernels.
+``torch.randn``'s noise instead (CPU), "pytorch-ops" the library's without those kernels,
+"triton" (GPU) the library's with its eval site as Triton kernels (:mod:`metaperturb._triton`,
+opt-in; its training step is "fast"'s).
 
 Usage:
     python benchmarks/overhead.py                      # CPU: the README table
@@ -106,6 +108,10 @@ def make(
         if variant == "pytorch-ops":
             metaperturb.get_controller(model).site_function = functools.partial(
                 perturb, fused=False
+            )
+        if variant == "triton":
+            metaperturb.get_controller(model).site_function = functools.partial(
+                perturb, triton=True
             )
         if variant == "torch-noise":
             metaperturb.get_controller(model).site_function = perturb_with_torch_noise
@@ -248,6 +254,8 @@ def main() -> None:
     if device.type == "cpu":
         variants.append("torch-noise")  # the fused kernels given torch.randn's noise
         variants.append("pytorch-ops")  # the fast path without the fused CPU kernels
+    else:
+        variants.append("triton")  # the eval site as Triton kernels (training as "fast")
     variants += ["memory-efficient"] + ([] if args.no_reference else ["reference"])
 
     rows: list[dict[str, object]] = []
@@ -290,6 +298,8 @@ def main() -> None:
         if device.type == "cuda":
             row["peak_cuda_bytes"] = peaks
         rows.append(row)
+        # Each workload's rows as soon as they exist (a run stopped early keeps them).
+        print(render({**setting(device, autocast, steps, repeats), "rows": [row]}), flush=True)
 
     report = {**setting(device, autocast, steps, repeats), "rows": rows}
     report["layout"] = "channels_last" if args.channels_last else "NCHW"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent GPU call that does everything a lease is for, in order of how much it needs a quiet
-# GPU: phi's convolution forms timed alone (benchmarks/conv_forms.py), then every pending run of
+# GPU: the overhead table timed alone (benchmarks/overhead.py), then every pending run of
 # the named grids at once, one process per run (at most PROCESSES=14 per grid, each taking
 # every N-th run) under MPS, beside the CUDA tests.
 #
@@ -9,11 +9,11 @@
 #           (seconds for the whole script; grids as NAME or NAME:SEEDS), carry [".whl", "runs/authors-phi"]
 #   here:   for f in FILES_AT/*.tar; do tar -xf "$f"; done; python benchmarks/transfer_report.py
 #
-# Results are packed into $OUT every minute (checks.tar: test log, conv-forms tables, GPU use;
+# Results are packed into $OUT every minute (checks.tar: test log, timing tables, GPU use;
 # results-<k>.tar: each run's result, checkpoint and log), so a call cut off at its limit still
-# hands back what was done. COMPILE=1 also times torch.compile'd models (give them
-# FORMS_SECONDS=300). STEPS=N (a dry run: other run ids), DEVICE=cpu and CHECKS=0 for a
-# rehearsal on a machine without a GPU.
+# hands back what was done. FORMS=1 also times phi's convolution forms, COMPILE=1 with
+# torch.compile'd models (give them TIMING_SECONDS=300). STEPS=N (a dry run: other run ids),
+# DEVICE=cpu and CHECKS=0 for a rehearsal on a machine without a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 budget=$1; shift
@@ -34,18 +34,26 @@ fi
 "$python" benchmarks/device/pack.py "$out" "$results" "$logs" /tmp/lease-start --every 60 &
 packer=$!
 
-# 1. Timings on a quiet GPU, bounded so that the runs keep most of the call.
+# 1. Timings on a quiet GPU, bounded so that the runs keep most of the call: the overhead table
+#    (with the Triton eval site beside the default path), and with FORMS=1 phi's convolution
+#    forms (COMPILE=1: also torch.compile'd models).
 if [ "${CHECKS:-1}" = 1 ]; then
-  (cd benchmarks && timeout --signal=TERM "${FORMS_SECONDS:-110}" "$python" conv_forms.py \
-    --device "$device" --repeats 3 --steps 3 ${COMPILE:+--compile}) > "$logs/conv-forms.log" 2>&1
-  echo "conv_forms exit status $?"
-  cp benchmarks/results/conv-forms-"$device".* "$logs/" 2>/dev/null
+  (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" overhead.py \
+    --device "$device" --no-reference --repeats 3 --steps 3) > "$logs/overhead.log" 2>&1
+  echo "overhead exit status $?"
+  cp benchmarks/results/overhead-"$device".* "$logs/" 2>/dev/null
+  if [ -n "${FORMS:-}" ]; then
+    (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" conv_forms.py \
+      --device "$device" --repeats 3 --steps 3 ${COMPILE:+--compile}) > "$logs/conv-forms.log" 2>&1
+    echo "conv_forms exit status $?"
+    cp benchmarks/results/conv-forms-"$device".* "$logs/" 2>/dev/null
+  fi
 fi
 
 # 2. The runs, one process each, stopped 30 s before the end; the CUDA tests beside them.
 if [ "${CHECKS:-1}" = 1 ]; then
   timeout "$(( $(left) - 40 ))" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
-    -k cuda > "$logs/cuda-tests.log" 2>&1 &
+    tests/test_triton.py -k "cuda or gpu" > "$logs/cuda-tests.log" 2>&1 &
 fi
 seconds=$(( $(left) - 30 ))
 echo "runs get $seconds s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -23,6 +24,12 @@ __all__ = ["EvalMode", "SiteState", "perturb"]
 #: How a site behaves in eval mode: the deterministic mean ``E[s*z]`` (one pass), one random
 #: sample of ``s*z`` per pass, or no perturbation at all.
 EvalMode = Literal["expectation", "sample", "off"]
+
+
+def _triton_requested() -> bool:
+    """``METAPERTURB_TRITON=1``: the eval site's Triton kernels (:mod:`metaperturb._triton`),
+    opt-in until a GPU benchmark shows them faster than the PyTorch path."""
+    return os.environ.get("METAPERTURB_TRITON", "") == "1"
 
 
 class SiteState(nn.Module):
@@ -58,6 +65,7 @@ def perturb(
     noise: Tensor | None = None,
     update_statistics: bool = True,
     fused: bool = True,
+    triton: bool | None = None,
 ) -> Tensor:
     """``h * g`` with ``g = (s * z - 1) * strength + 1`` (MetaPerturb, METHOD.md steps 2-5).
 
@@ -69,7 +77,8 @@ def perturb(
     standard normal draw (``a = mu + noise``), for tests that compare implementations;
     ``update_statistics=False`` leaves the running statistics alone (a checkpointed recompute).
     ``fused=False`` keeps the PyTorch ops where the fused CPU kernels would run (the same
-    function; for comparisons).
+    function; for comparisons). ``triton`` runs the deterministic eval site as Triton kernels on
+    a GPU (:mod:`metaperturb._triton`); ``None`` follows ``METAPERTURB_TRITON=1``.
     """
     if h.dim() != 4 or h.shape[1] != state.channels:
         raise SiteShapeError(
@@ -94,10 +103,9 @@ def perturb(
     # answer in the same layout; the deterministic eval kernel has no backward, so it serves
     # only without autograd.
     sampling = training or eval_mode == "sample"
+    autograd_needed = torch.is_grad_enabled() and (h.requires_grad or not phi.frozen)
     fused = (
-        fused
-        and _native.usable(h, phi.scale_weight.dtype)
-        and (sampling or not (torch.is_grad_enabled() and (h.requires_grad or not phi.frozen)))
+        fused and _native.usable(h, phi.scale_weight.dtype) and (sampling or not autograd_needed)
     )
     if fused:
         x = _native.kernel_layout(x)
@@ -131,6 +139,21 @@ def perturb(
             _EXPECTATION_BUMP,
             _EXPECTATION_WIDTH,
         )
+    triton = _triton_requested() if triton is None else triton
+    if triton and not sampling and not autograd_needed:
+        from . import _triton
+
+        if _triton.usable(x):
+            out = _triton.expectation(
+                x,
+                phi.noise_kernels(),
+                scale,
+                strength,
+                _EXPECTATION_SLOPE,
+                _EXPECTATION_BUMP,
+                _EXPECTATION_WIDTH,
+            )
+            return out.to(h.dtype)
     mu = phi.noise_mean(x)
     if sampling:
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
