@@ -6,8 +6,8 @@ median over rounds. "reference" is the obvious implementation of phi
 (:mod:`metaperturb._reference`), "fast" the library's (on a CPU with the fused site kernels of
 :mod:`metaperturb._native`, which draw their own noise), "torch-noise" the same kernels given
 ``torch.randn``'s noise instead (CPU), "pytorch-ops" the library's without those kernels,
-"triton" (GPU) the library's with its eval site as Triton kernels (:mod:`metaperturb._triton`,
-opt-in; its training step is "fast"'s).
+"triton" (GPU) the library's with its sites as Triton kernels (:mod:`metaperturb._triton`,
+opt-in; with phi frozen: its trainable-phi step is "fast"'s).
 
 Usage:
     python benchmarks/overhead.py                      # CPU: the README table
@@ -255,7 +255,7 @@ def main() -> None:
         variants.append("torch-noise")  # the fused kernels given torch.randn's noise
         variants.append("pytorch-ops")  # the fast path without the fused CPU kernels
     else:
-        variants.append("triton")  # the eval site as Triton kernels (training as "fast")
+        variants.append("triton")  # the sites as Triton kernels (phi frozen)
     variants += ["memory-efficient"] + ([] if args.no_reference else ["reference"])
 
     rows: list[dict[str, object]] = []

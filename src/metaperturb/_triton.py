@@ -1,4 +1,4 @@
-"""The deterministic eval site as two Triton kernels, for GPUs (opt-in, not yet measured there).
+"""phi's site as Triton kernels, for GPUs (opt-in: not yet timed on one).
 
 Why: on a GPU the PyTorch path runs phi's shared-kernel convolutions through PyTorch's NCHW
 depthwise kernel, 40% of a wrapped ResNet-50 step (``benchmarks/results/profile-cuda-*.txt``),
@@ -7,26 +7,33 @@ over each (image, channel) plane; here each kernel reads its planes once and doe
 arithmetic in registers:
 
 1. ``hidden = relu(conv(h, self_1) + conv(mean_c h, mean_1))``;
-2. ``mu = conv(hidden, self_2) + conv(mean_c hidden, mean_2)`` and, in the same pass,
-   ``out = h * (gain_c * E[softplus(N(mu, 1))] + offset)``.
+2. ``mu = conv(hidden, self_2) + conv(mean_c hidden, mean_2)`` and, in the same pass, the gain
+   and the product: ``E[softplus(N(mu, 1))]`` in eval, ``softplus(mu + noise)`` (Triton's
+   Philox, keyed per call from torch's default generator) and the clamp in training;
+3. backward (phi frozen): the direct term, the noise mean's and the channel scale's gradients in
+   one pass, then the two equivariant ops' transposes; ``hidden`` and ``mu`` are recomputed and
+   the noise drawn again, so a site keeps only its input.
 
 The channel means and their single-channel convolutions (one plane per image) stay in PyTorch.
 Values are computed in float32 whatever the input dtype and the result is cast once, so a
 16-bit gain cannot overflow before the product (what :func:`metaperturb._kernels.saturating_cast`
-guards on the PyTorch path). Enabled by ``METAPERTURB_TRITON=1`` until a GPU benchmark shows it
-faster than the PyTorch path (``benchmarks/overhead.py``); on a CPU it runs only under Triton's
-interpreter (``TRITON_INTERPRET=1``), which the tests use.
+guards on the PyTorch path). A trainable phi (meta-training) keeps the PyTorch path. Enabled by
+``METAPERTURB_TRITON=1`` until a GPU benchmark shows it faster (``benchmarks/overhead.py``, the
+"triton" column); on a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``),
+which the tests use.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-__all__ = ["expectation", "usable"]
+__all__ = ["expectation", "sampled", "usable"]
 
 #: (image planes, pixels) per program: small maps pack several planes into one program.
 _BLOCK = 1024
@@ -93,6 +100,100 @@ if triton is not None:
         h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
         tl.store(out + where, (h * (g * z + offset)).to(out.dtype.element_ty), mask=valid)
 
+    @triton.jit
+    def _sampled_kernel(
+        hidden, shift, x, noise, seed, out, kernels, gain, offset, limit,
+        planes, channels, height, width, sb, sc, sh, sw,
+        GIVEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        valid = (p < planes) & (s < height * width)
+        b = p // channels
+        i = s // width
+        j = s % width
+        mu = _stencil(hidden, p * height * width, i, j, height, width, width, 1, kernels, valid)
+        mu += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
+        where = b * sb + (p % channels) * sc + i * sh + j * sw
+        if GIVEN:
+            eps = tl.load(noise + where, mask=valid, other=0.0).to(tl.float32)
+        else:  # a value's noise: Philox under the call's seed at its (plane, pixel) index
+            eps = tl.randn(seed, p * height * width + s)
+        a = mu + eps
+        z = tl.maximum(a, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(a)))
+        g = tl.load(gain + p % channels, mask=valid, other=0.0)
+        h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
+        y = h * (g * z + offset)
+        if CLAMP:
+            y = tl.minimum(y, limit)
+        tl.store(out + where, y.to(out.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _sampled_grad_kernel(
+        hidden, shift, x, noise, seed, grad_out, grad_h, dmu, scale_partial, kernels, gain,
+        scale, strength, offset, limit, planes, channels, height, width, sb, sc, sh, sw,
+        GIVEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """The direct term of grad_h, the noise mean's gradient, and per-plane partial sums of
+        the channel scale's gradient (reduced in a fixed order by the caller)."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        valid = (p < planes) & (s < height * width)
+        b = p // channels
+        i = s // width
+        j = s % width
+        mu = _stencil(hidden, p * height * width, i, j, height, width, width, 1, kernels, valid)
+        mu += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
+        where = b * sb + (p % channels) * sc + i * sh + j * sw
+        if GIVEN:
+            eps = tl.load(noise + where, mask=valid, other=0.0).to(tl.float32)
+        else:
+            eps = tl.randn(seed, p * height * width + s)
+        a = mu + eps
+        z = tl.maximum(a, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(a)))
+        g = tl.load(gain + p % channels, mask=valid, other=0.0)
+        h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
+        factor = g * z + offset
+        grad = tl.load(grad_out + where, mask=valid, other=0.0).to(tl.float32)
+        if CLAMP:
+            grad = tl.where(h * factor <= limit, grad, 0.0)
+        tl.store(grad_h + where, (grad * factor).to(grad_h.dtype.element_ty), mask=valid)
+        through_gain = tl.where(valid, grad * h * strength, 0.0)
+        partial = tl.sum(through_gain * z, axis=1)
+        rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        tl.store(
+            scale_partial + rows * tl.num_programs(1) + tl.program_id(1), partial,
+            mask=rows < planes,
+        )  # fmt: skip
+        sc_value = tl.load(scale + p % channels, mask=valid, other=0.0)
+        sigmoid = 1.0 / (1.0 + tl.exp(-a))
+        tl.store(dmu + p * height * width + s, through_gain * sc_value * sigmoid, mask=valid)
+
+    @triton.jit
+    def _transpose_kernel(
+        dy, shift, mask_by, out, kernels, planes, channels, height, width, sb, sc, sh, sw,
+        MASK: tl.constexpr, ACCUMULATE: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """The transpose of an equivariant op, ``conv(dy, rot(self)) + shift``, on plane-major
+        ``dy``; zeroed where ``mask_by`` <= 0 (MASK), added into ``out`` (ACCUMULATE) or
+        written, ``out`` with strides (sb, sc, sh, sw)."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        valid = (p < planes) & (s < height * width)
+        b = p // channels
+        i = s // width
+        j = s % width
+        d = _stencil(dy, p * height * width, i, j, height, width, width, 1, kernels, valid)
+        d += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
+        if MASK:
+            kept = tl.load(mask_by + p * height * width + s, mask=valid, other=0.0)
+            d = tl.where(kept > 0.0, d, 0.0)
+        where = b * sb + (p % channels) * sc + i * sh + j * sw
+        if ACCUMULATE:
+            d += tl.load(out + where, mask=valid, other=0.0).to(tl.float32)
+        tl.store(out + where, d.to(out.dtype.element_ty), mask=valid)
+
 
 def usable(h: Tensor) -> bool:
     """A 4-d floating map on a GPU (or on a CPU under Triton's interpreter), Triton importable,
@@ -114,6 +215,57 @@ def _grid(planes: int, pixels: int) -> tuple[int, int, tuple[int, int]]:
     return block_p, block_s, (-(-planes // block_p), -(-pixels // block_s))
 
 
+def _dense(x: Tensor) -> Tensor:
+    """``x`` if NCHW or channels_last contiguous (the kernels index either), else a copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in ``x``'s memory layout (the kernels address both with ``x``'s strides)."""
+    layout = (
+        torch.channels_last
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+    return t.contiguous(memory_format=layout)
+
+
+def _shift(x: Tensor, kernel: Tensor, reduce: str = "mean") -> Tensor:
+    """``conv(mean_c x, kernel)`` (or of the channel sum): one plane per image, float32 (autocast
+    would make it 16-bit)."""
+    with torch.autocast(x.device.type, enabled=False):
+        pooled = x.float().mean(dim=1, keepdim=True) if reduce == "mean" else x.sum(1, True)
+        return F.conv2d(pooled, kernel, padding=1).contiguous()
+
+
+class _Site:
+    """Shapes, launch grid and weights of one site call, and its first pass (``hidden``)."""
+
+    def __init__(self, h: Tensor, noise_weights: Tensor) -> None:
+        self.h = h
+        batch, channels, height, width = h.shape
+        self.weights = noise_weights.detach().float().reshape(4, 1, 3, 3)
+        self.planes, self.pixels = batch * channels, height * width
+        self.block_p, self.block_s, self.grid = _grid(self.planes, self.pixels)
+        self.sizes = (self.planes, channels, height, width, *h.stride())
+        self.blocks = {"BLOCK_P": self.block_p, "BLOCK_S": self.block_s}
+
+    def kernel(self, k: int, rotated: bool = False) -> Tensor:
+        w = self.weights[k, 0]
+        return (w.flip(0, 1) if rotated else w).contiguous()
+
+    def hidden(self) -> Tensor:
+        """``relu(E1(h))``, float32, plane-major."""
+        hidden = torch.empty(self.h.shape, device=self.h.device, dtype=torch.float32)
+        _hidden_kernel[self.grid](
+            self.h, _shift(self.h, self.weights[1:2]), hidden, self.kernel(0), *self.sizes,
+            **self.blocks,
+        )  # fmt: skip
+        return hidden
+
+
 def expectation(
     h: Tensor,
     noise_weights: Tensor,
@@ -126,30 +278,100 @@ def expectation(
     """The eval site in expectation mode, without autograd: ``noise_weights`` are E1's and
     E2's four 3x3 kernels flattened (36 numbers, :meth:`Perturbation.noise_kernels`); the
     result has ``h``'s dtype and memory layout."""
-    if not (h.is_contiguous() or h.is_contiguous(memory_format=torch.channels_last)):
-        h = h.contiguous()  # the output is made like h: both must be dense
-    batch, channels, height, width_ = h.shape
-    weights = noise_weights.detach().float().reshape(4, 1, 3, 3)
+    site = _Site(_dense(h), noise_weights)
     c = float(strength)
     gain = (scale.detach().float() * c).contiguous()
-    planes, pixels = batch * channels, height * width_
-    block_p, block_s, grid = _grid(planes, pixels)
-    sb, sc, sh, sw = h.stride()
-
-    def mean_shift(x: Tensor, kernel: Tensor) -> Tensor:
-        # conv(mean_c x, kernel): one plane per image, in float32 (autocast would make it 16-bit).
-        with torch.autocast(x.device.type, enabled=False):
-            return F.conv2d(x.float().mean(dim=1, keepdim=True), kernel, padding=1).contiguous()
-
-    hidden = torch.empty(batch, channels, height, width_, device=h.device, dtype=torch.float32)
-    _hidden_kernel[grid](
-        h, mean_shift(h, weights[1:2]), hidden, weights[0].contiguous(),
-        planes, channels, height, width_, sb, sc, sh, sw, BLOCK_P=block_p, BLOCK_S=block_s,
-    )  # fmt: skip
-    out = torch.empty_like(h)
-    _output_kernel[grid](
-        hidden, mean_shift(hidden, weights[3:4]), h, out, weights[2].contiguous(), gain,
-        1.0 - c, slope, bump, width, planes, channels, height, width_, sb, sc, sh, sw,
-        BLOCK_P=block_p, BLOCK_S=block_s,
+    hidden = site.hidden()
+    out = torch.empty_like(site.h)
+    _output_kernel[site.grid](
+        hidden, _shift(hidden, site.weights[3:4]), site.h, out, site.kernel(2), gain, 1.0 - c,
+        slope, bump, width, *site.sizes, **site.blocks,
     )  # fmt: skip
     return out
+
+
+class _Sampled(torch.autograd.Function):
+    """The sampled site with phi frozen: gradients to ``h`` and to the channel scale.
+
+    Keeps ``h`` (which the host keeps anyway) and the seed; backward recomputes ``hidden`` and
+    ``mu`` and draws the same noise again."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        noise_weights: Tensor,
+        scale: Tensor,
+        strength: float,
+        clip: float | None,
+        noise: Tensor | None,
+        seed: int,
+    ) -> Tensor:
+        site = _Site(h, noise_weights)
+        given = _like(noise.to(h.dtype), h) if noise is not None else h
+        gain = (scale.detach().float() * strength).contiguous()
+        hidden = site.hidden()
+        out = torch.empty_like(h)
+        _sampled_kernel[site.grid](
+            hidden, _shift(hidden, site.weights[3:4]), h, given, seed, out, site.kernel(2), gain,
+            1.0 - strength, clip or 0.0, *site.sizes, GIVEN=noise is not None,
+            CLAMP=clip is not None, **site.blocks,
+        )  # fmt: skip
+        ctx.save_for_backward(h, noise_weights, scale, given if noise is not None else None)
+        ctx.strength, ctx.clip, ctx.seed = strength, clip, seed
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        h, noise_weights, scale, given = ctx.saved_tensors
+        site = _Site(h, noise_weights)
+        strength, clip = ctx.strength, ctx.clip
+        grad_out = _like(grad_out, h)
+        scale32 = scale.detach().float().contiguous()
+        gain = (scale32 * strength).contiguous()
+        hidden = site.hidden()
+        grad_h = torch.empty_like(h)
+        dmu = torch.empty(h.shape, device=h.device, dtype=torch.float32)
+        partial = torch.empty(site.planes, site.grid[1], device=h.device, dtype=torch.float32)
+        _sampled_grad_kernel[site.grid](
+            hidden, _shift(hidden, site.weights[3:4]), h, h if given is None else given,
+            ctx.seed, grad_out, grad_h, dmu, partial, site.kernel(2), gain, scale32, strength,
+            1.0 - strength, clip or 0.0, *site.sizes, GIVEN=given is not None,
+            CLAMP=clip is not None, **site.blocks,
+        )  # fmt: skip
+        channels = h.shape[1]
+        # dhidden = E2^T(dmu) where hidden > 0, then grad_h += E1^T(dhidden).
+        plane_major = (site.planes, channels, *h.shape[2:], *dmu.stride())
+        dhidden = torch.empty_like(dmu)
+        _transpose_kernel[site.grid](
+            dmu, _shift(dmu, site.weights[3:4].flip(2, 3), "sum") / channels, hidden, dhidden,
+            site.kernel(2, rotated=True), *plane_major, MASK=True, ACCUMULATE=False,
+            **site.blocks,
+        )  # fmt: skip
+        _transpose_kernel[site.grid](
+            dhidden, _shift(dhidden, site.weights[1:2].flip(2, 3), "sum") / channels, hidden,
+            grad_h, site.kernel(0, rotated=True), *site.sizes, MASK=False, ACCUMULATE=True,
+            **site.blocks,
+        )  # fmt: skip
+        grad_scale = partial.view(h.shape[0], channels, -1).sum(dim=(0, 2)).to(scale.dtype)
+        return grad_h, None, grad_scale, None, None, None, None
+
+
+def sampled(
+    h: Tensor,
+    noise_weights: Tensor,
+    scale: Tensor,
+    strength: Tensor,
+    clip: float | None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``h * ((s * softplus(mu + noise) - 1) * c + 1)``, clamped from above at ``clip``, with
+    ``mu = E2(relu(E1(h)))`` and phi frozen (no gradient to its weights). The noise is
+    ``noise`` when given, else Triton's Philox under a seed drawn from torch's default
+    generator (so ``torch.manual_seed`` fixes it)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    result: Tensor = _Sampled.apply(
+        _dense(h), noise_weights, scale, float(strength), clip, noise, seed
+    )
+    return result

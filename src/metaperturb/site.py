@@ -77,8 +77,9 @@ def perturb(
     standard normal draw (``a = mu + noise``), for tests that compare implementations;
     ``update_statistics=False`` leaves the running statistics alone (a checkpointed recompute).
     ``fused=False`` keeps the PyTorch ops where the fused CPU kernels would run (the same
-    function; for comparisons). ``triton`` runs the deterministic eval site as Triton kernels on
-    a GPU (:mod:`metaperturb._triton`); ``None`` follows ``METAPERTURB_TRITON=1``.
+    function; for comparisons). ``triton`` runs the site as Triton kernels on a GPU
+    (:mod:`metaperturb._triton`: the deterministic eval site, and the sampled one while phi is
+    frozen); ``None`` follows ``METAPERTURB_TRITON=1``.
     """
     if h.dim() != 4 or h.shape[1] != state.channels:
         raise SiteShapeError(
@@ -140,19 +141,23 @@ def perturb(
             _EXPECTATION_WIDTH,
         )
     triton = _triton_requested() if triton is None else triton
-    if triton and not sampling and not autograd_needed:
+    if triton and (sampling and phi.frozen or not autograd_needed):
         from . import _triton
 
         if _triton.usable(x):
-            out = _triton.expectation(
-                x,
-                phi.noise_kernels(),
-                scale,
-                strength,
-                _EXPECTATION_SLOPE,
-                _EXPECTATION_BUMP,
-                _EXPECTATION_WIDTH,
-            )
+            if sampling:
+                clip = phi.config.clip if training else None
+                out = _triton.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
+            else:
+                out = _triton.expectation(
+                    x,
+                    phi.noise_kernels(),
+                    scale,
+                    strength,
+                    _EXPECTATION_SLOPE,
+                    _EXPECTATION_BUMP,
+                    _EXPECTATION_WIDTH,
+                )
             return out.to(h.dtype)
     mu = phi.noise_mean(x)
     if sampling:
