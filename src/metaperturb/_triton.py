@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["expectation", "sampled", "usable"]
+__all__ = ["expectation", "sampled", "scale_pool", "usable"]
 
 #: (image planes, pixels) per program: small maps pack several planes into one program.
 _BLOCK = 1024
@@ -194,6 +194,51 @@ if triton is not None:
             d += tl.load(out + where, mask=valid, other=0.0).to(tl.float32)
         tl.store(out + where, d.to(out.dtype.element_ty), mask=valid)
 
+    @triton.jit
+    def _scale_pool_kernel(
+        x, kernels, partial, planes, channels, height, width, sb, sc, sh, sw,
+        BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """Per plane and pixel block, the sums of relu(conv(x, kernel_k)) for the 4 kernels."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        valid = (p < planes) & (s < height * width)
+        i = s // width
+        j = s % width
+        plane = (p // channels) * sb + (p % channels) * sc
+        rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        base = (rows * tl.num_programs(1) + tl.program_id(1)) * 4
+        for k in tl.static_range(4):
+            m = _stencil(x, plane, i, j, height, width, sh, sw, kernels + 9 * k, valid)
+            total = tl.sum(tl.where(valid, tl.maximum(m, 0.0), 0.0), axis=1)
+            tl.store(partial + base + k, total, mask=rows < planes)
+
+    @triton.jit
+    def _scale_pool_grad_kernel(
+        x, kernels, grad, out, planes, channels, height, width, sb, sc, sh, sw,
+        BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        """d/dx of the pooled maps: sum over k and taps t of K_k[t] * g_k where map_k > 0 at
+        the pixel that tap reaches back to (each map recomputed there; g = grad / pixels)."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        valid = (p < planes) & (s < height * width)
+        i = s // width
+        j = s % width
+        plane = (p // channels) * sb + (p % channels) * sc
+        total = tl.zeros(valid.shape, dtype=tl.float32)
+        for k in tl.static_range(4):
+            g = tl.load(grad + p * 4 + k, mask=p < planes, other=0.0)
+            for t in tl.static_range(9):
+                # Output pixel q = (i - di, j - dj) read x at (i, j) through tap t.
+                qi = i - (t // 3 - 1)
+                qj = j - (t % 3 - 1)
+                inside = valid & (qi >= 0) & (qi < height) & (qj >= 0) & (qj < width)
+                m = _stencil(x, plane, qi, qj, height, width, sh, sw, kernels + 9 * k, inside)
+                total += tl.where(inside & (m > 0.0), tl.load(kernels + 9 * k + t) * g, 0.0)
+        where = plane + i * sh + j * sw
+        tl.store(out + where, total.to(out.dtype.element_ty), mask=valid)
+
 
 def usable(h: Tensor) -> bool:
     """A 4-d floating map on a GPU (or on a CPU under Triton's interpreter), Triton importable,
@@ -243,10 +288,11 @@ def _shift(x: Tensor, kernel: Tensor, reduce: str = "mean") -> Tensor:
 class _Site:
     """Shapes, launch grid and weights of one site call, and its first pass (``hidden``)."""
 
-    def __init__(self, h: Tensor, noise_weights: Tensor) -> None:
+    def __init__(self, h: Tensor, noise_weights: Tensor | None = None) -> None:
         self.h = h
         batch, channels, height, width = h.shape
-        self.weights = noise_weights.detach().float().reshape(4, 1, 3, 3)
+        if noise_weights is not None:
+            self.weights = noise_weights.detach().float().reshape(4, 1, 3, 3)
         self.planes, self.pixels = batch * channels, height * width
         self.block_p, self.block_s, self.grid = _grid(self.planes, self.pixels)
         self.sizes = (self.planes, channels, height, width, *h.stride())
@@ -374,4 +420,35 @@ def sampled(
     result: Tensor = _Sampled.apply(
         _dense(h), noise_weights, scale, float(strength), clip, noise, seed
     )
+    return result
+
+
+class _ScalePool(torch.autograd.Function):
+    """phi's 4 pooled scale maps per (example, channel), (B, C, 4) in float32, with phi frozen;
+    keeps only ``h``, and backward recomputes each map where it needs its sign."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, kernels: Tensor) -> Tensor:
+        site = _Site(h)
+        flat = kernels.detach().float().reshape(-1).contiguous()
+        partial = torch.empty(site.planes, site.grid[1], 4, device=h.device, dtype=torch.float32)
+        _scale_pool_kernel[site.grid](h, flat, partial, *site.sizes, **site.blocks)
+        ctx.save_for_backward(h, flat)
+        return partial.sum(dim=1).view(*h.shape[:2], 4) / site.pixels
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        h, flat = ctx.saved_tensors
+        site = _Site(h)
+        per_value = (grad.float() / site.pixels).contiguous()
+        grad_h = torch.empty_like(h)
+        _scale_pool_grad_kernel[site.grid](h, flat, per_value, grad_h, *site.sizes, **site.blocks)
+        return grad_h, None
+
+
+def scale_pool(h: Tensor, kernels: Tensor) -> Tensor:
+    """``mean over pixels of relu(conv(h[b, c], kernels[k]))``, shape (B, C, 4), phi frozen
+    (no gradient to ``kernels``)."""
+    result: Tensor = _ScalePool.apply(_dense(h), kernels)
     return result

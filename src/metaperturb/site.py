@@ -110,9 +110,18 @@ def perturb(
     )
     if fused:
         x = _native.kernel_layout(x)
+    triton = _triton_requested() if triton is None else triton
+    if triton and (sampling and phi.frozen or not autograd_needed):
+        from . import _triton
+
+        triton = _triton.usable(x)
+    else:
+        triton = False
     if training:
         if fused:
             maps = _native.scale_pool(x, phi._weight(phi.scale_kernels))
+        elif triton and phi.frozen:
+            maps = _triton.scale_pool(x, phi.scale_kernels)
         else:
             maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
@@ -140,25 +149,21 @@ def perturb(
             _EXPECTATION_BUMP,
             _EXPECTATION_WIDTH,
         )
-    triton = _triton_requested() if triton is None else triton
-    if triton and (sampling and phi.frozen or not autograd_needed):
-        from . import _triton
-
-        if _triton.usable(x):
-            if sampling:
-                clip = phi.config.clip if training else None
-                out = _triton.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
-            else:
-                out = _triton.expectation(
-                    x,
-                    phi.noise_kernels(),
-                    scale,
-                    strength,
-                    _EXPECTATION_SLOPE,
-                    _EXPECTATION_BUMP,
-                    _EXPECTATION_WIDTH,
-                )
-            return out.to(h.dtype)
+    if triton:
+        if sampling:
+            clip = phi.config.clip if training else None
+            out = _triton.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
+        else:
+            out = _triton.expectation(
+                x,
+                phi.noise_kernels(),
+                scale,
+                strength,
+                _EXPECTATION_SLOPE,
+                _EXPECTATION_BUMP,
+                _EXPECTATION_WIDTH,
+            )
+        return out.to(h.dtype)
     mu = phi.noise_mean(x)
     if sampling:
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
