@@ -48,6 +48,15 @@ except ImportError:  # the kernels below are then never defined, and usable() sa
 if triton is not None:
 
     @triton.jit
+    def _tile(planes, channels, height, width, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr):
+        """This program's BLOCK_P planes (column p) x BLOCK_S pixels (row s) of the
+        (planes, height * width) grid: p, s, which are inside, and image b, row i, column j."""
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
+        valid = (p < planes) & (s < height * width)
+        return p, s, valid, p // channels, s // width, s % width
+
+    @triton.jit
     def _stencil(x, plane, i, j, height, width, sh, sw, k, valid):
         """sum over the 3x3 taps of k[t] * x[plane, i+di, j+dj], zero outside the plane."""
         total = tl.zeros(valid.shape, dtype=tl.float32)
@@ -66,12 +75,7 @@ if triton is not None:
         x, shift, out, kernels, planes, channels, height, width,
         sb, sc, sh, sw, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        b = p // channels
-        i = s // width
-        j = s % width
+        p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         plane = b * sb + (p % channels) * sc
         e = _stencil(x, plane, i, j, height, width, sh, sw, kernels, valid)
         e += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
@@ -83,12 +87,7 @@ if triton is not None:
         planes, channels, height, width, sb, sc, sh, sw,
         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        b = p // channels
-        i = s // width
-        j = s % width
+        p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         mu = _stencil(hidden, p * height * width, i, j, height, width, width, 1, kernels, valid)
         mu += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
         # E[softplus(N(mu, 1))] ~ softplus(slope * mu) / slope + bump * exp(-width * mu^2)
@@ -101,20 +100,13 @@ if triton is not None:
         tl.store(out + where, (h * (g * z + offset)).to(out.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _sampled_kernel(
-        hidden, shift, x, noise, seed, out, kernels, gain, offset, limit,
-        planes, channels, height, width, sb, sc, sh, sw,
-        GIVEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    def _sample(
+        hidden, shift, x, noise, seed, kernels, gain, offset, p, s, valid, b, i, j, where,
+        channels, height, width, GIVEN: tl.constexpr,
     ):  # fmt: skip
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        b = p // channels
-        i = s // width
-        j = s % width
+        """a = mu + noise, z = softplus(a), h and the gain factor at the tile's values."""
         mu = _stencil(hidden, p * height * width, i, j, height, width, width, 1, kernels, valid)
         mu += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
-        where = b * sb + (p % channels) * sc + i * sh + j * sw
         if GIVEN:
             eps = tl.load(noise + where, mask=valid, other=0.0).to(tl.float32)
         else:  # a value's noise: Philox under the call's seed at its (plane, pixel) index
@@ -123,7 +115,21 @@ if triton is not None:
         z = tl.maximum(a, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(a)))
         g = tl.load(gain + p % channels, mask=valid, other=0.0)
         h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
-        y = h * (g * z + offset)
+        return a, z, h, g * z + offset
+
+    @triton.jit
+    def _sampled_kernel(
+        hidden, shift, x, noise, seed, out, kernels, gain, offset, limit,
+        planes, channels, height, width, sb, sc, sh, sw,
+        GIVEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):  # fmt: skip
+        p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
+        where = b * sb + (p % channels) * sc + i * sh + j * sw
+        _, _, h, factor = _sample(
+            hidden, shift, x, noise, seed, kernels, gain, offset, p, s, valid, b, i, j, where,
+            channels, height, width, GIVEN,
+        )  # fmt: skip
+        y = h * factor
         if CLAMP:
             y = tl.minimum(y, limit)
         tl.store(out + where, y.to(out.dtype.element_ty), mask=valid)
@@ -136,24 +142,12 @@ if triton is not None:
     ):  # fmt: skip
         """The direct term of grad_h, the noise mean's gradient, and per-plane partial sums of
         the channel scale's gradient (reduced in a fixed order by the caller)."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        b = p // channels
-        i = s // width
-        j = s % width
-        mu = _stencil(hidden, p * height * width, i, j, height, width, width, 1, kernels, valid)
-        mu += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
+        p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         where = b * sb + (p % channels) * sc + i * sh + j * sw
-        if GIVEN:
-            eps = tl.load(noise + where, mask=valid, other=0.0).to(tl.float32)
-        else:
-            eps = tl.randn(seed, p * height * width + s)
-        a = mu + eps
-        z = tl.maximum(a, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(a)))
-        g = tl.load(gain + p % channels, mask=valid, other=0.0)
-        h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
-        factor = g * z + offset
+        a, z, h, factor = _sample(
+            hidden, shift, x, noise, seed, kernels, gain, offset, p, s, valid, b, i, j, where,
+            channels, height, width, GIVEN,
+        )  # fmt: skip
         grad = tl.load(grad_out + where, mask=valid, other=0.0).to(tl.float32)
         if CLAMP:
             grad = tl.where(h * factor <= limit, grad, 0.0)
@@ -178,12 +172,7 @@ if triton is not None:
         """The transpose of an equivariant op, ``conv(dy, rot(self)) + shift``, on plane-major
         ``dy``; zeroed where ``mask_by`` <= 0 (MASK), added into ``out`` (ACCUMULATE) or
         written, ``out`` with strides (sb, sc, sh, sw)."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        b = p // channels
-        i = s // width
-        j = s % width
+        p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         d = _stencil(dy, p * height * width, i, j, height, width, width, 1, kernels, valid)
         d += tl.load(shift + b * height * width + s, mask=valid, other=0.0)
         if MASK:
@@ -200,12 +189,8 @@ if triton is not None:
         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         """Per plane and pixel block, the sums of relu(conv(x, kernel_k)) for the 4 kernels."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        i = s // width
-        j = s % width
-        plane = (p // channels) * sb + (p % channels) * sc
+        p, _, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
+        plane = b * sb + (p % channels) * sc
         rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         base = (rows * tl.num_programs(1) + tl.program_id(1)) * 4
         for k in tl.static_range(4):
@@ -220,12 +205,8 @@ if triton is not None:
     ):  # fmt: skip
         """d/dx of the pooled maps: sum over k and taps t of K_k[t] * g_k where map_k > 0 at
         the pixel that tap reaches back to (each map recomputed there; g = grad / pixels)."""
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[:, None]
-        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)[None, :]
-        valid = (p < planes) & (s < height * width)
-        i = s // width
-        j = s % width
-        plane = (p // channels) * sb + (p % channels) * sc
+        p, _, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
+        plane = b * sb + (p % channels) * sc
         total = tl.zeros(valid.shape, dtype=tl.float32)
         for k in tl.static_range(4):
             g = tl.load(grad + p * 4 + k, mask=p < planes, other=0.0)

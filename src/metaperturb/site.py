@@ -26,6 +26,10 @@ __all__ = ["EvalMode", "SiteState", "perturb"]
 EvalMode = Literal["expectation", "sample", "off"]
 
 
+#: The fitted constants of :func:`metaperturb.phi.expected_softplus`, as the kernels take them.
+_EXPECTATION = (_EXPECTATION_SLOPE, _EXPECTATION_BUMP, _EXPECTATION_WIDTH)
+
+
 def _triton_requested() -> bool:
     """``METAPERTURB_TRITON=1``: the eval site's Triton kernels (:mod:`metaperturb._triton`),
     opt-in until a GPU benchmark shows them faster than the PyTorch path."""
@@ -140,29 +144,13 @@ def perturb(
         clip = phi.config.clip if training else None
         return _native.sampled(x, phi.noise_kernels(), scale, strength, clip, noise=given)
     if fused:
-        return _native.expectation(
-            x,
-            phi.noise_kernels(),
-            scale,
-            strength,
-            _EXPECTATION_SLOPE,
-            _EXPECTATION_BUMP,
-            _EXPECTATION_WIDTH,
-        )
+        return _native.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
     if triton:
         if sampling:
             clip = phi.config.clip if training else None
             out = _triton.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
         else:
-            out = _triton.expectation(
-                x,
-                phi.noise_kernels(),
-                scale,
-                strength,
-                _EXPECTATION_SLOPE,
-                _EXPECTATION_BUMP,
-                _EXPECTATION_WIDTH,
-            )
+            out = _triton.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
         return out.to(h.dtype)
     mu = phi.noise_mean(x)
     if sampling:
