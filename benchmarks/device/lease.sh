@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lent GPU call that does everything a lease is for, in order of how much it needs a quiet
 # GPU: the overhead table timed alone (benchmarks/overhead.py), then every pending run of
-# the named grids at once, one process per run (at most PROCESSES=14 per grid, each taking
-# every N-th run) under MPS, beside the CUDA tests.
+# the named grids at once, one process per run (at most PROCESSES=14 in all, each taking
+# every N-th run of its grid) under MPS, beside the CUDA tests.
 #
 #   here:   benchmarks/device/prepare.sh
 #   device: command "bash benchmarks/device/lease.sh 560 tune placement:0,1"
@@ -66,7 +66,10 @@ for spec in "$@"; do
   # shellcheck disable=SC2086
   count=$("$python" benchmarks/transfer.py "$grid" --list --seeds $seeds --data-root shared/data \
     --output-dir "$results" $steps 2>/dev/null | wc -l)
-  shards=$(( count < ${PROCESSES:-14} ? count : ${PROCESSES:-14} ))  # 16 CPU cores there
+  # At most PROCESSES (14; the machine has 16 cores) in all: a later grid gets what is left, at
+  # least one process.
+  free=$(( ${PROCESSES:-14} - ${#runs[@]} )); free=$(( free < 1 ? 1 : free ))
+  shards=$(( count < free ? count : free ))
   echo "$grid (seeds $seeds): $count runs in $shards processes"
   for (( i = 0; i < shards; i++ )); do
     # shellcheck disable=SC2086
