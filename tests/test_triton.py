@@ -20,7 +20,7 @@ import torch
 from metaperturb.phi import Perturbation
 from metaperturb.site import SiteState, perturb
 
-pytestmark = pytest.mark.skipif(
+needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="Triton is not installed"
 )
 
@@ -153,6 +153,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@needs_triton
 def test_triton_site_matches_the_pytorch_path() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "METAPERTURB_NATIVE": "0"}
     env.pop("METAPERTURB_TRITON", None)
@@ -173,6 +174,7 @@ def test_triton_site_matches_the_pytorch_path() -> None:
         assert result["dtype"] and result["layout"], (case, result)
 
 
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -212,3 +214,30 @@ def test_triton_site_on_a_gpu(dtype: torch.dtype, channels_last: bool, training:
     assert (fast[0] - reference[0]).abs().max() <= tolerance * reference[0].abs().max()
     if training:
         assert (fast[1] - reference[1]).abs().max() <= tolerance * reference[1].abs().max()
+
+
+def test_asking_for_triton_without_it_warns_and_keeps_pytorch_ops() -> None:
+    child = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["triton"] = None  # as if not installed
+        import torch
+        from metaperturb.phi import Perturbation
+        from metaperturb.site import SiteState, perturb
+        phi = Perturbation().freeze()
+        h = torch.rand(2, 3, 4, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = perturb(
+                h, phi, SiteState(3), strength=torch.tensor(1.0), channel_ratio=0.5,
+                spatial_ratio=torch.tensor(0.25), training=False, fused=False,
+            )
+        print(out.shape == h.shape, any("Triton is not installed" in str(w.message) for w in caught))
+        """
+    )
+    env = {**os.environ, "METAPERTURB_TRITON": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", child], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True"]

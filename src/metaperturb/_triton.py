@@ -26,6 +26,7 @@ which the tests use.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +45,12 @@ try:
     import triton.language as tl
 except ImportError:  # the kernels below are then never defined, and usable() says so
     triton = None
+    warnings.warn(
+        "METAPERTURB_TRITON=1 asks for metaperturb's Triton kernels, but Triton is not "
+        "installed: the sites run in PyTorch ops. Install triton (it comes with PyTorch's CUDA "
+        "wheels on Linux) or unset METAPERTURB_TRITON.",
+        stacklevel=2,
+    )
 
 if triton is not None:
 
