@@ -246,6 +246,7 @@ def main() -> None:
     parser.add_argument(
         "--channels-last", action="store_true", help="models and inputs in channels_last memory"
     )
+    parser.add_argument("--no-triton", action="store_true", help="GPU: leave out the Triton site")
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -254,7 +255,7 @@ def main() -> None:
     if device.type == "cpu":
         variants.append("torch-noise")  # the fused kernels given torch.randn's noise
         variants.append("pytorch-ops")  # the fast path without the fused CPU kernels
-    else:
+    elif not args.no_triton:
         variants.append("triton")  # the sites as Triton kernels (phi frozen)
     variants += ["memory-efficient"] + ([] if args.no_reference else ["reference"])
 
