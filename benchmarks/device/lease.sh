@@ -11,7 +11,8 @@
 #
 # Results are packed into $OUT every minute (checks.tar: test log, timing tables, GPU use;
 # results-<k>.tar: each run's result, checkpoint and log), so a call cut off at its limit still
-# hands back what was done. FORMS=1 also times phi's convolution forms, COMPILE=1 with
+# hands back what was done. PROFILE=1 also profiles the wrapped steps (profile_step.py),
+# FORMS=1 times phi's convolution forms, COMPILE=1 with
 # torch.compile'd models (give them TIMING_SECONDS=300). STEPS=N (a dry run: other run ids),
 # DEVICE=cpu and CHECKS=0 for a rehearsal on a machine without a GPU.
 set -uo pipefail
@@ -49,6 +50,12 @@ if [ "${CHECKS:-1}" = 1 ]; then
     echo "overhead --no-triton exit status $?"
   fi
   cp benchmarks/results/overhead-"$device".* "$logs/" 2>/dev/null
+  if [ -n "${PROFILE:-}" ]; then  # where a wrapped step's GPU time goes (torch.profiler)
+    (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" profile_step.py \
+      --device "$device") > "$logs/profile.log" 2>&1
+    echo "profile_step exit status $?"
+    cp benchmarks/results/profile-"$device".txt "$logs/" 2>/dev/null
+  fi
   if [ -n "${FORMS:-}" ]; then
     (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" conv_forms.py \
       --device "$device" --repeats 3 --steps 3 ${COMPILE:+--compile}) > "$logs/conv-forms.log" 2>&1
