@@ -90,7 +90,7 @@ if triton is not None:
 
     @triton.jit
     def _output_kernel(
-        hidden, shift, x, out, kernels, gain, offset, slope, bump, width_factor,
+        hidden, shift, x, out, kernels, gain, offset_ptr, slope, bump, width_factor,
         planes, channels, height, width, sb, sc, sh, sw,
         BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
@@ -104,6 +104,7 @@ if triton is not None:
         g = tl.load(gain + p % channels, mask=valid, other=0.0)
         where = b * sb + (p % channels) * sc + i * sh + j * sw
         h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr)
         tl.store(out + where, (h * (g * z + offset)).to(out.dtype.element_ty), mask=valid)
 
     @triton.jit
@@ -126,14 +127,14 @@ if triton is not None:
 
     @triton.jit
     def _sampled_kernel(
-        hidden, shift, x, noise, seed, out, kernels, gain, offset, limit,
+        hidden, shift, x, noise, seed, out, kernels, gain, offset_ptr, limit,
         planes, channels, height, width, sb, sc, sh, sw,
         GIVEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         where = b * sb + (p % channels) * sc + i * sh + j * sw
         _, _, h, factor = _sample(
-            hidden, shift, x, noise, seed, kernels, gain, offset, p, s, valid, b, i, j, where,
+            hidden, shift, x, noise, seed, kernels, gain, tl.load(offset_ptr), p, s, valid, b, i, j, where,
             channels, height, width, GIVEN,
         )  # fmt: skip
         y = h * factor
@@ -144,7 +145,7 @@ if triton is not None:
     @triton.jit
     def _sampled_grad_kernel(
         hidden, shift, x, noise, seed, grad_out, grad_h, dmu, scale_partial, kernels, gain,
-        scale, strength, offset, limit, planes, channels, height, width, sb, sc, sh, sw,
+        scale, strength_ptr, offset_ptr, limit, planes, channels, height, width, sb, sc, sh, sw,
         GIVEN: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         """The direct term of grad_h, the noise mean's gradient, and per-plane partial sums of
@@ -152,14 +153,14 @@ if triton is not None:
         p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         where = b * sb + (p % channels) * sc + i * sh + j * sw
         a, z, h, factor = _sample(
-            hidden, shift, x, noise, seed, kernels, gain, offset, p, s, valid, b, i, j, where,
+            hidden, shift, x, noise, seed, kernels, gain, tl.load(offset_ptr), p, s, valid, b, i, j, where,
             channels, height, width, GIVEN,
         )  # fmt: skip
         grad = tl.load(grad_out + where, mask=valid, other=0.0).to(tl.float32)
         if CLAMP:
             grad = tl.where(h * factor <= limit, grad, 0.0)
         tl.store(grad_h + where, (grad * factor).to(grad_h.dtype.element_ty), mask=valid)
-        through_gain = tl.where(valid, grad * h * strength, 0.0)
+        through_gain = tl.where(valid, grad * h * tl.load(strength_ptr), 0.0)
         partial = tl.sum(through_gain * z, axis=1)
         rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         tl.store(
@@ -273,6 +274,13 @@ def _shift(x: Tensor, kernel: Tensor, reduce: str = "mean") -> Tensor:
         return F.conv2d(pooled, kernel, padding=1).contiguous()
 
 
+def _gain(scale: Tensor, strength: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel ``s * c`` and the offset ``1 - c``, on the device: the kernels read the
+    strength ``c`` from memory, since a Python number would wait for the GPU at every site."""
+    c = strength.detach().float().reshape(1).to(scale.device)
+    return (scale.detach().float() * c).contiguous(), (1.0 - c).contiguous()
+
+
 class _Site:
     """Shapes, launch grid and weights of one site call, and its first pass (``hidden``)."""
 
@@ -313,12 +321,11 @@ def expectation(
     E2's four 3x3 kernels flattened (36 numbers, :meth:`Perturbation.noise_kernels`); the
     result has ``h``'s dtype and memory layout."""
     site = _Site(_dense(h), noise_weights)
-    c = float(strength)
-    gain = (scale.detach().float() * c).contiguous()
+    gain, offset = _gain(scale, strength)
     hidden = site.hidden()
     out = torch.empty_like(site.h)
     _output_kernel[site.grid](
-        hidden, _shift(hidden, site.weights[3:4]), site.h, out, site.kernel(2), gain, 1.0 - c,
+        hidden, _shift(hidden, site.weights[3:4]), site.h, out, site.kernel(2), gain, offset,
         slope, bump, width, *site.sizes, **site.blocks,
     )  # fmt: skip
     return out
@@ -336,42 +343,45 @@ class _Sampled(torch.autograd.Function):
         h: Tensor,
         noise_weights: Tensor,
         scale: Tensor,
-        strength: float,
+        strength: Tensor,
         clip: float | None,
         noise: Tensor | None,
         seed: int,
     ) -> Tensor:
         site = _Site(h, noise_weights)
         given = _like(noise.to(h.dtype), h) if noise is not None else h
-        gain = (scale.detach().float() * strength).contiguous()
+        gain, offset = _gain(scale, strength)
         hidden = site.hidden()
         out = torch.empty_like(h)
         _sampled_kernel[site.grid](
             hidden, _shift(hidden, site.weights[3:4]), h, given, seed, out, site.kernel(2), gain,
-            1.0 - strength, clip or 0.0, *site.sizes, GIVEN=noise is not None,
-            CLAMP=clip is not None, **site.blocks,
+            offset, clip or 0.0, *site.sizes, GIVEN=noise is not None, CLAMP=clip is not None,
+            **site.blocks,
         )  # fmt: skip
-        ctx.save_for_backward(h, noise_weights, scale, given if noise is not None else None)
-        ctx.strength, ctx.clip, ctx.seed = strength, clip, seed
+        ctx.save_for_backward(
+            h, noise_weights, scale, strength, given if noise is not None else None
+        )
+        ctx.clip, ctx.seed = clip, seed
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h, noise_weights, scale, given = ctx.saved_tensors
+        h, noise_weights, scale, strength, given = ctx.saved_tensors
         site = _Site(h, noise_weights)
-        strength, clip = ctx.strength, ctx.clip
+        clip = ctx.clip
         grad_out = _like(grad_out, h)
         scale32 = scale.detach().float().contiguous()
-        gain = (scale32 * strength).contiguous()
+        gain, offset = _gain(scale, strength)
+        c = strength.detach().float().reshape(1).to(h.device)
         hidden = site.hidden()
         grad_h = torch.empty_like(h)
         dmu = torch.empty(h.shape, device=h.device, dtype=torch.float32)
         partial = torch.empty(site.planes, site.grid[1], device=h.device, dtype=torch.float32)
         _sampled_grad_kernel[site.grid](
             hidden, _shift(hidden, site.weights[3:4]), h, h if given is None else given,
-            ctx.seed, grad_out, grad_h, dmu, partial, site.kernel(2), gain, scale32, strength,
-            1.0 - strength, clip or 0.0, *site.sizes, GIVEN=given is not None,
+            ctx.seed, grad_out, grad_h, dmu, partial, site.kernel(2), gain, scale32, c, offset,
+            clip or 0.0, *site.sizes, GIVEN=given is not None,
             CLAMP=clip is not None, **site.blocks,
         )  # fmt: skip
         channels = h.shape[1]
@@ -405,9 +415,7 @@ def sampled(
     ``noise`` when given, else Triton's Philox under a seed drawn from torch's default
     generator (so ``torch.manual_seed`` fixes it)."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    result: Tensor = _Sampled.apply(
-        _dense(h), noise_weights, scale, float(strength), clip, noise, seed
-    )
+    result: Tensor = _Sampled.apply(_dense(h), noise_weights, scale, strength, clip, noise, seed)
     return result
 
 
