@@ -4,7 +4,7 @@
 #
 #   here:   python benchmarks/device/compact_source.py ../shared/data/tiny-imagenet-200-32px .source
 #           mv shared /tmp/shared-aside   # the call carries 64 MiB: Tiny ImageNet (53 MiB) alone
-#   device: command "bash benchmarks/device/meta_lease.sh 560 4 5 6 7 8" (seconds, seeds),
+#   device: command "bash benchmarks/device/meta_lease.sh 560 4 5 6" (seconds, seeds),
 #           carry [".source", ".whl"]
 #   here:   mv /tmp/shared-aside shared; tar -xf FILES_AT/runs.tar
 #           python benchmarks/phi_star.py status; python benchmarks/phi_star.py select
