@@ -110,6 +110,20 @@ CHILD = textwrap.dedent(
             == channels_last,
         }
     phi.config.clip = 100.0
+    # The eval kernel has no backward: an eval site whose input needs a gradient keeps the
+    # PyTorch path, and the gradient arrives.
+    grads, h0 = [], torch.rand(2, 3, 5, 5)
+    for triton in (False, True):
+        h = h0.clone().requires_grad_(True)
+        perturb(
+            h, phi, SiteState(3), strength=torch.tensor(0.8), channel_ratio=0.5,
+            spatial_ratio=torch.tensor(0.25), training=False, fused=False, triton=triton,
+        ).sum().backward()
+        grads.append(h.grad)
+    errors["eval with a gradient"] = {
+        "max_error": (grads[0] - grads[1]).abs().max().item(), "scale": 1.0,
+        "dtype": True, "layout": True,
+    }
     # Drawn noise: fixed by torch.manual_seed, new at each call, N(0, 1): with mu = 0 (phi's
     # noise weights zero), s = 1 and strength 1, out / h = softplus(eps), whose mean is 0.806.
     zero = Perturbation().freeze()
@@ -167,7 +181,7 @@ def test_triton_site_matches_the_pytorch_path() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == 11
+    assert len(errors) == 12
     for case, result in errors.items():
         tolerance = 2e-3 if "float16" in case else 1e-5
         assert result["max_error"] <= tolerance * max(1.0, result["scale"]), (case, result)

@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+# NCHW or channels_last memory, as it is where it can be: what these kernels index too.
+from ._native.autograd import kernel_layout
+
 __all__ = ["expectation", "sampled", "scale_pool", "usable"]
 
 #: (image planes, pixels) per program: small maps pack several planes into one program.
@@ -230,13 +233,11 @@ if triton is not None:
 
 
 def usable(h: Tensor) -> bool:
-    """A 4-d floating map on a GPU (or on a CPU under Triton's interpreter), Triton importable,
-    outside torch.compile and tracing."""
+    """A site's map (4-d, floating: the site checked) on a GPU, or on a CPU under Triton's
+    interpreter; Triton importable; outside torch.compile and tracing."""
     interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
     return (
-        h.dim() == 4
-        and h.is_floating_point()
-        and (h.device.type == "cuda" or (interpreted and h.device.type == "cpu"))
+        (h.device.type == "cuda" or (interpreted and h.device.type == "cpu"))
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and triton is not None
@@ -247,13 +248,6 @@ def _grid(planes: int, pixels: int) -> tuple[int, int, tuple[int, int]]:
     block_s = min(_BLOCK, 1 << max(0, (pixels - 1).bit_length()))
     block_p = _BLOCK // block_s
     return block_p, block_s, (-(-planes // block_p), -(-pixels // block_s))
-
-
-def _dense(x: Tensor) -> Tensor:
-    """``x`` if NCHW or channels_last contiguous (the kernels index either), else a copy."""
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -274,11 +268,11 @@ def _shift(x: Tensor, kernel: Tensor, reduce: str = "mean") -> Tensor:
         return F.conv2d(pooled, kernel, padding=1).contiguous()
 
 
-def _gain(scale: Tensor, strength: Tensor) -> tuple[Tensor, Tensor]:
-    """Per channel ``s * c`` and the offset ``1 - c``, on the device: the kernels read the
-    strength ``c`` from memory, since a Python number would wait for the GPU at every site."""
+def _gain(scale: Tensor, strength: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per channel ``s * c``, the offset ``1 - c`` and ``c`` itself, on the device: the kernels
+    read the strength from memory, since a Python number would wait for the GPU at each site."""
     c = strength.detach().float().reshape(1).to(scale.device)
-    return (scale.detach().float() * c).contiguous(), (1.0 - c).contiguous()
+    return (scale.detach().float() * c).contiguous(), (1.0 - c).contiguous(), c
 
 
 class _Site:
@@ -320,8 +314,8 @@ def expectation(
     """The eval site in expectation mode, without autograd: ``noise_weights`` are E1's and
     E2's four 3x3 kernels flattened (36 numbers, :meth:`Perturbation.noise_kernels`); the
     result has ``h``'s dtype and memory layout."""
-    site = _Site(_dense(h), noise_weights)
-    gain, offset = _gain(scale, strength)
+    site = _Site(kernel_layout(h), noise_weights)
+    gain, offset, _ = _gain(scale, strength)
     hidden = site.hidden()
     out = torch.empty_like(site.h)
     _output_kernel[site.grid](
@@ -350,7 +344,7 @@ class _Sampled(torch.autograd.Function):
     ) -> Tensor:
         site = _Site(h, noise_weights)
         given = _like(noise.to(h.dtype), h) if noise is not None else h
-        gain, offset = _gain(scale, strength)
+        gain, offset, _ = _gain(scale, strength)
         hidden = site.hidden()
         out = torch.empty_like(h)
         _sampled_kernel[site.grid](
@@ -372,8 +366,7 @@ class _Sampled(torch.autograd.Function):
         clip = ctx.clip
         grad_out = _like(grad_out, h)
         scale32 = scale.detach().float().contiguous()
-        gain, offset = _gain(scale, strength)
-        c = strength.detach().float().reshape(1).to(h.device)
+        gain, offset, c = _gain(scale, strength)
         hidden = site.hidden()
         grad_h = torch.empty_like(h)
         dmu = torch.empty(h.shape, device=h.device, dtype=torch.float32)
@@ -415,7 +408,9 @@ def sampled(
     ``noise`` when given, else Triton's Philox under a seed drawn from torch's default
     generator (so ``torch.manual_seed`` fixes it)."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    result: Tensor = _Sampled.apply(_dense(h), noise_weights, scale, strength, clip, noise, seed)
+    result: Tensor = _Sampled.apply(
+        kernel_layout(h), noise_weights, scale, strength, clip, noise, seed
+    )
     return result
 
 
@@ -446,5 +441,5 @@ class _ScalePool(torch.autograd.Function):
 def scale_pool(h: Tensor, kernels: Tensor) -> Tensor:
     """``mean over pixels of relu(conv(h[b, c], kernels[k]))``, shape (B, C, 4), phi frozen
     (no gradient to ``kernels``)."""
-    result: Tensor = _ScalePool.apply(_dense(h), kernels)
+    result: Tensor = _ScalePool.apply(kernel_layout(h), kernels)
     return result

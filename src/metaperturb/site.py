@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -30,10 +31,12 @@ EvalMode = Literal["expectation", "sample", "off"]
 _EXPECTATION = (_EXPECTATION_SLOPE, _EXPECTATION_BUMP, _EXPECTATION_WIDTH)
 
 
-def _triton_requested() -> bool:
-    """``METAPERTURB_TRITON=1``: the eval site's Triton kernels (:mod:`metaperturb._triton`),
-    opt-in until a GPU benchmark shows them faster than the PyTorch path."""
-    return os.environ.get("METAPERTURB_TRITON", "") == "1"
+def _triton_kernels(x: Tensor) -> ModuleType | None:
+    """:mod:`metaperturb._triton` when it can take ``x``, imported on first use (it imports
+    Triton); opt-in until a GPU benchmark shows it faster than the PyTorch path."""
+    from . import _triton
+
+    return _triton if _triton.usable(x) else None
 
 
 class SiteState(nn.Module):
@@ -114,18 +117,20 @@ def perturb(
     )
     if fused:
         x = _native.kernel_layout(x)
-    triton = _triton_requested() if triton is None else triton
-    if triton and (sampling and phi.frozen or not autograd_needed):
-        from . import _triton
-
-        triton = _triton.usable(x)
-    else:
-        triton = False
+    # The Triton kernels give no gradient to phi, and the eval one none at all: under autograd
+    # they serve only a sampling site with phi frozen.
+    if triton is None:
+        triton = os.environ.get("METAPERTURB_TRITON", "") == "1"
+    gpu_kernels = (
+        _triton_kernels(x)
+        if triton and not fused and (sampling and phi.frozen or not autograd_needed)
+        else None
+    )
     if training:
         if fused:
             maps = _native.scale_pool(x, phi._weight(phi.scale_kernels))
-        elif triton and phi.frozen:
-            maps = _triton.scale_pool(x, phi.scale_kernels)
+        elif gpu_kernels is not None:
+            maps = gpu_kernels.scale_pool(x, phi._weight(phi.scale_kernels))
         else:
             maps = phi.scale_maps(x).float()
         mean = maps.mean(dim=0)
@@ -145,12 +150,12 @@ def perturb(
         return _native.sampled(x, phi.noise_kernels(), scale, strength, clip, noise=given)
     if fused:
         return _native.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
-    if triton:
+    if gpu_kernels is not None:
         if sampling:
             clip = phi.config.clip if training else None
-            out = _triton.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
+            out = gpu_kernels.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
         else:
-            out = _triton.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
+            out = gpu_kernels.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
         return out.to(h.dtype)
     mu = phi.noise_mean(x)
     if sampling:
