@@ -24,9 +24,14 @@ RESULTS = ROOT / "benchmarks" / "results" / "transfer"
 TARGETS = ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100")
 
 
-def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
+def _read(folder: Path, steps: int) -> list[dict[str, Any]]:
+    """Every result of this schedule: targets (named) and tuning runs (a slice, a dict)."""
     results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
-    results = [r for r in results if r.get("steps") == steps and isinstance(r.get("target"), str)]
+    return [r for r in results if r.get("steps") == steps]
+
+
+def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
+    results = [r for r in _read(folder, steps) if isinstance(r.get("target"), str)]
     current = _phi_star_fingerprint()
     stale = [
         r
@@ -153,8 +158,7 @@ def calibration_table(results: list[dict[str, Any]]) -> list[str]:
 def tuning_table(folder: Path, steps: int) -> list[str]:
     """The `tune` runs (a CIFAR-10 validation slice, not a target): each setting's validation
     accuracy, and the one per family that the `datasets` grid uses (the best)."""
-    runs = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
-    runs = [r for r in runs if r.get("steps") == steps and isinstance(r.get("target"), dict)]
+    runs = [r for r in _read(folder, steps) if isinstance(r.get("target"), dict)]
     best: dict[str, float] = {}
     for run in runs:
         family = run["method"].split("[")[0]
