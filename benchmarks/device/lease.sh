@@ -36,32 +36,30 @@ fi
 packer=$!
 
 # 1. Timings on a quiet GPU, bounded so that the runs keep most of the call: the overhead table
-#    (with the Triton eval site beside the default path), and with FORMS=1 phi's convolution
-#    forms (COMPILE=1: also torch.compile'd models).
+#    (the Triton site beside the default path), with PROFILE=1 a profile of the wrapped steps,
+#    with FORMS=1 phi's convolution forms (COMPILE=1: also torch.compile'd models).
+timing() {  # LOG RESULT_FILES SCRIPT ARGS...: one timing script, its output and tables kept
+  local log=$1 files=$2; shift 2
+  (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" "$@" \
+    --device "$device") > "$logs/$log" 2>&1
+  local status=$?
+  echo "$1 exit status $status"
+  # Only tables this call wrote (the checkout holds earlier ones under the same names).
+  find benchmarks/results -maxdepth 1 -name "$files" -newer /tmp/lease-start \
+    -exec cp {} "$logs/" \;
+  return "$status"
+}
 if [ "${CHECKS:-1}" = 1 ]; then
-  (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" overhead.py \
-    --device "$device" --no-reference --repeats 3 --steps 3) > "$logs/overhead.log" 2>&1
+  timing overhead.log "overhead-$device.*" overhead.py --no-reference --repeats 3 --steps 3
   status=$?
-  echo "overhead exit status $status"
   if [ "$status" != 0 ] && [ "$status" != 124 ]; then  # a failing Triton site must not cost the table
-    (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" overhead.py \
-      --device "$device" --no-reference --no-triton --repeats 3 --steps 3) \
-      > "$logs/overhead-without-triton.log" 2>&1
-    echo "overhead --no-triton exit status $?"
+    timing overhead-without-triton.log "overhead-$device.*" overhead.py --no-reference \
+      --no-triton --repeats 3 --steps 3
   fi
-  cp benchmarks/results/overhead-"$device".* "$logs/" 2>/dev/null
-  if [ -n "${PROFILE:-}" ]; then  # where a wrapped step's GPU time goes (torch.profiler)
-    (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" profile_step.py \
-      --device "$device") > "$logs/profile.log" 2>&1
-    echo "profile_step exit status $?"
-    cp benchmarks/results/profile-"$device".txt "$logs/" 2>/dev/null
-  fi
-  if [ -n "${FORMS:-}" ]; then
-    (cd benchmarks && timeout --signal=TERM "${TIMING_SECONDS:-150}" "$python" conv_forms.py \
-      --device "$device" --repeats 3 --steps 3 ${COMPILE:+--compile}) > "$logs/conv-forms.log" 2>&1
-    echo "conv_forms exit status $?"
-    cp benchmarks/results/conv-forms-"$device".* "$logs/" 2>/dev/null
-  fi
+  [ -n "${PROFILE:-}" ] && timing profile.log "profile-$device.txt" profile_step.py
+  # shellcheck disable=SC2086
+  [ -n "${FORMS:-}" ] && timing conv-forms.log "conv-forms-$device.*" conv_forms.py --repeats 3 \
+    --steps 3 ${COMPILE:+--compile}
 fi
 
 # 2. The runs, one process each, stopped 30 s before the end; the CUDA tests beside them.
