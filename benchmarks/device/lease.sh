@@ -26,11 +26,7 @@ logs=/tmp/lease-logs; mkdir -p "$results" "$logs"
 touch /tmp/lease-start
 left() { echo $(( budget - ($(date +%s) - began) )); }
 
-[ "$device" = cuda ] && source benchmarks/device/mps.sh
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
-    > "$logs/gpu.csv" 2>&1 &
-fi
+[ "$device" = cuda ] && source benchmarks/device/gpu.sh
 
 "$python" benchmarks/device/pack.py "$out" "$results" "$logs" /tmp/lease-start --every 60 &
 packer=$!

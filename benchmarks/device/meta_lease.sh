@@ -23,11 +23,7 @@ runs_dir=${RUNS_DIR:-runs/phi-star}
 logs=/tmp/meta-logs; mkdir -p "$logs" "$runs_dir"
 source_data=.source/tiny-imagenet-200-32px
 [ -f "$source_data/train.parquet" ] || { echo "no $source_data/train.parquet: see the header"; exit 1; }
-[ "$device" = cuda ] && source benchmarks/device/mps.sh
-if command -v nvidia-smi > /dev/null; then
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 \
-    > "$logs/gpu.csv" 2>&1 &
-fi
+[ "$device" = cuda ] && source benchmarks/device/gpu.sh
 
 pack() {
   local runs=()
