@@ -357,6 +357,33 @@ def test_a_phi_evaluated_under_another_name_is_not_run_again(tmp_path: Path) -> 
 
 
 @needs_mnist
+def test_a_result_scored_more_ways_answers_a_run_that_asks_for_fewer(tmp_path: Path) -> None:
+    """The same training evaluated with MC-3 besides the default answers the run that asks for
+    the default only (the `datasets` sweep after `priority`), under any phi name; a run asking
+    for an evaluation the result lacks is a new run, and so is other training."""
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "phi")
+    common = {**two_step_conv4(), "phi": str(tmp_path / "phi")}
+    results = tmp_path / "results"
+    scored = run_transfer(
+        TransferConfig(**common, phi_name="seed-1", mc_samples=[3]), results, progress=False
+    )
+    plain = TransferConfig(**common, phi_name="phi-star")
+    assert find_equivalent_result(plain, results) is not None
+    assert run_transfer(plain, results, progress=False) == scored  # read back, not retrained
+    same_name = TransferConfig(**common, phi_name="seed-1")  # same id, fewer evaluations
+    assert run_transfer(same_name, results, progress=False) == scored
+    assert find_equivalent_result(TransferConfig(**common, mc_samples=[3, 5]), results) is None
+    assert find_equivalent_result(TransferConfig(**{**common, "eval_modes": True}), results) is None
+    assert find_equivalent_result(TransferConfig(**{**common, "lr": 0.01}), results) is None
+    with pytest.raises(ValueError, match="mc_samples"):
+        run_transfer(
+            TransferConfig(**common, phi_name="seed-1", mc_samples=[5]), results, progress=False
+        )
+    assert sorted(p.name for p in results.iterdir()) == [f"{run_id(same_name)}.json"]
+
+
+@needs_mnist
 def test_a_run_another_process_holds_is_refused_and_released_after(tmp_path: Path) -> None:
     """Two sweeps on one results folder: the second skips the run the first is training."""
     config = TransferConfig(**two_step_conv4())

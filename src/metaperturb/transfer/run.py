@@ -483,6 +483,42 @@ def _check_same_phi(saved: str | None, current: str | None, path: Path) -> None:
 _EVALUATION_SETTINGS = frozenset({"mc_samples", "eval_modes", "save_weights"})
 
 
+def _evaluation_covered(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a result made with ``saved`` settings already holds every evaluation that
+    ``current`` asks for: the same training scored more ways (say MC-100 besides the default)
+    answers a run that asks for fewer, so a sweep does not train that network again."""
+    return (
+        set(current.get("mc_samples") or []) <= set(saved.get("mc_samples") or [])
+        and bool(saved.get("eval_modes")) >= bool(current.get("eval_modes"))
+        and bool(saved.get("save_weights")) >= bool(current.get("save_weights"))
+    )
+
+
+def _setting_differences(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    skip: frozenset[str] = frozenset(),
+    evaluations: bool = True,
+) -> list[str]:
+    """What keeps a result or checkpoint with ``saved`` settings from answering ``current``
+    (both portable dicts): a differing training setting other than those in ``skip``, and, with
+    ``evaluations``, an evaluation the result lacks."""
+    ignored = _NEUTRAL_SETTINGS | _EVALUATION_SETTINGS | skip
+    differences = [
+        f"{key}: file has {saved.get(key)!r}, asked {value!r}"
+        for key, value in current.items()
+        if key not in ignored and key in saved and saved[key] != value
+    ]
+    if evaluations and not _evaluation_covered(saved, current):
+        differences += [
+            f"{key}: file has {saved.get(key)!r}, asked {current.get(key)!r}"
+            for key in sorted(_EVALUATION_SETTINGS)
+            if saved.get(key) != current.get(key)
+        ]
+    return differences
+
+
 def _check_same_settings(
     saved: dict[str, Any], config: TransferConfig, path: Path, *, training_only: bool = False
 ) -> None:
@@ -490,13 +526,7 @@ def _check_same_settings(
     (the id names the main settings only; lr, batch size and the rest live in the file).
     ``training_only``: a checkpoint, which the evaluation settings do not concern."""
     current = _portable(json.loads(json.dumps(asdict(config))))  # as the file holds them
-    saved = _portable(saved)
-    ignored = _NEUTRAL_SETTINGS | (_EVALUATION_SETTINGS if training_only else frozenset())
-    differences = [
-        f"{key}: file has {saved.get(key)!r}, asked {value!r}"
-        for key, value in current.items()
-        if key not in ignored and key in saved and saved[key] != value
-    ]
+    differences = _setting_differences(_portable(saved), current, evaluations=not training_only)
     if differences:
         raise ValueError(
             f"{path} was made with other settings ({'; '.join(differences)}). Use another "
@@ -504,22 +534,14 @@ def _check_same_settings(
         )
 
 
-def _settings_but_phi_name(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide what a run computes, but phi's name and folder."""
-    return {
-        key: value
-        for key, value in _portable(settings).items()
-        if key not in _NEUTRAL_SETTINGS and key not in ("phi", "phi_name")
-    }
-
-
 def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:
-    """A result in ``output_dir`` that answers ``config`` under another phi name: same settings,
-    same phi numbers (fingerprint). E.g. a phi* candidate evaluated before `select` installed it
-    as the bundled phi*: the ``phi="default"`` run is that result, not a new one."""
+    """A result in ``output_dir`` that answers ``config`` under another phi name: same training
+    settings, same phi numbers (fingerprint), and at least the evaluations ``config`` asks for.
+    E.g. a phi* candidate evaluated before `select` installed it as the bundled phi*: the
+    ``phi="default"`` run is that result, not a new one."""
     if config.phi is None:
         return None
-    wanted = _settings_but_phi_name(json.loads(json.dumps(asdict(config))))
+    wanted = _portable(json.loads(json.dumps(asdict(config))))
     fingerprint = _current_fingerprint(config)
     for path in sorted(Path(output_dir).glob("*.json")):
         try:
@@ -529,7 +551,9 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
         if not isinstance(result, dict) or result.get("phi_fingerprint") != fingerprint:
             continue
         saved = result.get("config")
-        if isinstance(saved, dict) and _settings_but_phi_name(saved) == wanted:
+        if isinstance(saved, dict) and not _setting_differences(
+            _portable(saved), wanted, skip=frozenset({"phi", "phi_name"})
+        ):
             return path
     return None
 
