@@ -30,13 +30,20 @@ import argparse
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
 from metaperturb._run_lock import lock_holder
-from metaperturb.errors import RunInProgressError
-from metaperturb.transfer import TransferConfig, find_equivalent_result, run_id, run_transfer
+from metaperturb.errors import RunInProgressError, TrainingStoppedError
+from metaperturb.transfer import (
+    TransferConfig,
+    find_equivalent_result,
+    run_id,
+    run_transfer,
+    stop_on_signals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -250,8 +257,6 @@ def main() -> None:
         "--data-root", type=Path, default=DATA, help="folder of the datasets (../shared/data)"
     )
     args = parser.parse_args()
-    # SIGTERM (how a sweep is stopped) as SystemExit, so the running run's lock is released.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     DATA = args.data_root.resolve()
     for entry in args.phi:
         name, sep, path = entry.partition("=")
@@ -261,6 +266,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = grid(args.grid, args.steps, args.seeds)
+    # SIGTERM or Ctrl-C (how a sweep is stopped): the running run checkpoints the step it is at
+    # and the sweep ends, its lock released; a second signal ends it at once.
+    with stop_on_signals() as stop:
+        try:
+            sweep(runs, args, stop)
+        except TrainingStoppedError as stopped:
+            print(f"  {stopped}", flush=True)
+            raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def sweep(runs: list[TransferConfig], args: argparse.Namespace, stop: threading.Event) -> None:
+    """Run (or list) this process's share of the pending runs, one after the other."""
     index, count = (int(part) for part in args.shard.split("/"))
     for position, config in enumerate(runs):
         config.device = args.device
@@ -277,7 +294,7 @@ def main() -> None:
             continue
         print(f"running {run_id(config)}", flush=True)
         try:
-            result = run_transfer(config, args.output_dir, progress=sys.stderr.isatty())
+            result = run_transfer(config, args.output_dir, progress=sys.stderr.isatty(), stop=stop)
         except RunInProgressError as taken:  # another sweep has it: go on to the next run
             print(f"  skipped: {taken}", flush=True)
             continue

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaperturb.errors import RunInProgressError
+from metaperturb.errors import RunInProgressError, TrainingStoppedError
 from metaperturb.phi import Perturbation
 from metaperturb.transfer import (
     DropBlock,
@@ -26,6 +30,7 @@ from metaperturb.transfer import (
     resolve_target,
     run_id,
     run_transfer,
+    stop_on_signals,
 )
 from metaperturb.transfer import run as run_module
 from metaperturb.transfer.run import UPDATE_BN_BATCHES
@@ -233,6 +238,66 @@ def test_a_stopped_run_resumes_to_the_same_result(
     assert late["evaluation"]["default"]["nll"] == pytest.approx(
         whole["evaluation"]["default"]["nll"], abs=1e-6
     )
+
+
+class StopAfter(threading.Event):
+    """A stop request that reads as set from its ``checks + 1``-th look on (a run looks once
+    a training step, then once per evaluation batch)."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.checks = checks
+
+    def is_set(self) -> bool:
+        self.checks -= 1
+        return self.checks < 0
+
+
+@needs_mnist
+def test_a_run_asked_to_stop_checkpoints_the_step_it_is_at(tmp_path: Path) -> None:
+    """SIGTERM in a sweep (``stop_on_signals``) loses no step: the run stops after step 3, off
+    the checkpoint schedule and between two curve points, and resumes to the uninterrupted
+    result; asked during the evaluation it stops there and the rerun only evaluates."""
+    phi = Perturbation()
+    phi.save_pretrained(tmp_path / "phi")
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        phi=str(tmp_path / "phi"),
+        steps=6,
+        batch_size=8,
+        curve_every=2,
+        curve_images=5,
+        checkpoint_every=0,
+        eval_modes=False,
+    )
+    whole = run_transfer(config, tmp_path / "whole", progress=False)
+    split = tmp_path / "split"
+    with pytest.raises(TrainingStoppedError, match="stopped at step 3 of 6"):
+        run_transfer(config, split, progress=False, stop=StopAfter(2))
+    checkpoint = torch.load(split / f"{run_id(config)}.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == 3
+    assert not (split / f"{run_id(config)}.lock").exists()  # released for the next process
+    with pytest.raises(TrainingStoppedError, match="during its evaluation"):
+        run_transfer(config, split, progress=False, stop=StopAfter(3))
+    assert not (split / f"{run_id(config)}.json").exists()
+    resumed = run_transfer(config, split, progress=False)
+    assert resumed["curve"] == whole["curve"]
+    assert resumed["evaluation"]["default"]["nll"] == pytest.approx(
+        whole["evaluation"]["default"]["nll"], abs=1e-6
+    )
+
+
+def test_stop_on_signals_asks_once_then_ends_and_restores_the_handlers() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)  # asked, not ended
+        with pytest.raises(SystemExit) as ended:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+        assert ended.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @needs_mnist

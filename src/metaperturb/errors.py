@@ -93,4 +93,5 @@ class SplitError(MetaPerturbError, ValueError):
 
 
 class TrainingStoppedError(MetaPerturbError, RuntimeError):
-    """Meta-training stopped part-way (a rank died, a write failed, SIGTERM); says how to resume."""
+    """Training stopped part-way (a meta-training rank died, a write failed, SIGTERM, an
+    evaluation run asked to stop); says how to resume."""

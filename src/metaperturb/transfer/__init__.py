@@ -5,6 +5,7 @@ other regularizers, and record what each is worth (``metaperturb eval``,
 from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .run import TransferConfig, find_equivalent_result, run_id, run_transfer
+from .stopping import stop_on_signals
 from .targets import PRESETS, Target, load_target, resolve_target
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "resolve_target",
     "run_id",
     "run_transfer",
+    "stop_on_signals",
 ]

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from .run import TransferConfig, run_id, run_transfer
+from .stopping import stop_on_signals
 from .targets import PRESETS
 
 __all__ = ["add_eval_arguments", "config_from_args", "run_eval"]
@@ -120,7 +121,8 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = config_from_args(args)
-        result = run_transfer(config, args.output_dir, progress=args.progress)
+        with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: checkpoint this step, then stop
+            result = run_transfer(config, args.output_dir, progress=args.progress, stop=stop)
     except (MetaPerturbError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -28,6 +29,7 @@ from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..discovery import Placement
+from ..errors import TrainingStoppedError
 from ..evaluation import mc_predict, update_bn
 from ..hub import load_default_phi, load_phi
 from ..site import SiteState
@@ -162,8 +164,12 @@ def _load_init(model: nn.Module, source: str) -> list[str]:
 
 
 class _Run:
-    def __init__(self, config: TransferConfig, output_dir: Path) -> None:
+    def __init__(
+        self, config: TransferConfig, output_dir: Path, stop: threading.Event | None = None
+    ) -> None:
         self.config = config
+        self.stop = stop
+        self.evaluating = False  # past training: a stop asked now needs no new checkpoint
         self.device = _device(config.device)
         target_spec = config.target if isinstance(config.target, str) else Target(**config.target)
         self.target = resolve_target(target_spec, config.data_root)
@@ -247,6 +253,9 @@ class _Run:
             "curve": json.dumps(self.curve),
             "train_seconds": self.train_seconds,
             "phi_fingerprint": self.phi_fingerprint(),
+            # The training loss since the last curve point (a stop can fall between two).
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
         }
 
     def save_checkpoint(self) -> None:
@@ -280,6 +289,8 @@ class _Run:
         self.step = int(state["step"])
         self.curve = json.loads(state["curve"])
         self.train_seconds = float(state["train_seconds"])
+        self.loss_sum = float(state.get("loss_sum", 0.0))  # absent from older checkpoints
+        self.loss_count = int(state.get("loss_count", 0))
         return True
 
     # -- training ------------------------------------------------------------------------------
@@ -329,8 +340,19 @@ class _Run:
                 if self.step < config.steps:
                     self.save_checkpoint()
                 started = time.perf_counter()
+            if self._stop_asked() and self.step < config.steps:
+                self.train_seconds += time.perf_counter() - started
+                self.save_checkpoint()
+                bar.close()
+                raise TrainingStoppedError(
+                    f"run {self.id} stopped at step {self.step} of {config.steps} as asked; "
+                    f"{self.checkpoint_path.name} holds that step: run the same command to go on."
+                )
         self.train_seconds += time.perf_counter() - started
         bar.close()
+
+    def _stop_asked(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
     def training_inputs(self, count: int, first_step: int) -> Iterator[Tensor]:
         """``count`` augmented training batches as training would see them at ``first_step`` and
@@ -356,6 +378,12 @@ class _Run:
         self.model.eval()
         outputs = []
         for chunk in rows.split(500):
+            if self.evaluating and self._stop_asked():
+                raise TrainingStoppedError(
+                    f"run {self.id} stopped during its evaluation as asked; "
+                    f"{self.checkpoint_path.name} holds the trained network: run the same "
+                    "command to evaluate it."
+                )
             batch = self._layout(normalize(data.images[chunk].to(self.device), self.mean, self.std))
             if samples is not None:
                 outputs.append(mc_predict(self.model, batch, samples).cpu())
@@ -388,6 +416,7 @@ class _Run:
             probabilities = self.predict(**kwargs)
             return self._scores(probabilities, time.perf_counter() - started)
 
+        self.evaluating = True
         results = {"default": timed()}
         if self.config.phi is not None:
             controller = get_controller(self.model)
@@ -559,7 +588,11 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
 
 
 def run_transfer(
-    config: TransferConfig, output_dir: str | Path, *, progress: bool = True
+    config: TransferConfig,
+    output_dir: str | Path,
+    *,
+    progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Train, test and record one run; returns the result (also in ``<output_dir>/<id>.json``).
 
@@ -568,6 +601,10 @@ def run_transfer(
     run stopped part-way resumes from its checkpoint. While it runs, ``<id>.lock`` marks it
     taken: another process asked for the same run gets :class:`~metaperturb.errors.
     RunInProgressError` (a sweep skips it), so several sweeps can share one results folder.
+
+    ``stop`` (e.g. from :func:`~metaperturb.transfer.stopping.stop_on_signals`), once set, ends
+    the run at the next step with a checkpoint of that step, or between evaluation batches, and
+    raises :class:`~metaperturb.errors.TrainingStoppedError`.
     """
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -583,13 +620,17 @@ def run_transfer(
     with run_lock(output / f"{run_id(config)}.lock"):
         if result_path.is_file():  # finished by another process while this one looked
             return cast(dict[str, Any], json.loads(result_path.read_text()))
-        return _train_and_record(config, output, result_path, progress)
+        return _train_and_record(config, output, result_path, progress, stop)
 
 
 def _train_and_record(
-    config: TransferConfig, output: Path, result_path: Path, progress: bool
+    config: TransferConfig,
+    output: Path,
+    result_path: Path,
+    progress: bool,
+    stop: threading.Event | None,
 ) -> dict[str, Any]:
-    run = _Run(config, output)
+    run = _Run(config, output, stop)
     resumed = run.maybe_resume()
     run.train(progress)
     # The evaluation can take as long as training (MC-100 of 10,000 images on a CPU): a run
