@@ -36,6 +36,9 @@ TARGET = ROOT / "weights" / "phi-star"
 SOURCE = ROOT.parent / "shared" / "data" / "tiny-imagenet-200-32px"
 VALIDATION = ROOT.parent / "shared" / "data" / "cifar10"
 AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
+#: What outlives ``runs/`` (ignored, so lost when a session starts from a fresh checkout): each
+#: finished run's phi, metrics log and settings, and the selection report (a few hundred kB).
+KEPT = ROOT / "benchmarks" / "results" / "phi-star"
 
 
 def _finished(run: Path) -> bool:
@@ -82,6 +85,8 @@ def select(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
+    if args.runs_dir == RUNS:
+        keep_finished(RUNS, KEPT)
 
 
 def _metrics_summary(run: Path) -> list[str]:
@@ -180,11 +185,43 @@ def install(args: argparse.Namespace) -> None:
 
 def status(args: argparse.Namespace) -> None:
     """One line per run: progress, wall time, last metrics, divergence, and a table of phi's
-    weight magnitudes; also written to ``benchmarks/results/phi-star-runs.md``."""
+    weight magnitudes; also written to ``benchmarks/results/phi-star-runs.md``, and every
+    finished run's small files kept in ``benchmarks/results/phi-star/`` (commit both)."""
     text = "\n".join(_status_lines(args.runs_dir)) + "\n"
     report = ROOT / "benchmarks" / "results" / "phi-star-runs.md"
     (report if args.runs_dir == RUNS else args.runs_dir / "status.md").write_text(text)
     print(text, end="")
+    if args.runs_dir == RUNS:
+        for kept in keep_finished(RUNS, KEPT):
+            print(f"kept {kept.relative_to(ROOT)}")
+
+
+def keep_finished(runs_dir: Path, kept_dir: Path) -> list[Path]:
+    """Copy what a finished run is worth keeping (its phi, metrics log and settings; the
+    selection report) from ``runs_dir`` to ``kept_dir``, which is committed; the 35 MB
+    checkpoints stay behind. Returns the files written."""
+    from metaperturb._atomic import atomic_write
+
+    wanted = [
+        (run / name, kept_dir / run.name / name)
+        for run in _runs(runs_dir)
+        if _finished(run)
+        for name in ("phi", "metrics.jsonl", "train_config.json")
+    ]
+    wanted.append(
+        (runs_dir / "selection" / "selection.json", kept_dir / "selection" / "selection.json")
+    )
+    written = []
+    for source, target in wanted:
+        files = sorted(source.glob("*")) if source.is_dir() else [source]
+        for file in files:
+            destination = target / file.name if source.is_dir() else target
+            if file.is_file() and (
+                not destination.is_file() or destination.read_bytes() != file.read_bytes()
+            ):
+                atomic_write(destination, file.read_bytes())
+                written.append(destination)
+    return written
 
 
 def _status_lines(runs_dir: Path, finished_only: bool = False) -> list[str]:

@@ -8,6 +8,7 @@
 #           carry [".source", ".whl"]
 #   here:   mv /tmp/shared-aside shared; tar -xf FILES_AT/runs.tar
 #           python benchmarks/phi_star.py status; python benchmarks/phi_star.py select
+#           git add benchmarks/results/phi-star*; git commit   # runs/ does not outlive the session
 #
 # $OUT/runs.tar, packed every minute: each run's metrics log, config, task split and, once it
 # finishes, its phi (a stopped run's checkpoint, 35 MB of task networks and optimiser state, is

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Commit the checkpoints of evaluation runs stopped part-way, on the current branch (main), so
+# that a later session resumes them from wherever it starts.
+#
+#   pkill -TERM -f benchmarks/transfer.py   # each running run checkpoints the step it is at
+#   benchmarks/save_runs.sh                 # commit benchmarks/results/transfer/*.ckpt
+#
+# Why on main: a session may start from a fresh checkout that holds main and nothing else (the
+# side branch that used to keep these was lost that way on 2026-11-28, with three runs' hours).
+# A ResNet-20 run's checkpoint is 3.4 MB (weights and Adam state); a run that finishes deletes
+# its checkpoint, and the next save commits that deletion. Meta-training checkpoints (35 MB: ten
+# task networks) are too large for main: a finished meta-training run keeps its phi and metrics
+# in benchmarks/results/phi-star/ instead (`python benchmarks/phi_star.py status`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+checkpoints='benchmarks/results/transfer/*.ckpt'
+if pgrep -f benchmarks/transfer.py > /dev/null; then
+  echo "warning: a sweep is still running; its checkpoint may be older than its progress" >&2
+fi
+git add -A -f -- "$checkpoints"
+if git diff --cached --quiet -- "$checkpoints"; then
+  echo "no evaluation checkpoint changed"
+  exit 0
+fi
+git commit -q -m "State of the evaluation runs stopped part-way ($(date -u +%FT%TZ))" -- "$checkpoints"
+git show --stat --format=%s HEAD
