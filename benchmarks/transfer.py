@@ -122,7 +122,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                     )
     elif name == "architectures":
         models = ["conv4", "conv6", "cifar_resnet20", "cifar_resnet44", "cifar_wrn_28_2"]
-        models += ["resnet18", "mobilenetv2_100"]
+        models += ["cifar_resnet18", "cifar_mobilenetv2_100"]  # timm's, adapted to 32 px
         for model in models:
             for method in _phi_methods(include_authors=False):
                 for seed in seeds:

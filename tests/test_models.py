@@ -63,6 +63,8 @@ def _num_params(model: nn.Module) -> int:
 
 def test_registered_with_timm() -> None:
     assert set(timm.list_models("cifar_*")) == {
+        "cifar_mobilenetv2_100",
+        "cifar_resnet18",
         "cifar_resnet20",
         "cifar_resnet44",
         "cifar_wrn_28_2",
@@ -184,3 +186,31 @@ def test_grad_checkpointing_matches(name: str, monkeypatch: pytest.MonkeyPatch) 
         assert p.grad is not None and q.grad is not None, pname
         assert p.grad.abs().sum() > 0, pname
         torch.testing.assert_close(p.grad, q.grad, msg=pname)
+
+
+@pytest.mark.parametrize(
+    ("name", "imagenet_name", "sites"),
+    [("cifar_resnet18", "resnet18", 8), ("cifar_mobilenetv2_100", "mobilenetv2_100", 17)],
+)
+def test_imagenet_models_adapted_to_32px_keep_4x4_maps_and_timms_blocks(
+    name: str, imagenet_name: str, sites: int
+) -> None:
+    """At 32 px the adapted network's last stage sees 4x4 maps (the ImageNet one: 1x1), and
+    only the input layers differ: ResNet-18's stem is 3x3 instead of 7x7, MobileNetV2 keeps
+    every parameter."""
+    import metaperturb
+
+    adapted = _create(name, num_classes=10, in_chans=1)
+    imagenet = _create(imagenet_name, num_classes=10, in_chans=1)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert adapted.forward_features(x).shape[-2:] == (4, 4)
+        assert imagenet.forward_features(x).shape[-2:] == (1, 1)
+        assert adapted(x).shape == (2, 10)
+    stem_difference = 64 * 1 * (7 * 7 - 3 * 3) if name == "cifar_resnet18" else 0
+    assert _num_params(adapted) == _num_params(imagenet) - stem_difference
+    assert [info["reduction"] for info in adapted.feature_info][-1] == 8
+    wrapped = metaperturb.wrap(adapted, input_size=(1, 32, 32))
+    assert len(metaperturb.get_controller(wrapped).site_names) == sites
+    with pytest.raises(RuntimeError, match="No pretrained weights"):
+        _create(name, pretrained=True)

@@ -1,8 +1,10 @@
 """Small CIFAR / few-shot CNNs, registered with timm on import.
 
 Importing this package registers ``cifar_resnet20``, ``cifar_resnet44``, ``cifar_wrn_28_2``,
-``conv4`` and ``conv6`` so that ``timm.create_model(name, num_classes=..., in_chans=...)`` finds
-them; ``timm.list_models("cifar_*")`` lists the CIFAR ones.
+``conv4`` and ``conv6``, and timm's ResNet-18 and MobileNetV2 adapted to 32 px inputs
+(``cifar_resnet18``, ``cifar_mobilenetv2_100``), so that ``timm.create_model(name,
+num_classes=..., in_chans=...)`` finds them; ``timm.list_models("cifar_*")`` lists the CIFAR
+ones.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .cifar_resnet import (
     cifar_wrn_28_2,
 )
 from .convnet import ConvNet, ConvUnit, conv4, conv6
+from .small_input import cifar_mobilenetv2_100, cifar_resnet18
 
 __all__ = [
     "BasicBlock",
@@ -27,6 +30,8 @@ __all__ = [
     "PooledClassifier",
     "PreActBlock",
     "WideResNet",
+    "cifar_mobilenetv2_100",
+    "cifar_resnet18",
     "cifar_resnet20",
     "cifar_resnet44",
     "cifar_wrn_28_2",
