@@ -4,9 +4,9 @@
 #
 #   benchmarks/device/prepare.sh            # here, once: data, wheels, the authors' phi
 #   then the device tool: command "bash benchmarks/device/lease.sh 560 priority:0,1",
-#   carry [".whl", "runs/authors-phi"] and the *.ckpt files of stopped runs by name (they are
-#   git-ignored, so only a carry takes them along; not the whole results folder, whose *.lock
-#   files of this machine's sweeps would make the device skip those runs).
+#   carry [".whl", "runs/authors-phi"]. The *.ckpt files of stopped runs travel with the tree
+#   once committed (benchmarks/save_runs.sh); the *.lock files of this machine's sweeps stay
+#   ignored, so they do not make the device skip those runs.
 #   TARGET_DATASETS="cifar10 fashion-mnist mnist-10k omniglot" for the datasets grid.
 #
 # What it puts in place (all git-ignored through .git/info/exclude, never committed):
