@@ -6,7 +6,8 @@
 #   then the device tool: command "bash benchmarks/device/lease.sh 560 priority:0,1",
 #   carry [".whl", "runs/authors-phi"]. The *.ckpt files of stopped runs travel with the tree
 #   once committed (benchmarks/save_runs.sh); the *.lock files of this machine's sweeps stay
-#   ignored, so they do not make the device skip those runs.
+#   ignored, so they do not make the device skip those runs: stop this machine's sweeps of the
+#   same grids first (pkill -TERM -f benchmarks/transfer.py; save_runs.sh), or they train twice.
 #   TARGET_DATASETS="cifar10 fashion-mnist mnist-10k omniglot" for the datasets grid.
 #
 # What it puts in place (all git-ignored through .git/info/exclude, never committed):
