@@ -19,6 +19,7 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
 
 The paper's schedule (10,000 steps, batch 128) is the default; ``--steps`` shortens it, and the
 run ids record the number of steps, so a short sweep never mixes with the reference one.
+``--only PATTERN`` keeps the runs whose id matches a shell pattern (``--only 'mnist-10k__*'``).
 ``--shard I/N`` runs every N-th pending run, for several processes (or GPUs) at once; without
 it, sweeps started side by side share the pending runs anyway, each skipping a run another
 process holds (its ``<run id>.lock``).
@@ -31,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
 
 import torch
@@ -239,6 +241,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th pending run from I")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="only runs whose id matches this shell pattern (repeatable), e.g. 'mnist-10k__*'",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
         "--phi",
@@ -266,6 +275,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = grid(args.grid, args.steps, args.seeds)
+    if args.only:
+        runs = [run for run in runs if any(fnmatch(run_id(run), only) for only in args.only)]
+        if not runs:
+            parser.error(f"--only {args.only}: no run of the {args.grid} grid matches; see --list")
     # SIGTERM or Ctrl-C (how a sweep is stopped): the running run checkpoints the step it is at
     # and the sweep ends, its lock released; a second signal ends it at once.
     with stop_on_signals() as stop:
