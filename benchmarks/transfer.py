@@ -186,6 +186,9 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                 )
         for alpha in MIXUP_ALPHAS:
             runs.append(TransferConfig(target=_validation(), mixup_alpha=alpha, steps=steps))
+        # The control: whether a setting helps at all on this slice (a best rate at the grid's
+        # edge that scores below Base would mean the regularizer is best switched off).
+        runs.append(TransferConfig(target=_validation(), steps=steps))
     elif name == "pretrain":
         runs.append(_pretrain_config(steps))
     else:

@@ -209,20 +209,33 @@ def calibration_table(results: list[dict[str, Any]]) -> list[str]:
     return table(["target", "method", "accuracy %", "ECE % (15 bins)"], rows)
 
 
+def _is_tuning(run: dict[str, Any]) -> bool:
+    """A `tune` run: its target is the CIFAR-10 validation slice (train images 500-999 of each
+    class), not a named target, nor the Tiny ImageNet `pretrain` run (also a slice spec)."""
+    target = run.get("target")
+    return (
+        isinstance(target, dict)
+        and Path(str(target.get("data"))).name == "cifar10"
+        and target.get("skip_per_class") == 500
+    )
+
+
 def tuning_table(folder: Path, steps: int) -> list[str]:
     """The `tune` runs (a CIFAR-10 validation slice, not a target): each setting's validation
     accuracy, and the one per family that the `datasets` grid uses (the best)."""
-    runs = [r for r in _read(folder, steps) if isinstance(r.get("target"), dict)]
+    runs = [r for r in _read(folder, steps) if _is_tuning(r)]
     best: dict[str, float] = {}
     for run in runs:
         family = run["method"].split("[")[0]
         best[family] = max(best.get(family, 0.0), run["accuracy"])
+
+    def use(run: dict[str, Any]) -> str:
+        if run["method"] == "base":
+            return "control"
+        return "used" if run["accuracy"] == best[run["method"].split("[")[0]] else ""
+
     rows = [
-        [
-            run["method"],
-            f"{run['accuracy'] * 100:.2f}",
-            "used" if run["accuracy"] == best[run["method"].split("[")[0]] else "",
-        ]
+        [run["method"], f"{run['accuracy'] * 100:.2f}", use(run)]
         for run in sorted(runs, key=lambda r: (r["method"].split("[")[0], -r["accuracy"]))
     ]
     return table(["setting (ResNet-20, seed 0)", "validation accuracy %", "datasets grid"], rows)
