@@ -6,6 +6,8 @@ Usage: ``python tests/fault_driver.py TRAIN-ARGS...`` (also as a ``torchrun`` sc
 - ``hang-in-checkpoint-write:N``: the N-th checkpoint write stops half-way through its temporary
   file, touches ``<output>/WRITING`` and sleeps, so that the test can SIGKILL it mid-write.
 - ``sigkill-rank:R:S``: rank R SIGKILLs itself at the start of step S (first attempt only).
+- ``sigterm-rank:R:S``: rank R sends itself SIGTERM in step S's all-reduce (first attempt only);
+  the flag of step S is already sent, so the ranks stop together after step S + 1.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _hang_in_checkpoint_write(nth: int) -> None:
     _atomic.write_temporary = write  # type: ignore[assignment]
 
 
-def _sigkill_rank(rank: int, step: int) -> None:
+def _signal_rank(rank: int, step: int, signum: int = signal.SIGKILL) -> None:
     from metaperturb.train.distributed import Collective
 
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -49,7 +51,7 @@ def _sigkill_rank(rank: int, step: int) -> None:
         nonlocal calls
         calls += 1  # once per step
         if self.rank == rank and calls == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return real(self, flat)
 
     Collective.all_reduce_sum_ = all_reduce  # type: ignore[method-assign]
@@ -61,7 +63,9 @@ def main() -> int:
     if kind == "hang-in-checkpoint-write":
         _hang_in_checkpoint_write(*values)
     elif kind == "sigkill-rank":
-        _sigkill_rank(*values)
+        _signal_rank(*values)
+    elif kind == "sigterm-rank":
+        _signal_rank(*values, signum=signal.SIGTERM)
     elif kind:
         raise SystemExit(f"unknown METAPERTURB_FAULT {kind!r}")
     from metaperturb.train.cli import main as train_main

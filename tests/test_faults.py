@@ -314,6 +314,37 @@ def test_rank_sigkilled_without_restarts_stops_and_says_how_to_resume(
     _assert_same_phi(run, reference)
 
 
+@needs_tiny
+@needs_posix
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "torchrun-2"])
+def test_sigterm_checkpoints_the_step_it_is_at_and_resume_gives_the_same_phi(
+    tmp_path: Path, reference: dict[str, torch.Tensor], ranks: int
+) -> None:
+    """SIGTERM to one process (rank 1 of 2 under torchrun) during step 4: every rank ends step 5
+    (off the checkpoint schedule), a checkpoint of step 5 is written, the command exits 143 and
+    says how to go on; resuming gives the uninterrupted phi. Before, the signal ended the run
+    and lost the steps since the last checkpoint (step 4)."""
+    if ranks == 2 and not torch.distributed.is_available():
+        pytest.skip("no torch.distributed")
+    run = tmp_path / "run"
+    if ranks == 1:
+        command = [sys.executable, str(DRIVER), *ARGS, "--output-dir", str(run)]
+    else:
+        command = _torchrun(run)
+    status, output = _finish(_start(command, fault=f"sigterm-rank:{ranks - 1}:4"))
+    assert status != 0
+    if ranks == 1:
+        assert status == 128 + signal.SIGTERM, output[-4000:]
+    message = f"meta-training stopped at step 5 of {STEPS} as asked; the checkpoint of step 5"
+    assert output.count(message) == ranks, output[-4000:]  # every rank stopped at that step
+    assert _checkpoint_step(run) == 5 and not _temporaries(run)
+    assert _logged_steps(run) == [1, 2, 3, 4, 5]
+    train(TrainConfig(**SETTINGS, output_dir=str(run), resume=True))
+    _assert_same_phi(run, reference)
+    assert _logged_steps(run) == list(range(1, STEPS + 1))
+
+
 def _rank_that_may_hang(rank: int, port: int, run: Path, results: Any) -> None:
     """Rank ``rank`` of 2 in a forked process; rank 1 stops answering at step 4."""
     from metaperturb.train.distributed import Collective

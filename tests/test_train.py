@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import metaperturb
+from metaperturb.errors import TrainingStoppedError
 from metaperturb.train import CheckpointError, RunExistsError, TrainConfig, read_metrics, train
 from metaperturb.train.learner import TaskLearner, batchnorm_eval
 from metaperturb.train.sampling import EpochSampler, TaskStream, derive_seed
@@ -133,6 +135,40 @@ def test_resume_gives_the_same_phi_bit_for_bit(tmp_path: Path, finished_run: Pat
             assert torch.equal(resumed["tasks"][task]["model"][name], tensor), name
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [2, 3, 4]
+
+
+@needs_tiny
+def test_a_run_asked_to_stop_checkpoints_the_step_it_is_at(
+    tmp_path: Path, finished_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train(config, stop=event)`` set during step 3 (between checkpoints at 2 and 4, and
+    between log records at 2 and 4): the run checkpoints step 3 and raises; resuming gives the
+    uninterrupted phi and metrics, the record of step 4 included (it averages steps 3 and 4,
+    so the metric sums since step 2 are part of the checkpoint)."""
+    stop = threading.Event()
+    real = TaskLearner.step
+
+    def step(self: TaskLearner, index: int, grads: list[torch.Tensor]) -> None:
+        real(self, index, grads)
+        if index == 2:  # the third step
+            stop.set()
+
+    monkeypatch.setattr(TaskLearner, "step", step)
+    config = _config(tmp_path / "stopped")
+    with pytest.raises(TrainingStoppedError, match="stopped at step 3 of 4 as asked"):
+        train(config, stop=stop)
+    assert _load(tmp_path / "stopped" / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(TaskLearner, "step", real)
+    train(dataclasses.replace(config, resume=True))
+    resumed = _load(tmp_path / "stopped" / "checkpoint.pt")
+    straight = _load(finished_run / "checkpoint.pt")
+    for name, tensor in straight["phi"].items():
+        assert torch.equal(resumed["phi"][name], tensor), name
+    records = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    expected = read_metrics(finished_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    for got, want in zip(records, expected, strict=True):
+        assert got["mean"] == want["mean"] and got["tasks"] == want["tasks"]
 
 
 @needs_tiny

@@ -11,12 +11,12 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
 from ..errors import MetaPerturbError
+from ..stopping import stop_on_signals
 from .config import TrainConfig
 
 __all__ = [
@@ -74,15 +74,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in fields(TrainConfig)})
 
 
-class Terminated(Exception):
-    """SIGTERM as an exception, so that the trainer can still say how to resume."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise Terminated("received SIGTERM (torchrun stops every rank this way when one fails)")
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     """Meta-train as ``args`` say; prints where phi went. Errors are one line on stderr."""
     from .loop import train
@@ -97,21 +88,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ValueError as error:  # TrainConfig's checks
         print(f"error: {error}", file=sys.stderr)
         return 2
-    # torchrun and schedulers stop a run with SIGTERM, which would end it without a word.
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    try:
-        target = train(config)
-    except MetaPerturbError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except Terminated as error:  # before or after the loop, which reports it itself
-        hint = "rerun the same command (with --resume if its folder has a checkpoint)"
-        print(f"error: {error}; {hint}.", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        if main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    # torchrun, schedulers and Ctrl-C stop a run with a signal: the first one ends the step in
+    # progress and checkpoints it (torchrun stops every rank this way when one fails; they stop
+    # together, or on the broken connection); a second one ends the process at once.
+    with stop_on_signals() as stop:
+        try:
+            target = train(config, stop=stop)
+        except MetaPerturbError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 128 + signal.SIGTERM if stop.is_set() else 1
     if rank == 0:
         print(target)
     return 0

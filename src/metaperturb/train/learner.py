@@ -149,12 +149,20 @@ class TaskLearner:
         self.meter.add("heldout", loss.detach(), logits.detach(), labels)
 
     def state_dict(self) -> dict[str, Any]:
-        """theta_t (with the sites' running statistics, without phi) and its optimizer."""
+        """theta_t (with the sites' running statistics, without phi), its optimizer, and the
+        metric sums since the last log record (a checkpoint between two records, e.g. a stop
+        asked mid-interval, resumes to the same next record)."""
         prefix = f"{ATTRIBUTE}.phi."
         model = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
-        return {"model": model, "optimizer": self.optimizer.state_dict()}
+        return {
+            "model": model,
+            "optimizer": self.optimizer.state_dict(),
+            "meter": self.meter.sums.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Missing phi keys are allowed by wrap's load hook; anything else must match.
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        if "meter" in state:  # absent from checkpoints written before it was kept
+            self.meter.sums.copy_(state["meter"])

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -51,19 +52,22 @@ _PHI_KEY = 3
 _CRASH_ENV = "_METAPERTURB_TEST_CRASH_AT_STEP"
 
 
-def train(config: TrainConfig) -> Path:
+def train(config: TrainConfig, stop: threading.Event | None = None) -> Path:
     """Meta-train phi as ``config`` says; returns the folder phi was saved to.
 
     Run it as one process, or as several under ``torchrun`` (each process takes a block of the
     tasks). Under ``torchrun --max-restarts``, restarted workers resume from the checkpoint.
+    ``stop`` (e.g. from :func:`~metaperturb.stopping.stop_on_signals`), once set on any rank,
+    ends the loop after the step in progress: every rank stops at that step, a checkpoint of it
+    is written and :class:`TrainingStoppedError` says to resume.
 
     Raises:
         RunExistsError: the output folder holds a checkpoint and ``config.resume`` is false.
         CheckpointError: ``config.resume`` and no usable checkpoint, or settings that differ
             from the checkpoint's (other than those in ``RESUMABLE_CHANGES``).
         DataError, SplitError: the data cannot be loaded or split as asked.
-        TrainingStoppedError: the loop stopped part-way (another rank died or timed out, a
-            write failed); the message names the last checkpoint and says how to resume.
+        TrainingStoppedError: the loop stopped part-way (asked to, another rank died or timed
+            out, a write failed); the message names the last checkpoint and says how to resume.
 
     Example:
         >>> from metaperturb.train import TrainConfig, train
@@ -72,7 +76,7 @@ def train(config: TrainConfig) -> Path:
     with session(config.device, config.dist_timeout) as comm:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        return _MetaTrainer(config, comm).run()
+        return _MetaTrainer(config, comm, stop).run()
 
 
 def _restarted() -> bool:
@@ -82,8 +86,11 @@ def _restarted() -> bool:
 class _MetaTrainer:
     """The state of one run on one rank; :meth:`run` is the loop."""
 
-    def __init__(self, config: TrainConfig, comm: Collective) -> None:
+    def __init__(
+        self, config: TrainConfig, comm: Collective, stop: threading.Event | None = None
+    ) -> None:
         self.comm = comm
+        self.stop = stop
         self.output = Path(config.output_dir)
         self.resumed = self._resume_payload(config)
         self.resumed_from = None if self.resumed is None else int(self.resumed["step"])
@@ -310,8 +317,13 @@ class _MetaTrainer:
             grads = [torch.zeros_like(p) for p in parameters]
             for learner in self.learners:
                 learner.step(step, grads)
-            flat = comm.all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
-            flat.div_(self.split.num_tasks)
+            # A stop asked on any rank rides on the gradient's all-reduce as one more number,
+            # so every rank sees the same sum and stops after the same step.
+            asked = self.stop is not None and self.stop.is_set()
+            flag = grads[0].new_full((1,), float(asked))
+            flat = comm.all_reduce_sum_(torch.cat([*(g.reshape(-1) for g in grads), flag]))
+            stopping = bool(flat[-1] > 0)
+            flat = flat[:-1].div_(self.split.num_tasks)
             for parameter, grad in zip(parameters, flat.split(sizes), strict=True):
                 parameter.grad = grad.view_as(parameter)
             self.phi_optimizer.step()
@@ -336,6 +348,15 @@ class _MetaTrainer:
                 done == config.steps
             ):
                 self._checkpoint(done)
+            if stopping and done < config.steps:
+                bar.close()
+                if self.checkpointed != done:
+                    self._checkpoint(done)
+                raise TrainingStoppedError(
+                    f"meta-training stopped at step {done} of {config.steps} as asked; the "
+                    f"checkpoint of step {done} in {self.output} holds it: rerun the same command "
+                    "with --resume to continue."
+                )
         bar.close()
         target = self.output / PHI_DIRNAME
         if comm.is_main:

@@ -2,10 +2,10 @@
 other regularizers, and record what each is worth (``metaperturb eval``,
 ``benchmarks/transfer.py``)."""
 
+from ..stopping import stop_on_signals
 from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .run import TransferConfig, find_equivalent_result, run_id, run_transfer
-from .stopping import stop_on_signals
 from .targets import PRESETS, Target, load_target, resolve_target
 
 __all__ = [

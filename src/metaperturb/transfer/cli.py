@@ -7,8 +7,8 @@ import json
 import sys
 from typing import Any
 
+from ..stopping import stop_on_signals
 from .run import TransferConfig, run_id, run_transfer
-from .stopping import stop_on_signals
 from .targets import PRESETS
 
 __all__ = ["add_eval_arguments", "config_from_args", "run_eval"]

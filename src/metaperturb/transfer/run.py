@@ -602,7 +602,7 @@ def run_transfer(
     taken: another process asked for the same run gets :class:`~metaperturb.errors.
     RunInProgressError` (a sweep skips it), so several sweeps can share one results folder.
 
-    ``stop`` (e.g. from :func:`~metaperturb.transfer.stopping.stop_on_signals`), once set, ends
+    ``stop`` (e.g. from :func:`~metaperturb.stopping.stop_on_signals`), once set, ends
     the run at the next step with a checkpoint of that step, or between evaluation batches, and
     raises :class:`~metaperturb.errors.TrainingStoppedError`.
     """
