@@ -335,14 +335,16 @@ class _Run:
                 self.train_seconds += time.perf_counter() - started
                 self._curve_point()
                 started = time.perf_counter()
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            scheduled = bool(config.checkpoint_every) and self.step % config.checkpoint_every == 0
+            if scheduled:
                 self.train_seconds += time.perf_counter() - started
                 if self.step < config.steps:
                     self.save_checkpoint()
                 started = time.perf_counter()
             if self._stop_asked() and self.step < config.steps:
                 self.train_seconds += time.perf_counter() - started
-                self.save_checkpoint()
+                if not scheduled:  # else this step's checkpoint was just written
+                    self.save_checkpoint()
                 bar.close()
                 raise TrainingStoppedError(
                     f"run {self.id} stopped at step {self.step} of {config.steps} as asked; "
