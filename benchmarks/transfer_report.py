@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from transfer_plots import plots
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
 TARGETS = ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100")
@@ -239,64 +241,6 @@ def tuning_table(folder: Path, steps: int) -> list[str]:
         for run in sorted(runs, key=lambda r: (r["method"].split("[")[0], -r["accuracy"]))
     ]
     return table(["setting (ResNet-20, seed 0)", "validation accuracy %", "datasets grid"], rows)
-
-
-def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    resnet = [r for r in results if r["model"] == "cifar_resnet20"]
-    for target, runs in grouped(resnet, "target").items():
-        figure, (curve, reliability, scales) = plt.subplots(
-            1, 3, figsize=(15, 4), constrained_layout=True
-        )
-        for index, run in enumerate(runs):
-            label = f"{run['method']} seed {run['seed']}"
-            color = f"C{index % 10}"  # one colour per run in all three panels
-            if run["curve"]:
-                curve.plot(
-                    [p["step"] for p in run["curve"]],
-                    [p["test_accuracy"] for p in run["curve"]],
-                    label=label,
-                    color=color,
-                )
-            bins = [b for b in run["evaluation"]["default"]["reliability"] if b["count"]]
-            reliability.plot(
-                [b["confidence"] for b in bins],
-                [b["accuracy"] for b in bins],
-                marker="o",
-                label=label,
-                color=color,
-            )
-            if run["scales"]:
-                scales.plot(
-                    range(len(run["scales"])),
-                    list(run["scales"].values()),
-                    marker="o",
-                    label=label,
-                    color=color,
-                )
-        reliability.plot([0, 1], [0, 1], color="grey", linestyle=":")
-        curve.set(xlabel="step", ylabel="test accuracy (curve subset)", title="accuracy vs step")
-        reliability.set(xlabel="confidence", ylabel="accuracy", title="reliability")
-        scales.set(
-            xlabel="site (input -> output)",
-            ylabel="mean channel scale s",
-            title="phi's scale per block",
-        )
-        for axis in (curve, reliability, scales):
-            if axis.get_legend_handles_labels()[0]:  # Base runs have no scales to draw
-                axis.legend(fontsize="x-small")
-        figure.suptitle(f"{target[0]}: ResNet-20, {runs[0]['steps']} steps")
-        path = folder / f"{target[0]}.png"
-        figure.savefig(path, dpi=90)
-        plt.close(figure)
-        written.append(path)
-    return written
 
 
 def main() -> None:
