@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_plots import plots
+from transfer_readme import update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
@@ -250,6 +251,12 @@ def main() -> None:
     parser.add_argument(
         "--output", type=Path, default=ROOT / "benchmarks" / "results" / "transfer.md"
     )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=ROOT / "README.md",
+        help="rewrite this file's generated results tables (only for the paper's schedule)",
+    )
     args = parser.parse_args()
     results = load_results(args.results, args.steps)
     schedule = (
@@ -305,6 +312,9 @@ def main() -> None:
         lines.append(f"![{path.stem}]({path.relative_to(args.output.parent).as_posix()})")
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.steps == 10_000:  # a shorter schedule's numbers never reach the README
+        blocks = update_readme(args.readme, results)
+        print(f"{args.readme}: rewrote the results tables {', '.join(blocks) or '(none found)'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""The README's evaluation tables, generated from the results so that none is copied by hand.
+
+``transfer_report.py`` rewrites each block of README.md between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->`` with the table of that name. Every planned row and column is shown;
+a cell without runs stays empty (not run yet) rather than guessed. Cells are mean +- std over
+seeds with the number of runs in parentheses.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from metaperturb._atomic import atomic_write
+
+__all__ = ["BLOCKS", "update_readme"]
+
+Results = list[dict[str, Any]]
+
+TARGETS = {
+    "s-cifar10": "s-CIFAR10",
+    "s-fashion-mnist": "s-Fashion-MNIST",
+    "mnist-10k": "MNIST-10k",
+    "omniglot-100": "Omniglot-100",
+}
+# (method id pattern, README label, label of the row before it has runs); in row order.
+METHODS = [
+    (r"base", "Base", "Base"),
+    (r"metaperturb\[phi-star\]", "MetaPerturb, phi\\* (shipped)", ""),
+    (r"metaperturb\[authors\]", "MetaPerturb, the authors' phi (comparison only)", ""),
+    (r"dropblock\[(.+),(.+)\]", r"DropBlock (rate \1, block size \2)", "DropBlock (tuned)"),
+    (r"mixup\[(.+)\]", r"Manifold Mixup (alpha \1)", "Manifold Mixup (tuned)"),
+    (r"finetune\[[^]]+\]", "Fine-tuning (ResNet-20 pretrained on Tiny ImageNet)", ""),
+    (r"finetune\[[^]]+\]\+metaperturb\[phi-star\]", "Fine-tuning + MetaPerturb (phi\\*)", ""),
+]
+NETWORKS = {
+    "conv4": "Conv4",
+    "conv6": "Conv6",
+    "cifar_resnet20": "ResNet-20",
+    "cifar_resnet44": "ResNet-44",
+    "cifar_wrn_28_2": "WRN-28-2",
+    "cifar_resnet18": "ResNet-18 (timm's, adapted to 32 px)",
+    "cifar_mobilenetv2_100": "MobileNetV2 (timm's, adapted to 32 px)",
+}
+
+
+def _label(method: str) -> tuple[int, str] | None:
+    """The row (its index in METHODS) and README label of a method id; None for runs kept out
+    of these tables (another placement, a phi candidate)."""
+    for index, (pattern, label, _) in enumerate(METHODS):
+        if re.fullmatch(pattern, method):
+            return index, re.sub(pattern, label, method)
+    return None
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return ""
+    values = [v * 100 for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1)"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
+
+
+def _mean(runs: Results, key: Callable[[dict[str, Any]], float | None]) -> float | None:
+    values = [v for v in map(key, runs) if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return ["| " + " | ".join(row) + " |" for row in [header, align, *rows]]
+
+
+def datasets(results: Results) -> list[str]:
+    """Paper Table 1 analog: ResNet-20, every method x every target, default eval; the last
+    column is the method's lead over Base averaged over the targets where both have runs."""
+    runs = [r for r in results if r["model"] == "cifar_resnet20" and _label(r["method"])]
+    rows: dict[tuple[int, str], dict[str, Results]] = {}
+    for run in runs:
+        rows.setdefault(_label(run["method"]), {}).setdefault(run["target"], []).append(run)  # type: ignore[arg-type]
+    for index, (_, label, pending) in enumerate(METHODS):
+        if not any(key[0] == index for key in rows):
+            rows[(index, pending or label)] = {}  # a planned row without runs yet
+    base = next((cells for (index, _), cells in rows.items() if index == 0), {})
+    body = []
+    for (_, label), cells in sorted(rows.items()):
+        line = [label] + [_cell([r["accuracy"] for r in cells.get(t, [])]) for t in TARGETS]
+        leads = [
+            statistics.mean(r["accuracy"] for r in cells[t])
+            - statistics.mean(r["accuracy"] for r in base[t])
+            for t in TARGETS
+            if cells.get(t) and base.get(t)
+        ]
+        lead = f"{statistics.mean(leads) * 100:+.2f} ({len(leads)})" if leads else ""
+        line.append("" if cells is base else lead)
+        body.append(line)
+    header = ["ResNet-20, test accuracy %", *TARGETS.values(), "vs Base (targets)"]
+    return _table(header, body)
+
+
+def evaluation(results: Results) -> list[str]:
+    """The one-forward default against the authors' 100-sample Monte Carlo, with the ECE of
+    each, on the targets that recorded MC-100."""
+    resnet = [r for r in results if r["model"] == "cifar_resnet20"]
+    scored = {r["target"] for r in resnet if "mc100" in r["evaluation"]}
+    body = []
+    for target, name in TARGETS.items():
+        for pattern, label, _ in METHODS[:3]:
+            runs = [
+                r for r in resnet if r["target"] == target and re.fullmatch(pattern, r["method"])
+            ]
+            if not runs or target not in scored:
+                continue
+            mc = [r["evaluation"]["mc100"] for r in runs if "mc100" in r["evaluation"]]
+            body.append(
+                [
+                    name,
+                    label,
+                    _cell([r["accuracy"] for r in runs]),
+                    _cell([s["accuracy"] for s in mc]),
+                    _cell([r["ece"] for r in runs]),
+                    _cell([s["ece"] for s in mc]),
+                ]
+            )
+    header = ["target", "method", "default (1 forward)", "MC-100", "ECE default", "ECE MC-100"]
+    return _table(header, body)
+
+
+def architectures(results: Results) -> list[str]:
+    """Paper Table 2 analog: Base vs MetaPerturb (phi*) on s-CIFAR10 for every network."""
+    body = []
+    for model, name in NETWORKS.items():
+        runs = [r for r in results if r["target"] == "s-cifar10" and r["model"] == model]
+        base = [r["accuracy"] for r in runs if r["method"] == "base"]
+        phi = [r["accuracy"] for r in runs if r["method"] == "metaperturb[phi-star]"]
+        lead = (
+            f"{(statistics.mean(phi) - statistics.mean(base)) * 100:+.2f}" if base and phi else ""
+        )
+        body.append([name, _cell(base), _cell(phi), lead])
+    return _table(["s-CIFAR10, test accuracy %", "Base", "MetaPerturb (phi\\*)", "lead"], body)
+
+
+BLOCKS: dict[str, Callable[[Results], list[str]]] = {
+    "datasets": datasets,
+    "evaluation": evaluation,
+    "architectures": architectures,
+}
+
+
+def update_readme(path: Path, results: Results) -> list[str]:
+    """Rewrite the README's generated blocks; returns the names of those it found. A block with
+    an opening marker and no closing one is an error (the rest of the file would be lost)."""
+    text = path.read_text()
+    found = []
+    for name, build in BLOCKS.items():
+        start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+        if start not in text:
+            continue
+        if end not in text.split(start, 1)[1]:
+            raise SystemExit(f"{path}: {start} has no {end} after it; add it, then rerun.")
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + start + "\n" + "\n".join(build(results)) + "\n" + end + after
+        found.append(name)
+    atomic_write(path, text)
+    return found

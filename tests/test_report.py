@@ -1,0 +1,82 @@
+"""The evaluation report's README tables (benchmarks/transfer_readme.py): generated, never copied
+by hand, so a wrong cell is a wrong result file, not a typo."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+readme = _module("transfer_readme")
+
+
+def _run(method: str, target: str, accuracy: float, model: str = "cifar_resnet20") -> dict:
+    return {
+        "method": method,
+        "target": target,
+        "model": model,
+        "accuracy": accuracy,
+        "ece": 0.1,
+        "evaluation": {},
+    }
+
+
+RESULTS = [
+    _run("base", "s-cifar10", 0.70),
+    _run("base", "s-cifar10", 0.68),
+    _run("metaperturb[phi-star]", "s-cifar10", 0.72),
+    _run("base", "mnist-10k", 0.99),
+    _run("metaperturb[phi-star]", "mnist-10k", 0.98),
+    _run("dropblock[0.05,5]", "s-cifar10", 0.71),
+    _run("metaperturb[phi-star,pre-act]", "s-cifar10", 0.10),  # another placement: left out
+]
+
+
+def test_datasets_table_averages_seeds_leaves_missing_cells_empty_and_leads_over_base() -> None:
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.datasets(RESULTS)[2:]}
+    assert rows["Base"].split(" | ")[1:3] == ["69.00 +- 1.41 (2)", ""]
+    phi = rows["MetaPerturb, phi\\* (shipped)"].rstrip(" |").split(" | ")
+    # s-CIFAR10 +3.00 and MNIST-10k -1.00 over Base: +1.00 over 2 targets.
+    assert phi[1] == "72.00 (1)" and phi[3] == "98.00 (1)" and phi[-1] == "+1.00 (2)"
+    assert "DropBlock (rate 0.05, block size 5)" in rows
+    assert "Manifold Mixup (tuned)" in rows  # planned, not run: an empty row, not a guess
+    assert not any("10.00" in line for line in rows.values())
+
+
+def test_update_readme_rewrites_only_between_the_markers(tmp_path: Path) -> None:
+    path = tmp_path / "README.md"
+    text = (
+        "intro\n<!-- results:architectures -->\nold table\n<!-- /results:architectures -->\nend\n"
+    )
+    path.write_text(text)
+    assert readme.update_readme(path, RESULTS) == ["architectures"]
+    once = path.read_text()
+    assert once.startswith("intro\n<!-- results:architectures -->\n| s-CIFAR10")
+    assert once.endswith("<!-- /results:architectures -->\nend\n") and "old table" not in once
+    assert "| ResNet-20 | 69.00 +- 1.41 (2) | 72.00 (1) | +3.00 |" in once
+    readme.update_readme(path, RESULTS)
+    assert path.read_text() == once  # idempotent
+
+
+def test_a_block_without_its_closing_marker_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    path = tmp_path / "README.md"
+    text = "intro\n<!-- results:datasets -->\nthe rest of the README\n"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match="no <!-- /results:datasets -->"):
+        readme.update_readme(path, RESULTS)
+    assert path.read_text() == text
