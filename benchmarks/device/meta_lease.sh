@@ -14,6 +14,7 @@
 # finishes, its phi (a stopped run's checkpoint, 35 MB of task networks and optimiser state, is
 # too large to come back, so a run that does not finish in the call is lost). $OUT/logs.tar: the
 # processes' logs and the GPU's use. DEVICE=cpu STEPS=N for a rehearsal without a GPU.
+# PLACEMENT=before_activation meta-trains phi where the authors put it (runs preact-seed-<k>).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 budget=$1; shift
@@ -21,6 +22,8 @@ began=$(date +%s)
 source benchmarks/device/env.sh
 device=${DEVICE:-cuda}
 runs_dir=${RUNS_DIR:-runs/phi-star}
+placement=${PLACEMENT:-output}
+prefix=$([ "$placement" = before_activation ] && echo preact-)
 logs=/tmp/meta-logs; mkdir -p "$logs" "$runs_dir"
 source_data=.source/tiny-imagenet-200-32px
 [ -f "$source_data/train.parquet" ] || { echo "no $source_data/train.parquet: see the header"; exit 1; }
@@ -28,7 +31,9 @@ source_data=.source/tiny-imagenet-200-32px
 
 pack() {
   local runs=()
-  for seed in "$@"; do [ -d "$runs_dir/seed-$seed" ] && runs+=("$runs_dir/seed-$seed"); done
+  for seed in "$@"; do
+    [ -d "$runs_dir/${prefix}seed-$seed" ] && runs+=("$runs_dir/${prefix}seed-$seed")
+  done
   [ ${#runs[@]} -gt 0 ] && tar -cf "$out/runs.partial" --exclude=checkpoint.pt --exclude='*.partial' \
     "${runs[@]}" && mv "$out/runs.partial" "$out/runs.tar"
   tar -cf "$out/logs.partial" -C "$logs" . && mv "$out/logs.partial" "$out/logs.tar"
@@ -40,7 +45,7 @@ pids=()
 for seed in "$@"; do
   # shellcheck disable=SC2086
   timeout --signal=TERM "$seconds" "$python" benchmarks/phi_star.py --runs-dir "$runs_dir" train \
-    --seeds "$seed" --data "$source_data" --threads 1 ${STEPS:+--steps $STEPS} \
+    --seeds "$seed" --data "$source_data" --threads 1 --placement "$placement" ${STEPS:+--steps $STEPS} \
     > "$logs/seed-$seed.log" 2>&1 &
   pids+=($!)
 done
@@ -52,7 +57,7 @@ wait "${pids[@]}"
 pack "$@"
 for seed in "$@"; do
   printf 'seed %s: %s\n' "$seed" \
-    "$([ -f "$runs_dir/seed-$seed/phi/model.safetensors" ] && echo finished || echo NOT finished)"
+    "$([ -f "$runs_dir/${prefix}seed-$seed/phi/model.safetensors" ] && echo finished || echo NOT finished)"
 done
 tail -n 3 "$logs"/seed-*.log
 ls -la "$out"
