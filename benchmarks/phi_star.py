@@ -77,6 +77,11 @@ def select(args: argparse.Namespace) -> None:
     runs = [str(run) for run in _runs(args.runs_dir) if _finished(run)]
     if not runs:
         raise SystemExit(f"no finished run under {args.runs_dir}: run `train` first.")
+    # The phi* now installed competes too (unless one of the runs is it): a new run replaces
+    # it only by scoring higher in the same meta-test, not by being the best of a new batch.
+    installed = _installed_candidate(runs)
+    if installed is not None:
+        runs.append(installed)
     command = [
         sys.executable, "-m", "metaperturb", "select", *runs,
         "--data", str(args.data), "--skip-per-class", "500", "--max-per-class", "500",
@@ -87,6 +92,19 @@ def select(args: argparse.Namespace) -> None:
     subprocess.run(command, check=True)
     if args.runs_dir == RUNS:
         keep_finished(RUNS, KEPT)
+
+
+def _installed_candidate(runs: list[str]) -> str | None:
+    """``weights/phi-star`` as a candidate, or None if absent or the same 82 numbers as a run."""
+    from metaperturb.hub import load_phi
+
+    if not (TARGET / "model.safetensors").is_file():
+        return None
+    fingerprint = load_phi(TARGET).fingerprint()
+    for run in runs:
+        if load_phi(Path(run) / "phi").fingerprint() == fingerprint:
+            return None
+    return str(TARGET)
 
 
 def _metrics_summary(run: Path) -> list[str]:
@@ -132,6 +150,10 @@ def install(args: argparse.Namespace) -> None:
 
     report = json.loads((args.runs_dir / "selection" / "selection.json").read_text())
     best = Path(report["best"])
+    if best.resolve() == Path(args.target_dir).resolve():
+        score = report["scores"][report["best"]]
+        print(f"the installed phi* scored highest ({score:.4f}): it stays, nothing installed")
+        return
     phi = Perturbation.from_pretrained(best / "phi" if (best / "phi").is_dir() else best)
     run = best if (best / "metrics.jsonl").is_file() else best.parent
     score = report["scores"][report["best"]]
