@@ -12,6 +12,8 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
                                                       # CIFAR-10 validation slice
     python benchmarks/transfer.py placement           # phi before the blocks' last ReLU
                                                       # (the authors' placement), s-CIFAR10
+    python benchmarks/transfer.py annealing           # phi* without the strength ramp, and
+                                                      # ramped over the whole run, s-CIFAR10
     python benchmarks/transfer.py priority --list     # what would run, and what is done
     python benchmarks/transfer.py priority --phi seed-0=runs/phi-star/seed-0/phi
                                                       # also a phi not installed (a candidate)
@@ -173,6 +175,22 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                             **common,  # type: ignore[arg-type]
                         )
                     )
+    elif name == "annealing":
+        # Why (issue: evaluation): does the strength ramp (0 -> 1 over the first 40% of the
+        # steps, METHOD.md) matter? phi* at full strength from the start, and ramped over the
+        # whole run; compared with `priority`'s phi* runs (0.4).
+        for fraction in (0.0, 1.0):
+            for seed in seeds:
+                runs.append(
+                    TransferConfig(
+                        target="s-cifar10",
+                        seed=seed,
+                        phi="default",
+                        phi_name="phi-star",
+                        ramp_fraction=fraction,
+                        **common,  # type: ignore[arg-type]
+                    )
+                )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:
@@ -239,7 +257,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "grid",
-        choices=["priority", "architectures", "datasets", "tune", "pretrain", "placement"],
+        choices=[
+            "priority",
+            "architectures",
+            "datasets",
+            "tune",
+            "pretrain",
+            "placement",
+            "annealing",
+        ],
     )
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

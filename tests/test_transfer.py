@@ -535,6 +535,36 @@ def test_the_placement_is_part_of_the_method_and_the_run_id() -> None:
 
 
 @needs_mnist
+def test_the_ramp_fraction_names_the_run_and_sets_the_strength_schedule(tmp_path: Path) -> None:
+    """The annealing ablation: ``ramp_fraction=0`` trains at full strength from the first step;
+    the default (0.4, METHOD.md) keeps the method and run id every earlier result has."""
+    common: dict[str, Any] = {
+        "target": tiny_target(),
+        "phi": "default",
+        "phi_name": "x",
+        "steps": 10,
+        "model": "cifar_resnet20",
+    }
+    assert TransferConfig(**common).method == "metaperturb[x]"
+    none = TransferConfig(ramp_fraction=0.0, **common)
+    assert none.method == "metaperturb[x,ramp0]" and run_id(none) != run_id(
+        TransferConfig(**common)
+    )
+    for fraction, strengths in (
+        (0.0, [1.0, 1.0, 1.0]),
+        (0.4, [0.0, 0.25, 0.5]),
+        (1.0, [0.0, 0.1, 0.2]),
+    ):
+        run = run_module._Run(TransferConfig(ramp_fraction=fraction, **common), tmp_path)
+        assert run.strength is not None
+        seen = [run.strength.strength]
+        for _ in range(2):
+            run.strength.step()
+            seen.append(run.strength.strength)
+        assert seen == pytest.approx(strengths), fraction
+
+
+@needs_mnist
 def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,6 +54,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="what phi perturbs: block outputs, or the input of each block's final activation "
         "(explicit here, whatever phi's config says, so that run ids name it)",
     )
+    add(
+        "--ramp-fraction",
+        type=float,
+        default=0.4,
+        metavar="X",
+        help="phi's strength ramps from 0 to 1 over this fraction of the steps (default 0.4)",
+    )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
         "--channels-last",
@@ -92,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         phi=args.phi,
         phi_name=args.phi_name,
         placement=args.placement,
+        ramp_fraction=args.ramp_fraction,
         dropblock_rate=args.dropblock_rate,
         dropblock_size=args.dropblock_size,
         mixup_alpha=args.mixup_alpha,

@@ -67,6 +67,9 @@ class TransferConfig:
     #: What phi perturbs (:func:`metaperturb.wrap`'s ``placement``): ``"output"`` or
     #: ``"before_activation"``.
     placement: str = "output"
+    #: phi's strength ramps from 0 to 1 over this fraction of the steps (METHOD.md: 0.4, the
+    #: authors' code; 0: full strength from the first step). Named in the run id when not 0.4.
+    ramp_fraction: float = 0.4
     #: DropBlock rate and block size (rate 0: not used).
     dropblock_rate: float = 0.0
     dropblock_size: int = 3
@@ -109,6 +112,8 @@ class TransferConfig:
             parts.append(f"finetune[{self.init_name or Path(self.init).stem}]")
         if self.phi is not None:
             where = ",pre-act" if self.placement == "before_activation" else ""
+            if self.ramp_fraction != 0.4:
+                where += f",ramp{self.ramp_fraction:g}"
             parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
@@ -204,7 +209,9 @@ class _Run:
                 input_size=self.input_size,
                 placement=cast(Placement, config.placement),
             )
-            self.strength = StrengthScheduler(self.model, total_steps=config.steps)
+            self.strength = StrengthScheduler(
+                self.model, total_steps=config.steps, ramp_fraction=config.ramp_fraction
+            )
         self.dropblock = (
             DropBlock(self.model, config.dropblock_rate, config.dropblock_size, self.input_size)
             if config.dropblock_rate > 0
