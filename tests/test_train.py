@@ -155,8 +155,9 @@ def test_a_run_asked_to_stop_checkpoints_the_step_it_is_at(
 
     monkeypatch.setattr(TaskLearner, "step", step)
     config = _config(tmp_path / "stopped")
-    with pytest.raises(TrainingStoppedError, match="stopped at step 3 of 4 as asked"):
+    with pytest.raises(TrainingStoppedError, match="stopped at step 3 of 4 as asked") as stopped:
         train(config, stop=stop)
+    assert stopped.value.asked  # a stop asked, not a failure: the CLI exits 143
     assert _load(tmp_path / "stopped" / "checkpoint.pt")["step"] == 3
     monkeypatch.setattr(TaskLearner, "step", real)
     train(dataclasses.replace(config, resume=True))

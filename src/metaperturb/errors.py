@@ -95,3 +95,9 @@ class SplitError(MetaPerturbError, ValueError):
 class TrainingStoppedError(MetaPerturbError, RuntimeError):
     """Training stopped part-way (a meta-training rank died, a write failed, SIGTERM, an
     evaluation run asked to stop); says how to resume."""
+
+    def __init__(self, message: str, *, asked: bool = False) -> None:
+        super().__init__(message)
+        #: True when the run stopped because a stop was asked (a signal to this process or to
+        #: another rank), with the step it was at checkpointed; False for a failure.
+        self.asked = asked

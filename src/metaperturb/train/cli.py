@@ -96,7 +96,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             target = train(config, stop=stop)
         except MetaPerturbError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 128 + signal.SIGTERM if stop.is_set() else 1
+            # 143 on every rank of a stop that was asked, even those that were not signalled.
+            asked = stop.is_set() or getattr(error, "asked", False)
+            return 128 + signal.SIGTERM if asked else 1
     if rank == 0:
         print(target)
     return 0

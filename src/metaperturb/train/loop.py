@@ -355,7 +355,8 @@ class _MetaTrainer:
                 raise TrainingStoppedError(
                     f"meta-training stopped at step {done} of {config.steps} as asked; the "
                     f"checkpoint of step {done} in {self.output} holds it: rerun the same command "
-                    "with --resume to continue."
+                    "with --resume to continue.",
+                    asked=True,
                 )
         bar.close()
         target = self.output / PHI_DIRNAME

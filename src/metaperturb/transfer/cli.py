@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -133,7 +134,8 @@ def run_eval(args: argparse.Namespace) -> int:
             result = run_transfer(config, args.output_dir, progress=args.progress, stop=stop)
     except (MetaPerturbError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        # A stop that was asked (SIGTERM, Ctrl-C) exits as a signalled process would.
+        return 128 + signal.SIGTERM if getattr(error, "asked", False) else 1
     summary = {
         "id": run_id(config),
         "accuracy": round(result["accuracy"], 4),

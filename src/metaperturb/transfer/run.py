@@ -355,7 +355,8 @@ class _Run:
                 bar.close()
                 raise TrainingStoppedError(
                     f"run {self.id} stopped at step {self.step} of {config.steps} as asked; "
-                    f"{self.checkpoint_path.name} holds that step: run the same command to go on."
+                    f"{self.checkpoint_path.name} holds that step: run the same command to go on.",
+                    asked=True,
                 )
         self.train_seconds += time.perf_counter() - started
         bar.close()
@@ -391,7 +392,8 @@ class _Run:
                 raise TrainingStoppedError(
                     f"run {self.id} stopped during its evaluation as asked; "
                     f"{self.checkpoint_path.name} holds the trained network: run the same "
-                    "command to evaluate it."
+                    "command to evaluate it.",
+                    asked=True,
                 )
             batch = self._layout(normalize(data.images[chunk].to(self.device), self.mean, self.std))
             if samples is not None:
