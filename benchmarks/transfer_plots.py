@@ -43,6 +43,10 @@ def _family(method: str) -> str:
     return re.sub(r"(dropblock|mixup|finetune)\[[^]]*\]", r"\1", method)
 
 
+def _seeds(count: int) -> str:
+    return f"{count} seed{'s' if count > 1 else ''}"
+
+
 def _plotted(run: dict[str, Any]) -> bool:
     return run["model"] == "cifar_resnet20" and _family(run["method"]) in COLOURS
 
@@ -70,7 +74,7 @@ def _curves(axis: Any, runs: list[dict[str, Any]]) -> None:
         colour = COLOURS[_family(method)]
         seeds = len(methods[method])
         mean = [statistics.mean(points[s]) for s in steps]
-        axis.plot(steps, mean, color=colour, label=f"{method} ({seeds} seeds)")
+        axis.plot(steps, mean, color=colour, label=f"{method} ({_seeds(seeds)})")
         if seeds > 1:
             low = [min(points[s]) for s in steps]
             high = [max(points[s]) for s in steps]
@@ -115,7 +119,7 @@ def _scales(axis: Any, runs: list[dict[str, Any]], method: str) -> None:
             mean,
             marker="o",
             color=TARGET_COLOURS.get(target),
-            label=f"{target} ({len(per_site)} seeds)",
+            label=f"{target} ({_seeds(len(per_site))})",
         )
     axis.set(
         xlabel="block (input -> output)", ylabel="mean channel scale s", title=method, ylim=(0, 1)
