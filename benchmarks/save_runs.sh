@@ -4,6 +4,7 @@
 #
 #   pkill -TERM -f benchmarks/transfer.py   # each running run checkpoints the step it is at
 #   benchmarks/save_runs.sh                 # commit benchmarks/results/transfer/*.ckpt
+#                                           # (MIN_STEPS=200: earlier ones are dropped)
 #
 # Why on main: a session may start from a fresh checkout that holds main and nothing else (the
 # side branch that used to keep these was lost that way on 2026-11-28, with three runs' hours).
@@ -17,6 +18,20 @@ checkpoints='benchmarks/results/transfer/*.ckpt'
 if pgrep -f benchmarks/transfer.py > /dev/null; then
   echo "warning: a sweep is still running; its checkpoint may be older than its progress" >&2
 fi
+# A run stopped in its first steps (say a sweep stopped just after moving on to its next run) is
+# cheaper to redo than to keep 3.4 MB in the history for: its checkpoint is deleted instead.
+"${PYTHON:-.venv/bin/python}" - "${MIN_STEPS:-200}" <<'PY'
+import glob, os, sys
+
+import torch
+
+least = int(sys.argv[1])
+for path in sorted(glob.glob("benchmarks/results/transfer/*.ckpt")):
+    step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    if step < least:
+        os.remove(path)
+        print(f"dropped {os.path.basename(path)}: step {step} < {least}, cheaper to redo than keep")
+PY
 git add -A -f -- "$checkpoints"
 if git diff --cached --quiet -- "$checkpoints"; then
   echo "no evaluation checkpoint changed"
