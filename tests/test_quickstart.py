@@ -2,7 +2,7 @@
 
 Runs ``examples/quickstart.py``'s ``main`` in-process on a handful of the bundled images, so a
 broken example or a broken public API path it uses (wrap with its fallback, inspect,
-StrengthScheduler, set_eval_mode) fails here rather than in a new user's first minute.
+StrengthScheduler, update_bn, set_eval_mode) fails here rather than in a new user's first minute.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -45,10 +46,22 @@ def test_bundled_data_is_there() -> None:
 
 
 def test_wrapped_run_prints_accuracy(
-    quickstart: ModuleType, capsys: pytest.CaptureFixture[str]
+    quickstart: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import metaperturb
+
+    calls: list[int] = []
+    real = metaperturb.update_bn
+
+    def counting_update_bn(loader: Any, model: Any, *args: Any, **kwargs: Any) -> None:
+        batches = list(loader)
+        calls.append(len(batches))
+        real(batches, model, *args, **kwargs)
+
+    monkeypatch.setattr(metaperturb, "update_bn", counting_update_bn)
     result = quickstart.main(TINY)
     printed = capsys.readouterr().out
+    assert calls == [2]  # after training, over the (64 images / 32 a batch) training batches
     assert result.wrapped
     assert 0.0 <= _accuracy(printed) <= 100.0
     assert _accuracy(printed) == pytest.approx(result.test_accuracy, abs=0.01)
