@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from metaperturb._atomic import atomic_write
 
-__all__ = ["BLOCKS", "update_readme"]
+__all__ = ["BLOCKS", "cell", "update_readme"]
 
 Results = list[dict[str, Any]]
 
@@ -56,18 +56,14 @@ def _label(method: str) -> tuple[int, str] | None:
     return None
 
 
-def _cell(values: list[float]) -> str:
+def cell(values: Iterable[float], scale: float = 100.0) -> str:
+    """``mean +- std (n)`` in percent; empty when there is nothing to show (not run yet)."""
+    values = [v * scale for v in values]
     if not values:
         return ""
-    values = [v * 100 for v in values]
     if len(values) == 1:
         return f"{values[0]:.2f} (1)"
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
-
-
-def _mean(runs: Results, key: Callable[[dict[str, Any]], float | None]) -> float | None:
-    values = [v for v in map(key, runs) if v is not None]
-    return statistics.mean(values) if values else None
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -88,7 +84,7 @@ def datasets(results: Results) -> list[str]:
     base = next((cells for (index, _), cells in rows.items() if index == 0), {})
     body = []
     for (_, label), cells in sorted(rows.items()):
-        line = [label] + [_cell([r["accuracy"] for r in cells.get(t, [])]) for t in TARGETS]
+        line = [label] + [cell([r["accuracy"] for r in cells.get(t, [])]) for t in TARGETS]
         leads = [
             statistics.mean(r["accuracy"] for r in cells[t])
             - statistics.mean(r["accuracy"] for r in base[t])
@@ -126,11 +122,11 @@ def evaluation(results: Results) -> list[str]:
                 [
                     name,
                     label,
-                    _cell([r["accuracy"] for r in runs]),
+                    cell([r["accuracy"] for r in runs]),
                     f"{statistics.mean(bn):+.2f} ({len(bn)})" if bn else "",
-                    _cell([s["accuracy"] for s in mc]),
-                    _cell([r["ece"] for r in runs]),
-                    _cell([s["ece"] for s in mc]),
+                    cell([s["accuracy"] for s in mc]),
+                    cell([r["ece"] for r in runs]),
+                    cell([s["ece"] for s in mc]),
                 ]
             )
     header = [
@@ -155,7 +151,7 @@ def architectures(results: Results) -> list[str]:
         lead = (
             f"{(statistics.mean(phi) - statistics.mean(base)) * 100:+.2f}" if base and phi else ""
         )
-        body.append([name, _cell(base), _cell(phi), lead])
+        body.append([name, cell(base), cell(phi), lead])
     return _table(["s-CIFAR10, test accuracy %", "Base", "MetaPerturb (phi\\*)", "lead"], body)
 
 

@@ -15,12 +15,11 @@ import json
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transfer_plots import plots
-from transfer_readme import update_readme
+from transfer_readme import cell, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
@@ -60,16 +59,6 @@ def _phi_star_fingerprint() -> str | None:
 
     path = default_phi_path()
     return load_phi(path).fingerprint() if (path / "model.safetensors").is_file() else None
-
-
-def cell(values: Iterable[float], scale: float = 100.0) -> str:
-    """``mean +- std (n)`` in percent; ``-`` when there is nothing to show."""
-    values = [v * scale for v in values]
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1)"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
 
 
 def grouped(
