@@ -18,12 +18,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import transfer_readme
 from transfer_plots import plots
 from transfer_readme import cell, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
-TARGETS = ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100")
+TARGETS = tuple(transfer_readme.TARGETS)  # the presets, in table order
 
 
 def _read(folder: Path, steps: int) -> list[dict[str, Any]]:
