@@ -142,17 +142,49 @@ def evaluation(results: Results) -> list[str]:
 
 
 def architectures(results: Results) -> list[str]:
-    """Paper Table 2 analog: Base vs MetaPerturb (phi*) on s-CIFAR10 for every network."""
+    """Paper Table 2 analog: Base vs MetaPerturb (phi*) on s-CIFAR10 for every network, at the
+    default placement (phi on each block's or unit's output) and before the last ReLU (the
+    authors' placement), each also after ``update_bn``: on a network where phi* fails, which
+    of the two explains it."""
+
+    def scores(runs: Results, method: str, mode: str = "") -> list[float]:
+        if not mode:
+            return [r["accuracy"] for r in runs if r["method"] == method]
+        return [
+            r["evaluation"][mode]["accuracy"]
+            for r in runs
+            if r["method"] == method and mode in r["evaluation"]
+        ]
+
     body = []
     for model, name in NETWORKS.items():
         runs = [r for r in results if r["target"] == "s-cifar10" and r["model"] == model]
-        base = [r["accuracy"] for r in runs if r["method"] == "base"]
-        phi = [r["accuracy"] for r in runs if r["method"] == "metaperturb[phi-star]"]
+        base = scores(runs, "base")
+        phi = scores(runs, "metaperturb[phi-star]")
         lead = (
             f"{(statistics.mean(phi) - statistics.mean(base)) * 100:+.2f}" if base and phi else ""
         )
-        body.append([name, cell(base), cell(phi), lead])
-    return _table(["s-CIFAR10, test accuracy %", "Base", "MetaPerturb (phi\\*)", "lead"], body)
+        body.append(
+            [
+                name,
+                cell(base),
+                cell(phi),
+                lead,
+                cell(scores(runs, "metaperturb[phi-star]", "update_bn")),
+                cell(scores(runs, "metaperturb[phi-star,pre-act]")),
+                cell(scores(runs, "metaperturb[phi-star,pre-act]", "update_bn")),
+            ]
+        )
+    header = [
+        "s-CIFAR10, test accuracy %",
+        "Base",
+        "MetaPerturb (phi\\*)",
+        "lead",
+        "phi\\* + update_bn",
+        "phi\\* before the last ReLU",
+        "same + update_bn",
+    ]
+    return _table(header, body)
 
 
 BLOCKS: dict[str, Callable[[Results], list[str]]] = {

@@ -58,6 +58,21 @@ def test_datasets_table_averages_seeds_leaves_missing_cells_empty_and_leads_over
     assert not any("10.00" in line for line in rows.values())
 
 
+def test_architectures_table_shows_update_bn_and_the_other_placement_beside_phi_star() -> None:
+    runs = [
+        _run("base", "s-cifar10", 0.72, model="conv4"),
+        _run("metaperturb[phi-star]", "s-cifar10", 0.66, model="conv4"),
+        _run("metaperturb[phi-star,pre-act]", "s-cifar10", 0.64, model="conv4"),
+    ]
+    runs[1]["evaluation"] = {"update_bn": {"accuracy": 0.73}}
+    runs[2]["evaluation"] = {"update_bn": {"accuracy": 0.70}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.architectures(runs)[2:]}
+    assert rows["Conv4"].split(" | ")[1:] == [
+        "72.00 (1)", "66.00 (1)", "-6.00", "73.00 (1)", "64.00 (1)", "70.00 (1) |"
+    ]  # fmt: skip
+    assert rows["Conv6"].split(" | ")[1:] == ["", "", "", "", "", " |"]
+
+
 def test_update_readme_rewrites_only_between_the_markers(tmp_path: Path) -> None:
     path = tmp_path / "README.md"
     text = (
@@ -68,7 +83,8 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path: Path) -> None
     once = path.read_text()
     assert once.startswith("intro\n<!-- results:architectures -->\n| s-CIFAR10")
     assert once.endswith("<!-- /results:architectures -->\nend\n") and "old table" not in once
-    assert "| ResNet-20 | 69.00 +- 1.41 (2) | 72.00 (1) | +3.00 |" in once
+    # Base, phi*, its lead; phi* + update_bn and the other placement were not recorded here.
+    assert "| ResNet-20 | 69.00 +- 1.41 (2) | 72.00 (1) | +3.00 |  | 10.00 (1) |  |" in once
     readme.update_readme(path, RESULTS)
     assert path.read_text() == once  # idempotent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -399,6 +400,21 @@ def test_before_activation_places_phi_on_the_residual_sum() -> None:
     metaperturb.unwrap(model)
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize(("placement", "signed"), [("output", False), ("before_activation", True)])
+def test_plain_conv_nets_take_either_placement(placement: str, signed: bool) -> None:
+    """Conv4's units (conv, BN, ReLU, pool): phi after the ReLU by default, as on a ResNet
+    block's output where phi* was meta-trained; on the signed BN output (METHOD.md's conv+BN)
+    before it. Conv4 once applied F.relu, which left only the BN output to hook."""
+    host = timm.create_model("conv4", num_classes=3)
+    plan = metaperturb.inspect(host, input_size=(3, 32, 32), placement=placement)  # type: ignore[arg-type]
+    assert [s.name for s in plan.sites] == [f"blocks.{i}.act" for i in range(4)]
+    torch.manual_seed(0)
+    model = metaperturb.wrap(host, phi=Perturbation(), input_size=(3, 32, 32), placement=placement)  # type: ignore[arg-type]
+    seen = phi_inputs(model)
+    model.train()(torch.randn(2, 3, 32, 32))
+    assert [bool((h < 0).any()) for h in seen] == [signed] * 4
 
 
 @pytest.mark.parametrize("memory_efficient", [False, True])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -41,11 +40,15 @@ class ConvUnit(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
+        # A module, not F.relu, so that a forward hook can sit on either side of it: MetaPerturb's
+        # "output" placement perturbs the non-negative unit output (as on a ResNet block's), its
+        # "before_activation" placement the signed BatchNorm output (METHOD.md's conv+BN).
+        self.act = nn.ReLU()
         self.pool: nn.Module = nn.MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``pool(relu(bn(conv(x))))``."""
-        return self.pool(F.relu(self.bn(self.conv(x))))
+        return self.pool(self.act(self.bn(self.conv(x))))
 
 
 class ConvNet(PooledClassifier):
