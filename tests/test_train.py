@@ -202,6 +202,37 @@ def test_epoch_sampler_covers_every_row_once_per_epoch() -> None:
     assert torch.equal(EpochSampler(10, 4, 3).positions(3), sampler.positions(3))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_and_the_meter_queue_their_work_without_waiting_for_the_gpu() -> None:
+    """A tensor made from host data (``.to("cuda")``, ``new_tensor``) waits for every queued
+    kernel, which keeps the host from queueing the next step's work: the batch path and the
+    metric sums must not do that."""
+    from metaperturb.train.metrics import Meter
+
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(64) % 4
+    streams = [
+        TaskStream(
+            data, labels, range(64), 16, (0, 1, 2), padding=2, flip=True, mean=[0.5] * 3,
+            std=[0.25] * 3,
+        )
+        for data in (images.cuda(), images)
+    ]  # fmt: skip
+    meter = Meter(torch.device("cuda"))
+    streams[0].batch(0)  # warm-up: the first pinned buffer
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch, targets = streams[0].batch(1)
+        logits = torch.zeros(16, 4, device="cuda")
+        meter.add("train", logits.sum(), logits, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected_batch, expected_targets = streams[1].batch(1)  # the same as on the CPU
+    torch.testing.assert_close(batch.cpu(), expected_batch)
+    assert torch.equal(targets.cpu(), expected_targets)
+    assert meter.collect()["train_acc"] == (expected_targets == 0).float().mean().item()
+
+
 def _learner(seed: int = 0, placement: str = "output", channels_last: bool = False) -> TaskLearner:
     from metaperturb.tasks import make_split
 

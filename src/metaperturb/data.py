@@ -32,6 +32,7 @@ __all__ = [
     "load_images",
     "normalize",
     "random_crop_flip",
+    "to_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -415,14 +416,33 @@ def random_crop_flip(
     return padded[
         torch.arange(batch, device=device)[:, None, None, None],
         torch.arange(channels, device=device)[None, :, None, None],
-        rows.to(device)[:, None, :, None],
-        columns.to(device)[:, None, None, :],
+        to_device(rows, device)[:, None, :, None],
+        to_device(columns, device)[:, None, None, :],
     ]
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 (B, C, H, W) to float32, scaled to [0, 1] then standardised per channel."""
+def normalize(
+    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
+) -> Tensor:
+    """uint8 (B, C, H, W) to float32, scaled to [0, 1] then standardised per channel.
+
+    ``mean`` and ``std`` as float32 tensors on the images' device spare a host-to-device copy
+    per batch (see :func:`to_device`); lists are converted on every call.
+    """
     shape = (1, -1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape)
     return (images.to(torch.float32) / 255.0 - mean_t) / std_t
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor.to(device)`` that does not make the host wait for the GPU.
+
+    A copy from ordinary (pageable) host memory to a CUDA device synchronises the stream: the
+    host waits for every kernel queued so far, so it cannot queue the next step's kernels
+    meanwhile. From pinned memory the copy is queued like a kernel instead; torch's caching
+    host allocator keeps the pinned buffer until the copy has run. Elsewhere a plain ``.to``.
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -57,9 +57,10 @@ class Meter:
         row = 0 if half == "train" else 1
         count = labels.shape[0]
         correct = (logits.argmax(dim=1) == labels).sum()
-        self.sums[row] += torch.stack(
-            [loss.double() * count, correct.double(), loss.new_tensor(count, dtype=torch.float64)]
-        )
+        self.sums[row, :2] += torch.stack([loss.double() * count, correct.double()])
+        # A Python number, not a tensor made from one: that would be a host-to-device copy,
+        # which waits for the GPU.
+        self.sums[row, 2] += count
 
     def collect(self) -> dict[str, float]:
         """The averages since the last call, then reset."""

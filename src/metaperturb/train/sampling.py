@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import normalize, random_crop_flip
+from ..data import normalize, random_crop_flip, to_device
 
 __all__ = ["EpochSampler", "TaskStream", "derive_seed"]
 
@@ -93,11 +93,13 @@ class TaskStream:
         self.keys = tuple(int(key) for key in keys)
         self.sampler = EpochSampler(len(self.rows), batch_size, derive_seed(*self.keys, 0))
         self.padding, self.flip, self.augment = padding, flip, augment
-        self.mean, self.std = list(mean), list(std)
+        # On the images' device once, not converted per batch.
+        self.mean = to_device(torch.tensor(mean, dtype=torch.float32), images.device)
+        self.std = to_device(torch.tensor(std, dtype=torch.float32), images.device)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """Images (float32, normalised) and task-local labels of batch ``step``."""
-        rows = self.rows[self.sampler.positions(step)].to(self.images.device)
+        rows = to_device(self.rows[self.sampler.positions(step)], self.images.device)
         images = self.images[rows]
         if self.augment and (self.padding or self.flip):
             generator = torch.Generator().manual_seed(derive_seed(*self.keys, 1, step))
