@@ -11,7 +11,8 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
     python benchmarks/transfer.py tune                # DropBlock and Mixup settings, on a
                                                       # CIFAR-10 validation slice
     python benchmarks/transfer.py placement           # phi before the blocks' last ReLU
-                                                      # (the authors' placement), s-CIFAR10
+                                                      # (the authors' placement), s-CIFAR10,
+                                                      # ResNet-20 and Conv4
     python benchmarks/transfer.py annealing           # phi* without the strength ramp, and
                                                       # ramped over the whole run, s-CIFAR10
     python benchmarks/transfer.py priority --list     # what would run, and what is done
@@ -162,19 +163,22 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
     elif name == "placement":
         # Why (issue: evaluation): does phi on the residual sum before the last ReLU (the
         # authors' placement, where their phi was meta-trained) do better than on the block
-        # output? Compared with the same runs of `priority`, which use the output.
-        for method in _phi_methods():
-            if method:
-                for seed in seeds:
-                    runs.append(
-                        TransferConfig(
-                            target="s-cifar10",
-                            seed=seed,
-                            placement="before_activation",
-                            **method,  # type: ignore[arg-type]
-                            **common,  # type: ignore[arg-type]
-                        )
+        # output? Compared with the same runs of `priority`, which use the output; and on Conv4
+        # (phi* only), the BatchNorm output before each unit's ReLU, against `architectures`.
+        placed = [("cifar_resnet20", m) for m in _phi_methods() if m]
+        placed += [("conv4", m) for m in _phi_methods(include_authors=False) if m]
+        for model, method in placed:
+            for seed in seeds:
+                runs.append(
+                    TransferConfig(
+                        target="s-cifar10",
+                        model=model,
+                        seed=seed,
+                        placement="before_activation",
+                        **method,  # type: ignore[arg-type]
+                        **common,  # type: ignore[arg-type]
                     )
+                )
     elif name == "annealing":
         # Why (issue: evaluation): does the strength ramp (0 -> 1 over the first 40% of the
         # steps, METHOD.md) matter? phi* at full strength from the start, and ramped over the

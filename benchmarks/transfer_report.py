@@ -18,13 +18,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import transfer_readme
 from transfer_plots import plots
+from transfer_readme import TARGETS as PRESETS
 from transfer_readme import cell, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
-TARGETS = tuple(transfer_readme.TARGETS)  # the presets, in table order
+TARGETS = tuple(PRESETS)  # the presets, in table order
 
 
 def _read(folder: Path, steps: int) -> list[dict[str, Any]]:

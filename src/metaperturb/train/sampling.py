@@ -94,8 +94,8 @@ class TaskStream:
         self.sampler = EpochSampler(len(self.rows), batch_size, derive_seed(*self.keys, 0))
         self.padding, self.flip, self.augment = padding, flip, augment
         # On the images' device once, not converted per batch.
-        self.mean = to_device(torch.tensor(mean, dtype=torch.float32), images.device)
-        self.std = to_device(torch.tensor(std, dtype=torch.float32), images.device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=images.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=images.device)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """Images (float32, normalised) and task-local labels of batch ``step``."""
