@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -286,6 +287,84 @@ def test_a_run_asked_to_stop_checkpoints_the_step_it_is_at(tmp_path: Path) -> No
     assert resumed["evaluation"]["default"]["nll"] == pytest.approx(
         whole["evaluation"]["default"]["nll"], abs=1e-6
     )
+
+
+@needs_mnist
+def test_a_non_finite_loss_ends_the_run_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss is read in batches of steps (no GPU sync a step), yet a NaN still ends the run
+    with the steps it fell in, and the weights it reached are never checkpointed."""
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        steps=6,
+        batch_size=8,
+        curve_every=0,
+        checkpoint_every=2,
+        eval_modes=False,
+    )
+    losses = 0
+    cross_entropy = F.cross_entropy
+
+    def nan_from_the_fourth_step(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal losses
+        losses += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * math.nan if losses == 4 else loss
+
+    monkeypatch.setattr(run_module.F, "cross_entropy", nan_from_the_fourth_step)
+    with pytest.raises(FloatingPointError, match="loss was nan in steps 3-4"):
+        run_transfer(config, tmp_path, progress=False)
+    checkpoint = torch.load(
+        tmp_path / f"{run_id(config)}.ckpt", map_location="cpu", weights_only=True
+    )
+    assert checkpoint["step"] == 2 and checkpoint["loss_count"] == 2
+    assert math.isfinite(checkpoint["loss_sum"])
+    assert all(
+        torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point()
+    )
+    assert not (tmp_path / f"{run_id(config)}.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_mnist
+@pytest.mark.parametrize(
+    "method", [{"phi": "default"}, {"mixup_alpha": 1.0}, {"dropblock_rate": 0.1}], ids=str
+)
+def test_training_steps_queue_their_work_without_waiting_for_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: dict[str, Any]
+) -> None:
+    """Between two reads of the loss a step never waits for the GPU (pytorch#120996 lists what
+    does): the host runs ahead, so small networks keep the GPU busy."""
+    config = TransferConfig(
+        target=tiny_target(),
+        model="conv4",
+        steps=8,
+        batch_size=8,
+        curve_every=0,
+        checkpoint_every=0,
+        eval_modes=False,
+        device="cuda",
+        **method,
+    )
+    run = run_module._Run(config, tmp_path, None)
+    config.steps = 1
+    run.train(progress=False)  # warm-up: cuDNN's choices, the first pinned buffer
+    settle = run_module._Run._settle_losses
+
+    def settle_may_wait(self: run_module._Run) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        settle(self)
+
+    monkeypatch.setattr(run_module._Run, "_settle_losses", settle_may_wait)
+    config.steps = 8
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run.train(progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.step == 8 and run.loss_count == 8 and math.isfinite(run.loss_sum)
 
 
 def test_stop_on_signals_asks_once_then_ends_and_restores_the_handlers() -> None:
@@ -573,7 +652,7 @@ def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
 
     def marking_update_bn(batches: Any, model: torch.nn.Module) -> None:
         for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
+            if isinstance(module, torch.nn.BatchNorm2d) and module.running_mean is not None:
                 module.running_mean.fill_(123.0)
 
     monkeypatch.setattr(run_module, "update_bn", marking_update_bn)

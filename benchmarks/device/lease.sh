@@ -60,8 +60,9 @@ fi
 
 # 2. The runs, one process each, stopped 30 s before the end; the CUDA tests beside them.
 if [ "${CHECKS:-1}" = 1 ]; then
-  timeout "$(( $(left) - 40 ))" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_train.py \
-    tests/test_triton.py -k "cuda or gpu" > "$logs/cuda-tests.log" 2>&1 &
+  timeout "$(( $(left) - 40 ))" "$python" -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
+    tests/test_train.py tests/test_transfer.py tests/test_triton.py -k "cuda or gpu" \
+    > "$logs/cuda-tests.log" 2>&1 &
 fi
 seconds=$(( $(left) - 30 ))
 echo "runs get $seconds s"

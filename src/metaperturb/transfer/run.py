@@ -43,6 +43,8 @@ from .targets import Target, load_target, resolve_target
 __all__ = ["TransferConfig", "find_equivalent_result", "phi_label", "run_id", "run_transfer"]
 
 _NOISE_KEY = 3
+#: Steps between two reads of the training loss (each read waits for the GPU to catch up).
+_SETTLE_EVERY = 50
 #: Training batches over which the ``update_bn`` evaluation recomputes BatchNorm statistics.
 UPDATE_BN_BATCHES = 50
 _INIT_KEY = 1
@@ -246,9 +248,16 @@ class _Run:
         self.curve: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self.loss_sum, self.loss_count = 0.0, 0
+        # The loss of the steps since the last settle, summed where it is computed: reading it
+        # every step (``.item()``, ``if isfinite``) would make the host wait for the GPU.
+        self._pending_loss = torch.zeros(
+            (), dtype=_accumulator_dtype(self.device), device=self.device
+        )
+        self._pending_from = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
+        self._settle_losses()  # never checkpoint weights a non-finite loss has reached
         return {
             "id": self.id,
             "config": json.dumps(asdict(self.config)),
@@ -293,7 +302,7 @@ class _Run:
         self.schedule.load_state_dict(state["schedule"])
         if self.strength is not None:
             self.strength.load_state_dict(state["strength"])
-        self.step = int(state["step"])
+        self.step = self._pending_from = int(state["step"])
         self.curve = json.loads(state["curve"])
         self.train_seconds = float(state["train_seconds"])
         self.loss_sum = float(state.get("loss_sum", 0.0))  # absent from older checkpoints
@@ -323,21 +332,17 @@ class _Run:
                 loss = self.mixup.loss(images, labels)
             else:
                 loss = F.cross_entropy(self.model(images), labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"run {self.id}: the training loss is {loss.item()} at step {self.step}; "
-                    "lower the learning rate or check the data."
-                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.schedule.step()
             if self.strength is not None:
                 self.strength.step()
-            self.loss_sum += loss.item()
-            self.loss_count += 1
+            self._pending_loss += loss.detach()
             self.step += 1
             bar.update(1)
+            if self.step % _SETTLE_EVERY == 0:
+                self._settle_losses()
             if config.curve_every and self.step % config.curve_every == 0:
                 self.train_seconds += time.perf_counter() - started
                 self._curve_point()
@@ -358,8 +363,28 @@ class _Run:
                     f"{self.checkpoint_path.name} holds that step: run the same command to go on.",
                     asked=True,
                 )
+        self._settle_losses()
         self.train_seconds += time.perf_counter() - started
         bar.close()
+
+    def _settle_losses(self) -> None:
+        """Add the pending steps' loss to the running mean, or raise if one was not finite.
+
+        One host-device sync per call; the weights past a non-finite step are never saved, so
+        the last checkpoint stays a good place to resume from."""
+        steps = self.step - self._pending_from
+        if steps == 0:
+            return
+        total = float(self._pending_loss)
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"run {self.id}: the training loss was {total} in steps {self._pending_from + 1}"
+                f"-{self.step}; lower the learning rate or check the data."
+            )
+        self.loss_sum += total
+        self.loss_count += steps
+        self._pending_loss.zero_()
+        self._pending_from = self.step
 
     def _stop_asked(self) -> bool:
         return self.stop is not None and self.stop.is_set()
@@ -370,6 +395,7 @@ class _Run:
         return (self._layout(self.stream.batch(first_step + i)[0]) for i in range(count))
 
     def _curve_point(self) -> None:
+        self._settle_losses()
         count = min(self.config.curve_images, len(self.test_data))
         rows = torch.linspace(0, len(self.test_data) - 1, count).long()
         probabilities = self.predict(rows)
@@ -596,6 +622,11 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
         ):
             return path
     return None
+
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it, so summing float32 losses is exact as on the host."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def run_transfer(
