@@ -32,7 +32,10 @@ for path in sorted(glob.glob("benchmarks/results/transfer/*.ckpt")):
         os.remove(path)
         print(f"dropped {os.path.basename(path)}: step {step} < {least}, cheaper to redo than keep")
 PY
-git add -A -f -- "$checkpoints"
+# git refuses a pathspec that matches nothing, neither a file nor a committed checkpoint.
+if compgen -G "$checkpoints" > /dev/null || [ -n "$(git ls-files -- "$checkpoints")" ]; then
+  git add -A -f -- "$checkpoints"
+fi
 if git diff --cached --quiet -- "$checkpoints"; then
   echo "no evaluation checkpoint changed"
   exit 0
