@@ -26,7 +26,7 @@ from torch import nn
 
 from metaperturb import set_eval_mode, update_bn
 from metaperturb._atomic import atomic_write
-from metaperturb.transfer.run import TransferConfig, _Run
+from metaperturb.transfer import TransferConfig, TransferRun
 
 RESULTS = Path(__file__).parent / "results" / "update-bn"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -58,7 +58,7 @@ def main() -> None:
         curve_every=0,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    run = _Run(config, RESULTS)
+    run = TransferRun(config, RESULTS)
     final = RESULTS / f"{run.id}.final.pt"
     if final.is_file():
         state = torch.load(final, map_location="cpu", weights_only=True)
@@ -117,7 +117,7 @@ def main() -> None:
     print(text)
 
 
-def variance_table(run: _Run) -> str:
+def variance_table(run: TransferRun) -> str:
     """Input variance of each BatchNorm layer / its running variance, per eval mode."""
     norms = [(n, m) for n, m in run.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     seen: dict[str, torch.Tensor] = {}

@@ -194,18 +194,18 @@ def test_a_stopped_run_resumes_to_the_same_result(
     )
     whole = run_transfer(config, tmp_path / "whole", progress=False)
 
-    original = run_module._Run.save_checkpoint
+    original = run_module.TransferRun.save_checkpoint
 
-    def stop_after_step_four(self: run_module._Run) -> None:
+    def stop_after_step_four(self: run_module.TransferRun) -> None:
         original(self)
         if self.step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module._Run, "save_checkpoint", stop_after_step_four)
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop_after_step_four)
     with pytest.raises(KeyboardInterrupt):
         run_transfer(config, tmp_path / "split", progress=False)
     assert (tmp_path / "split" / f"{run_id(config)}.ckpt").is_file()
-    monkeypatch.setattr(run_module._Run, "save_checkpoint", original)
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
     resumed = run_transfer(config, tmp_path / "split", progress=False)
     assert resumed["resumed"] and not whole["resumed"]
     assert resumed["curve"] == whole["curve"]
@@ -214,19 +214,19 @@ def test_a_stopped_run_resumes_to_the_same_result(
     )
 
     # Stopped during the evaluation: the rerun starts from the trained network.
-    original_evaluate = run_module._Run.evaluate
+    original_evaluate = run_module.TransferRun.evaluate
 
-    def stop_in_evaluation(self: run_module._Run) -> dict[str, Any]:
+    def stop_in_evaluation(self: run_module.TransferRun) -> dict[str, Any]:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module._Run, "evaluate", stop_in_evaluation)
+    monkeypatch.setattr(run_module.TransferRun, "evaluate", stop_in_evaluation)
     with pytest.raises(KeyboardInterrupt):
         run_transfer(config, tmp_path / "late", progress=False)
     checkpoint = torch.load(
         tmp_path / "late" / f"{run_id(config)}.ckpt", map_location="cpu", weights_only=True
     )
     assert checkpoint["step"] == config.steps
-    monkeypatch.setattr(run_module._Run, "evaluate", original_evaluate)
+    monkeypatch.setattr(run_module.TransferRun, "evaluate", original_evaluate)
     # The checkpoint holds the training only: it refuses another training setting, and serves a
     # rerun that asks for more evaluation.
     config.lr = 0.01
@@ -348,16 +348,16 @@ def test_training_steps_queue_their_work_without_waiting_for_the_gpu(
         device="cuda",
         **method,
     )
-    run = run_module._Run(config, tmp_path, None)
+    run = run_module.TransferRun(config, tmp_path, None)
     config.steps = 1
     run.train(progress=False)  # warm-up: cuDNN's choices, the first pinned buffer
-    settle = run_module._Run._settle_losses
+    settle = run_module.TransferRun._settle_losses
 
-    def settle_may_wait(self: run_module._Run) -> None:
+    def settle_may_wait(self: run_module.TransferRun) -> None:
         torch.cuda.set_sync_debug_mode("default")
         settle(self)
 
-    monkeypatch.setattr(run_module._Run, "_settle_losses", settle_may_wait)
+    monkeypatch.setattr(run_module.TransferRun, "_settle_losses", settle_may_wait)
     config.steps = 8
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -588,16 +588,16 @@ def test_a_checkpoint_made_with_other_phi_numbers_is_refused(
         eval_modes=False,
         checkpoint_every=2,
     )
-    original = run_module._Run.save_checkpoint
+    original = run_module.TransferRun.save_checkpoint
 
-    def stop_after_saving(self: run_module._Run) -> None:
+    def stop_after_saving(self: run_module.TransferRun) -> None:
         original(self)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module._Run, "save_checkpoint", stop_after_saving)
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop_after_saving)
     with pytest.raises(KeyboardInterrupt):
         run_transfer(config, tmp_path / "results", progress=False)
-    monkeypatch.setattr(run_module._Run, "save_checkpoint", original)
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
     with torch.no_grad():
         phi.noise_in.self_weight.add_(0.1)
     phi.save_pretrained(tmp_path / "phi")
@@ -634,7 +634,7 @@ def test_the_ramp_fraction_names_the_run_and_sets_the_strength_schedule(tmp_path
         (0.4, [0.0, 0.25, 0.5]),
         (1.0, [0.0, 0.1, 0.2]),
     ):
-        run = run_module._Run(TransferConfig(ramp_fraction=fraction, **common), tmp_path)
+        run = run_module.TransferRun(TransferConfig(ramp_fraction=fraction, **common), tmp_path)
         assert run.strength is not None
         seen = [run.strength.strength]
         for _ in range(2):

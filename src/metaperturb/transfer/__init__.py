@@ -5,7 +5,7 @@ other regularizers, and record what each is worth (``metaperturb eval``,
 from ..stopping import stop_on_signals
 from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
-from .run import TransferConfig, find_equivalent_result, run_id, run_transfer
+from .run import TransferConfig, TransferRun, find_equivalent_result, run_id, run_transfer
 from .targets import PRESETS, Target, load_target, resolve_target
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ManifoldMixup",
     "Target",
     "TransferConfig",
+    "TransferRun",
     "calibration",
     "find_equivalent_result",
     "load_target",

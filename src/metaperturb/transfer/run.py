@@ -40,7 +40,14 @@ from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .targets import Target, load_target, resolve_target
 
-__all__ = ["TransferConfig", "find_equivalent_result", "phi_label", "run_id", "run_transfer"]
+__all__ = [
+    "TransferConfig",
+    "TransferRun",
+    "find_equivalent_result",
+    "phi_label",
+    "run_id",
+    "run_transfer",
+]
 
 _NOISE_KEY = 3
 #: Steps between two reads of the training loss (each read waits for the GPU to catch up).
@@ -170,7 +177,13 @@ def _load_init(model: nn.Module, source: str) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
-class _Run:
+class TransferRun:
+    """One run's network, data, optimizer and checkpoint, step by step.
+
+    :func:`run_transfer` is the way to run one; this is for scripts that need the parts (a
+    benchmark that scores the trained network more ways, a test that stops it part-way).
+    """
+
     def __init__(
         self, config: TransferConfig, output_dir: Path, stop: threading.Event | None = None
     ) -> None:
@@ -672,7 +685,7 @@ def _train_and_record(
     progress: bool,
     stop: threading.Event | None,
 ) -> dict[str, Any]:
-    run = _Run(config, output, stop)
+    run = TransferRun(config, output, stop)
     resumed = run.maybe_resume()
     run.train(progress)
     # The evaluation can take as long as training (MC-100 of 10,000 images on a CPU): a run
