@@ -412,12 +412,14 @@ def random_crop_flip(
     rows = offsets[0, :, None] + torch.arange(height)
     columns = torch.arange(width).expand(batch, width)
     columns = torch.where(flips[:, None], width - 1 - columns, columns) + offsets[1, :, None]
+    # One host-to-device copy for both index maps (each copy is a queued transfer on a GPU).
+    rows, columns = to_device(torch.cat([rows, columns], dim=1), device).split([height, width], 1)
     padded = F.pad(images, (padding,) * 4) if padding else images
     return padded[
         torch.arange(batch, device=device)[:, None, None, None],
         torch.arange(channels, device=device)[None, :, None, None],
-        to_device(rows, device)[:, None, :, None],
-        to_device(columns, device)[:, None, None, :],
+        rows[:, None, :, None],
+        columns[:, None, None, :],
     ]
 
 
