@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plots"]
+__all__ = ["SCALED", "curve_points", "mean_scales", "plots", "plotted"]
 
 # A colour per method, the same in every figure and every panel.
 COLOURS = {
@@ -33,8 +33,15 @@ COLOURS = {
     "finetune": "C5",
     "finetune+metaperturb[phi-star]": "C6",
 }
+#: The methods whose learned scales are drawn (a panel each).
+SCALED = ("metaperturb[phi-star]", "metaperturb[authors]")
 MIN_BIN = 20  # images: emptier confidence bins are noise (one image is 0% or 100%)
-TARGET_COLOURS = {"s-cifar10": "C0", "s-fashion-mnist": "C1", "mnist-10k": "C2"}
+TARGET_COLOURS = {
+    "s-cifar10": "C0",
+    "s-fashion-mnist": "C1",
+    "mnist-10k": "C2",
+    "omniglot-100": "C4",
+}
 
 
 def _family(method: str) -> str:
@@ -47,7 +54,8 @@ def _seeds(count: int) -> str:
     return f"{count} seed{'s' if count > 1 else ''}"
 
 
-def _plotted(run: dict[str, Any]) -> bool:
+def plotted(run: dict[str, Any]) -> bool:
+    """Whether a run is drawn (and tabled beside the figures): ResNet-20, a colour's method."""
     return run["model"] == "cifar_resnet20" and _family(run["method"]) in COLOURS
 
 
@@ -63,16 +71,25 @@ def _order(methods: list[str]) -> list[str]:
     return sorted(methods, key=lambda m: (rank.index(_family(m)), m))
 
 
-def _curves(axis: Any, runs: list[dict[str, Any]]) -> None:
+def curve_points(runs: list[dict[str, Any]]) -> dict[str, dict[int, list[float]]]:
+    """One target's curves: each method's test accuracies (%) at each step, a value per seed,
+    methods in legend order."""
     methods = _by([r for r in runs if r["curve"]], "method")
+    curves: dict[str, dict[int, list[float]]] = {}
     for method in _order(list(methods)):
         points: dict[int, list[float]] = defaultdict(list)
         for run in methods[method]:
             for point in run["curve"]:
                 points[point["step"]].append(point["test_accuracy"] * 100)
-        steps = sorted(points)
+        curves[method] = dict(sorted(points.items()))
+    return curves
+
+
+def _curves(axis: Any, runs: list[dict[str, Any]]) -> None:
+    for method, points in curve_points(runs).items():
+        steps = list(points)
         colour = COLOURS[_family(method)]
-        seeds = len(methods[method])
+        seeds = len(points[steps[0]])
         mean = [statistics.mean(points[s]) for s in steps]
         axis.plot(steps, mean, color=colour, label=f"{method} ({_seeds(seeds)})")
         if seeds > 1:
@@ -108,18 +125,25 @@ def _reliability(axis: Any, runs: list[dict[str, Any]]) -> None:
     axis.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
 
 
-def _scales(axis: Any, runs: list[dict[str, Any]], method: str) -> None:
+def mean_scales(runs: list[dict[str, Any]], method: str) -> dict[str, tuple[int, list[float]]]:
+    """phi's learned scale per block under ``method``, on each target: (seeds, mean per block)."""
+    scales = {}
     for target, target_runs in _by([r for r in runs if r["method"] == method], "target").items():
         per_site = [list(r["scales"].values()) for r in target_runs if r["scales"]]
-        if not per_site:
-            continue
-        mean = [statistics.mean(values) for values in zip(*per_site, strict=True)]
+        if per_site:
+            mean = [statistics.mean(values) for values in zip(*per_site, strict=True)]
+            scales[target] = (len(per_site), mean)
+    return scales
+
+
+def _scales(axis: Any, runs: list[dict[str, Any]], method: str) -> None:
+    for target, (seeds, mean) in mean_scales(runs, method).items():
         axis.plot(
             range(len(mean)),
             mean,
             marker="o",
             color=TARGET_COLOURS.get(target),
-            label=f"{target} ({_seeds(len(per_site))})",
+            label=f"{target} ({_seeds(seeds)})",
         )
     axis.set(
         xlabel="block (input -> output)", ylabel="mean channel scale s", title=method, ylim=(0, 1)
@@ -133,12 +157,13 @@ def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results if _plotted(r)]
+    runs = [r for r in results if plotted(r)]
     if not runs:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     by_target = _by(runs, "target")
-    targets = sorted(by_target, key=lambda t: (t not in TARGET_COLOURS, t))
+    order = list(TARGET_COLOURS)  # the presets' table order; any other target after them
+    targets = sorted(by_target, key=lambda t: (order.index(t) if t in order else len(order), t))
     steps = runs[0]["steps"]
     written = []
     for name, draw, title in (
@@ -154,9 +179,7 @@ def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
             axis.legend(fontsize="x-small")
         figure.suptitle(f"{title}: ResNet-20, {steps} steps, mean over seeds")
         written.append(_save(figure, folder / f"{name}.png", plt))
-    methods = [
-        m for m in ("metaperturb[phi-star]", "metaperturb[authors]") if m in _by(runs, "method")
-    ]
+    methods = [m for m in SCALED if m in _by(runs, "method")]
     if methods:
         figure, axes = plt.subplots(
             1, len(methods), figsize=(5.5 * len(methods), 4.2), constrained_layout=True

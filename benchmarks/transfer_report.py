@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from transfer_plots import plots
+from transfer_plots import SCALED, curve_points, mean_scales, plots, plotted
 from transfer_readme import TARGETS as PRESETS
 from transfer_readme import cell, update_readme
 
@@ -202,6 +202,51 @@ def calibration_table(results: list[dict[str, Any]]) -> list[str]:
     return table(["target", "method", "accuracy %", "ECE % (15 bins)"], rows)
 
 
+def _rank(target: str) -> tuple[int, str]:
+    """Tables' target order: the presets', then any other target by name."""
+    return (TARGETS.index(target) if target in TARGETS else len(TARGETS), target)
+
+
+def curves_table(results: list[dict[str, Any]]) -> list[str]:
+    """The accuracy-vs-step figure's numbers: each method's mean over seeds at each curve step
+    (a fixed subset of the test split), per target."""
+    runs = [r for r in results if plotted(r)]
+    rows, steps = [], []
+    for target in TARGETS:
+        for method, points in curve_points([r for r in runs if r["target"] == target]).items():
+            steps = steps or list(points)
+            seeds = len(next(iter(points.values())))
+            means = [f"{statistics.mean(points[s]):.2f}" if s in points else "" for s in steps]
+            rows.append([target, f"{method} ({seeds})", *means])
+    return table(["target", "method (seeds)", *(f"{s:,}" for s in steps)], rows) if rows else []
+
+
+def scales_table(results: list[dict[str, Any]]) -> list[str]:
+    """The scale figure's numbers: phi's mean channel scale s per block, per target, and the
+    largest difference between two targets at any block."""
+    runs = [r for r in results if plotted(r)]
+    lines: list[str] = []
+    for method in SCALED:
+        scales = mean_scales(runs, method)
+        if not scales:
+            continue
+        blocks = len(next(iter(scales.values()))[1])
+        rows = [
+            [f"{target} ({seeds})", *(f"{v:.3f}" for v in mean)]
+            for target, (seeds, mean) in sorted(scales.items(), key=lambda item: _rank(item[0]))
+        ]
+        lines += [f"{method}:", "", *table(["target (seeds)", *map(str, range(blocks))], rows), ""]
+        targets = sorted(scales, key=_rank)
+        for i, first in enumerate(targets):
+            for second in targets[i + 1 :]:
+                gap = max(
+                    abs(a - b) for a, b in zip(scales[first][1], scales[second][1], strict=True)
+                )
+                lines.append(f"- {first} vs {second}: at most {gap:.3f} apart")
+        lines.append("")
+    return lines
+
+
 def _is_tuning(run: dict[str, Any]) -> bool:
     """A `tune` run: its target is the CIFAR-10 validation slice (train images 500-999 of each
     class), not a named target, nor the Tiny ImageNet `pretrain` run (also a slice spec)."""
@@ -288,6 +333,13 @@ def main() -> None:
         "",
         *calibration_table(results),
         "",
+        "### Test accuracy vs step (the curves figure)",
+        "",
+        *curves_table(results),
+        "",
+        "### phi's learned scale per block (the scales figure)",
+        "",
+        *scales_table(results),
         "### Tuning (DropBlock rate and block size, Mixup alpha)",
         "",
         (

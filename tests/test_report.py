@@ -96,3 +96,38 @@ def test_a_block_without_its_closing_marker_is_refused_and_the_file_kept(tmp_pat
     with pytest.raises(SystemExit, match="no <!-- /results:datasets -->"):
         readme.update_readme(path, RESULTS)
     assert path.read_text() == text
+
+
+def test_the_figures_numbers_are_tabled_seeds_averaged_targets_in_preset_order() -> None:
+    _module("transfer_plots")  # transfer_report imports it by name
+    report = _module("transfer_report")
+
+    def curved(method: str, target: str, seed_offset: float, scales: list[float]) -> dict:
+        run = _run(method, target, 0.7)
+        run["curve"] = [
+            {"step": 1000, "test_accuracy": 0.50 + seed_offset},
+            {"step": 2000, "test_accuracy": 0.60 + seed_offset},
+        ]
+        run["scales"] = {f"block{i}": s for i, s in enumerate(scales)}
+        return run
+
+    runs = [
+        curved("metaperturb[phi-star]", "mnist-10k", 0.0, [0.5, 0.4]),
+        curved("metaperturb[phi-star]", "s-cifar10", 0.0, [0.5, 0.2]),
+        curved("metaperturb[phi-star]", "s-cifar10", 0.1, [0.3, 0.2]),
+        curved("base", "s-cifar10", 0.05, []),
+        curved("metaperturb[phi-star]", "s-cifar10", 0.3, [0.9, 0.9]) | {"model": "conv4"},
+    ]
+    curves = report.curves_table(runs)
+    assert curves[0] == "| target | method (seeds) | 1,000 | 2,000 |"
+    assert curves[2:] == [
+        "| s-cifar10 | base (1) | 55.00 | 65.00 |",
+        "| s-cifar10 | metaperturb[phi-star] (2) | 55.00 | 65.00 |",  # conv4 left out
+        "| mnist-10k | metaperturb[phi-star] (1) | 50.00 | 60.00 |",
+    ]
+    scales = report.scales_table(runs)
+    assert scales[4:6] == [
+        "| s-cifar10 (2) | 0.400 | 0.200 |",
+        "| mnist-10k (1) | 0.500 | 0.400 |",
+    ]
+    assert "- s-cifar10 vs mnist-10k: at most 0.200 apart" in scales

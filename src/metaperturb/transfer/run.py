@@ -638,7 +638,7 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
 
 
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
-    """float64 where the device has it, so summing float32 losses is exact as on the host."""
+    """float64 where the device has it, as the host's Python float sum was (MPS has none)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
