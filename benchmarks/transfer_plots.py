@@ -21,6 +21,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from transfer_readme import grouped
+
 __all__ = ["SCALED", "curve_points", "mean_scales", "plots", "plotted"]
 
 # A colour per method, the same in every figure and every panel.
@@ -60,10 +62,7 @@ def plotted(run: dict[str, Any]) -> bool:
 
 
 def _by(runs: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for run in runs:
-        groups[run[key]].append(run)
-    return dict(groups)
+    return {value: group for (value,), group in grouped(runs, key).items()}
 
 
 def _order(methods: list[str]) -> list[str]:

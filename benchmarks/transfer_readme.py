@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from metaperturb._atomic import atomic_write
 
-__all__ = ["BLOCKS", "cell", "update_readme"]
+__all__ = ["BLOCKS", "cell", "grouped", "table", "update_readme"]
 
 Results = list[dict[str, Any]]
 
@@ -66,7 +67,16 @@ def cell(values: Iterable[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def grouped(results: Results, *keys: str) -> dict[tuple[Any, ...], Results]:
+    """The results by the values of ``keys``, in the order they come."""
+    groups: dict[tuple[Any, ...], Results] = defaultdict(list)
+    for result in results:
+        groups[tuple(result[key] for key in keys)].append(result)
+    return dict(groups)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: the first column (names) left-aligned, the others (numbers) right."""
     align = ["---"] + ["---:"] * (len(header) - 1)
     return ["| " + " | ".join(row) + " |" for row in [header, align, *rows]]
 
@@ -95,7 +105,7 @@ def datasets(results: Results) -> list[str]:
         line.append("" if cells is base else lead)
         body.append(line)
     header = ["ResNet-20, test accuracy %", *TARGETS.values(), "vs Base (targets)"]
-    return _table(header, body)
+    return table(header, body)
 
 
 def evaluation(results: Results) -> list[str]:
@@ -138,7 +148,7 @@ def evaluation(results: Results) -> list[str]:
         "ECE default",
         "ECE MC-100",
     ]
-    return _table(header, body)
+    return table(header, body)
 
 
 def architectures(results: Results) -> list[str]:
@@ -184,7 +194,7 @@ def architectures(results: Results) -> list[str]:
         "phi\\* before the last ReLU",
         "same + update_bn",
     ]
-    return _table(header, body)
+    return table(header, body)
 
 
 BLOCKS: dict[str, Callable[[Results], list[str]]] = {

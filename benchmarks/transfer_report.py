@@ -14,13 +14,12 @@ import argparse
 import json
 import re
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from transfer_plots import SCALED, curve_points, mean_scales, plots, plotted
 from transfer_readme import TARGETS as PRESETS
-from transfer_readme import cell, update_readme
+from transfer_readme import cell, grouped, table, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
@@ -60,20 +59,6 @@ def _phi_star_fingerprint() -> str | None:
 
     path = default_phi_path()
     return load_phi(path).fingerprint() if (path / "model.safetensors").is_file() else None
-
-
-def grouped(
-    results: list[dict[str, Any]], *keys: str
-) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-    for result in results:
-        groups[tuple(result[key] for key in keys)].append(result)
-    return groups
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def datasets_table(results: list[dict[str, Any]]) -> list[str]:
