@@ -1,0 +1,153 @@
+"""What phi does at each site while a target network trains: a trace to find out why a run fails.
+
+Trains one evaluation run (``metaperturb eval``'s settings; resumable, its checkpoints in the
+output folder) and every ``--every`` training steps records, per site, what phi sees and does:
+the features' RMS, the batch variance of phi's four pooled scale maps (summed; phi*'s channel
+scale s falls as it grows), s (mean, smallest, the share of channels below 0.01), and the
+strength c, with the logits' spread across classes (0: the network answers the same for every
+image). One JSON line per record in ``<output>/<run id>.trace.jsonl``.
+
+    python benchmarks/site_trace.py --target omniglot-100 --seed 0 --until 5000
+
+Stops at ``--until`` (the schedule stays that of ``--steps``); run it again with a larger
+``--until`` to go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaperturb.errors import TrainingStoppedError
+from metaperturb.site import SiteState
+from metaperturb.transfer import TransferConfig, TransferRun
+from metaperturb.wrapper import get_controller
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class SiteTracer:
+    """Forward hooks that read each site's input (before phi) on every ``every``-th training
+    forward, and stop the run after ``until`` of them."""
+
+    def __init__(self, run: TransferRun, every: int, until: int, stop: threading.Event) -> None:
+        self.run, self.every, self.until, self.stop = run, every, until, stop
+        self.controller = get_controller(run.model)
+        self.step = run.step  # training forwards so far (the step about to run is step + 1)
+        self.record: dict[str, Any] = {}
+        self.records: list[dict[str, Any]] = []
+        self.handles = [run.model.register_forward_pre_hook(self._count)]
+        for index, module in enumerate(self.controller.site_modules):
+            hook = self._site_hook(index)
+            self.handles.append(module.register_forward_hook(hook, prepend=True))
+        self.handles.append(run.model.register_forward_hook(self._logits))
+
+    def _tracing(self, module: nn.Module) -> bool:
+        return module.training and torch.is_grad_enabled() and self.step % self.every == 0
+
+    def _count(self, module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.step += 1
+            if self.step >= self.until:
+                self.stop.set()
+            if self.step % self.every == 0:
+                strength = float(self.controller.strength)
+                self.record = {"step": self.step, "strength": strength, "sites": {}}
+
+    def _site_hook(self, index: int) -> Any:
+        name = self.controller.site_names[index]
+
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            if not self._tracing(module):
+                return
+            controller, phi = self.controller, self.controller.phi
+            with torch.no_grad():
+                h = output.float()
+                maps = phi.scale_maps(h).float()
+                mean, var = maps.mean(dim=0), maps.var(dim=0, unbiased=False)
+                ratio = h.shape[-2] / float(controller.input_height.clamp(min=1.0))
+                s = phi.channel_scale(
+                    mean, var, controller.channel_ratios[index], torch.tensor(ratio)
+                )
+                state = controller.sites[index]
+                assert isinstance(state, SiteState)
+                self.record["sites"][name] = {
+                    "rms": float(h.pow(2).mean().sqrt()),
+                    "maps_var": float(var.sum(dim=1).mean()),
+                    "maps_mean": float(mean.sum(dim=1).mean()),
+                    "s_mean": float(s.mean()),
+                    "s_min": float(s.min()),
+                    "s_below_0.01": float((s < 0.01).float().mean()),
+                    "running_var": float(state.running_var.sum(dim=1).mean()),
+                }
+
+        return hook
+
+    def _logits(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        if self._tracing(module) and self.record:
+            with torch.no_grad():
+                self.record["logit_spread"] = float(output.float().std(dim=1).mean())
+            self.records.append(self.record)
+            self.record = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="omniglot-100")
+    parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--phi", default="default", help="'default' (phi*), a folder or a file")
+    parser.add_argument("--phi-name", default="phi-star")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=10_000, help="the schedule's length")
+    parser.add_argument("--until", type=int, default=5_000, help="stop after this step")
+    parser.add_argument("--every", type=int, default=10, help="steps between records")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-root", default=str(DATA))
+    parser.add_argument("--output-dir", default="runs/site-trace")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    config = TransferConfig(
+        target=args.target,
+        data_root=args.data_root,
+        model=args.model,
+        phi=args.phi,
+        phi_name=args.phi_name,
+        seed=args.seed,
+        steps=args.steps,
+        device="cpu",
+        checkpoint_every=500,
+    )
+    stop = threading.Event()
+    run = TransferRun(config, output, stop=stop)
+    run.maybe_resume()
+    trace = output / f"{run.id}.trace.jsonl"
+    kept = []  # records past the checkpoint resumed from are recorded again
+    if trace.is_file():
+        kept = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+        kept = [r for r in kept if r["step"] <= run.step]
+    tracer = SiteTracer(run, args.every, args.until, stop)
+    try:
+        run.train(progress=False)
+    except TrainingStoppedError as stopped:
+        if not stopped.asked:
+            raise
+    finally:
+        lines = [json.dumps(r) for r in kept + tracer.records]
+        tmp = trace.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(trace)
+    print(f"{len(kept) + len(tracer.records)} records to step {run.step} in {trace}")
+    for point in run.curve:
+        print(point)
+
+
+if __name__ == "__main__":
+    main()
