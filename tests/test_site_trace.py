@@ -1,0 +1,80 @@
+"""benchmarks/site_trace.py: it records what phi sees at each site, and changes nothing it traces."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from metaperturb.errors import TrainingStoppedError
+from metaperturb.transfer import TransferConfig, TransferRun
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-10k"
+pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} not present")
+
+
+def _site_trace() -> Any:
+    spec = importlib.util.spec_from_file_location("site_trace", BENCHMARKS / "site_trace.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["site_trace"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, stop: threading.Event) -> TransferRun:
+    folder.mkdir()
+    config = TransferConfig(
+        target={
+            "data": str(MNIST),
+            "classes": 3,
+            "per_class": 6,
+            "test_split": "train",
+            "test_skip_per_class": 6,
+            "test_per_class": 4,
+            "image_size": 16,
+            "channels": 1,
+        },
+        model="conv4",
+        phi="default",
+        steps=20,
+        batch_size=8,
+        curve_every=0,
+        checkpoint_every=0,
+        eval_modes=False,
+    )
+    return TransferRun(config, folder, stop=stop)
+
+
+def test_the_trace_records_every_site_at_its_steps_and_leaves_training_as_it_was(
+    tmp_path: Path,
+) -> None:
+    stop = threading.Event()
+    traced = _run(tmp_path / "traced", stop)
+    tracer = _site_trace().SiteTracer(traced, every=5, until=12, stop=stop)
+    with pytest.raises(TrainingStoppedError):
+        traced.train(progress=False)
+    assert traced.step == 12
+    assert [r["step"] for r in tracer.records] == [5, 10]
+    first, second = (r["strength"] for r in tracer.records)
+    assert 0 < first < second <= 1  # ramped over the first 40% of the 20 steps
+    for record in tracer.records:
+        assert set(record["sites"]) == set(tracer.controller.site_names)
+        for site in record["sites"].values():
+            assert 0 <= site["s_min"] <= site["s_mean"] <= 1
+            assert site["rms"] > 0 and site["maps_var"] >= 0
+        assert record["logit_spread"] > 0
+
+    untraced_stop = threading.Event()
+    untraced = _run(tmp_path / "untraced", untraced_stop)
+    untraced.config.steps = 12
+    untraced.train(progress=False)
+    expected = untraced.model.state_dict()
+    for name, value in traced.model.state_dict().items():
+        assert torch.equal(value, expected[name]), f"{name} differs: the trace changed it"
