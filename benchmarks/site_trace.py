@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from metaperturb._atomic import atomic_write
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.site import SiteState
 from metaperturb.transfer import TransferConfig, TransferRun
@@ -36,8 +38,15 @@ class SiteTracer:
     """Forward hooks that read each site's input (before phi) on every ``every``-th training
     forward, and stop the run after ``until`` of them."""
 
-    def __init__(self, run: TransferRun, every: int, until: int, stop: threading.Event) -> None:
-        self.run, self.every, self.until, self.stop = run, every, until, stop
+    def __init__(
+        self,
+        run: TransferRun,
+        every: int,
+        until: int,
+        stop: threading.Event,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.run, self.every, self.until, self.stop, self.sink = run, every, until, stop, sink
         self.controller = get_controller(run.model)
         self.step = run.step  # training forwards so far (the step about to run is step + 1)
         self.record: dict[str, Any] = {}
@@ -94,6 +103,8 @@ class SiteTracer:
             with torch.no_grad():
                 self.record["logit_spread"] = float(output.float().std(dim=1).mean())
             self.records.append(self.record)
+            if self.sink is not None:
+                self.sink(self.record)
             self.record = {}
 
 
@@ -129,21 +140,22 @@ def main() -> None:
     run = TransferRun(config, output, stop=stop)
     run.maybe_resume()
     trace = output / f"{run.id}.trace.jsonl"
-    kept = []  # records past the checkpoint resumed from are recorded again
+    # Records past the checkpoint resumed from are recorded again: drop them, then append each
+    # record as it comes, so that a run stopped any way keeps what it traced.
+    kept = []
     if trace.is_file():
         kept = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
         kept = [r for r in kept if r["step"] <= run.step]
-    tracer = SiteTracer(run, args.every, args.until, stop)
-    try:
-        run.train(progress=False)
-    except TrainingStoppedError as stopped:
-        if not stopped.asked:
-            raise
-    finally:
-        lines = [json.dumps(r) for r in kept + tracer.records]
-        tmp = trace.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(trace)
+    atomic_write(trace, "".join(json.dumps(r) + "\n" for r in kept))
+    with trace.open("a", buffering=1) as sink:  # line-buffered: a kill loses no record
+        tracer = SiteTracer(
+            run, args.every, args.until, stop, sink=lambda r: sink.write(json.dumps(r) + "\n")
+        )
+        try:
+            run.train(progress=False)
+        except TrainingStoppedError as stopped:
+            if not stopped.asked:
+                raise
     print(f"{len(kept) + len(tracer.records)} records to step {run.step} in {trace}")
     for point in run.curve:
         print(point)
