@@ -9,6 +9,8 @@ from . import models as models
 from ._version import __version__ as __version__
 from .annealing import StrengthScheduler as StrengthScheduler
 from .annealing import linear_ramp as linear_ramp
+from .diagnostics import ClosedSiteWarning as ClosedSiteWarning
+from .diagnostics import channel_scales as channel_scales
 from .discovery import PlannedSite as PlannedSite
 from .discovery import SitePlan as SitePlan
 from .discovery import SkippedModule as SkippedModule
@@ -35,6 +37,7 @@ from .wrapper import wrap as wrap
 
 __all__ = [
     "AlreadyWrappedError",
+    "ClosedSiteWarning",
     "DefaultPhiUnavailableError",
     "MetaPerturb",
     "MetaPerturbError",
@@ -49,6 +52,7 @@ __all__ = [
     "SkippedModule",
     "StrengthScheduler",
     "__version__",
+    "channel_scales",
     "disabled",
     "get_controller",
     "inspect",

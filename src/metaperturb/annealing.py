@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from .diagnostics import warn_closed_sites
 from .wrapper import set_strength
 
 __all__ = ["StrengthScheduler", "linear_ramp"]
@@ -27,7 +28,9 @@ class StrengthScheduler:
     """Sets a wrapped model's strength c every step, like an LR scheduler.
 
     Call :meth:`step` once per optimizer step. Starts at c = 0; ``state_dict`` / ``load_state_dict``
-    resume it.
+    resume it. Every ``check_every`` steps (0: never) it reads phi's channel scale at each site
+    (one small device-to-host copy) and warns once about a site where it is near 0: at full
+    strength that site would pass almost nothing (:class:`~metaperturb.diagnostics.ClosedSiteWarning`).
 
     Example:
         >>> scheduler = StrengthScheduler(model, total_steps=10_000)  # doctest: +SKIP
@@ -36,12 +39,22 @@ class StrengthScheduler:
         ...     scheduler.step()
     """
 
-    def __init__(self, model: nn.Module, total_steps: int, ramp_fraction: float = 0.4) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        ramp_fraction: float = 0.4,
+        check_every: int = 100,
+    ) -> None:
         linear_ramp(0, total_steps, ramp_fraction)  # validates the arguments
+        if check_every < 0:
+            raise ValueError(f"check_every must be 0 (never) or positive, got {check_every}.")
         self.model = model
         self.total_steps = total_steps
         self.ramp_fraction = ramp_fraction
+        self.check_every = check_every
         self.last_step = 0
+        self._warned: set[str] = set()
         set_strength(model, self.strength)
 
     @property
@@ -52,6 +65,8 @@ class StrengthScheduler:
         """Advance one step and return the new strength."""
         self.last_step += 1
         set_strength(self.model, self.strength)
+        if self.check_every and self.last_step % self.check_every == 0:
+            warn_closed_sites(self.model, self.last_step, self._warned)
         return self.strength
 
     def state_dict(self) -> dict[str, Any]:

@@ -28,11 +28,11 @@ from .._atomic import atomic_write
 from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
+from ..diagnostics import channel_scales
 from ..discovery import Placement
 from ..errors import TrainingStoppedError
 from ..evaluation import mc_predict, update_bn
 from ..hub import load_default_phi, load_phi
-from ..site import SiteState
 from ..train.learner import create_task_network
 from ..train.sampling import TaskStream, derive_seed
 from ..wrapper import get_controller, set_eval_mode, wrap
@@ -497,22 +497,7 @@ class TransferRun:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
         if self.config.phi is None:
             return None
-        controller = get_controller(self.model)
-        out = {}
-        with torch.no_grad():
-            for index, name in enumerate(controller.site_names):
-                state = cast(SiteState, controller.sites[index])
-                height = controller.plan.sites[index].height
-                spatial_norm = controller.phi.config.spatial_norm
-                ratio = height / spatial_norm if spatial_norm else height / self.input_size[1]
-                s = controller.phi.channel_scale(
-                    state.running_mean,
-                    state.running_var,
-                    controller.channel_ratios[index],
-                    torch.tensor(ratio),
-                )
-                out[name] = float(s.mean())
-        return out
+        return {name: float(s.mean()) for name, s in channel_scales(self.model).items()}
 
 
 #: Settings that do not change what a run computes: they may differ when a result is reused.

@@ -1,0 +1,78 @@
+"""What phi does at each site of a wrapped model, read from its running statistics.
+
+phi's channel scale s (METHOD.md step 3) decides how much of each channel a site passes at full
+strength: the site multiplies its features by ``(s * z - 1) * c + 1``, so where s is near 0 on
+every channel, the site passes almost nothing once the strength c reaches 1, and nothing before it
+can learn through it. That is how phi* failed on Omniglot-100 (README, Evaluation): s fell to 0
+at the last block from the first steps, the network grew its features there to make up for the
+closing gate, which kept s at 0, and at c = 1 its predictions stopped depending on the input.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .site import SiteState
+from .wrapper import get_controller
+
+__all__ = ["CLOSED_BELOW", "ClosedSiteWarning", "channel_scales", "closed_sites"]
+
+#: A site whose mean channel scale is below this passes under about 5% of its features at full
+#: strength (E[z] is about 1); phi* gives 0.3-0.6 at healthy sites.
+CLOSED_BELOW = 0.05
+
+
+class ClosedSiteWarning(UserWarning):
+    """phi's channel scale s is near 0 at a site: at full strength it passes almost nothing."""
+
+
+def channel_scales(model: nn.Module) -> dict[str, Tensor]:
+    """phi's channel scale s at each site, ``(C,)`` per site name, from the running statistics
+    (what eval mode uses; in training each batch's statistics give values around these).
+
+    The spatial descriptor uses the site's height over the input height of the plan ``wrap``
+    made, or phi's ``spatial_norm`` when it has one, as the sites do.
+    """
+    controller = get_controller(model)
+    phi, plan = controller.phi, controller.plan
+    scales = {}
+    with torch.no_grad():
+        for index, (name, site) in enumerate(zip(controller.site_names, plan.sites, strict=True)):
+            state = controller.sites[index]
+            assert isinstance(state, SiteState)
+            norm = phi.config.spatial_norm or plan.input_size[-2]
+            scales[name] = phi.channel_scale(
+                state.running_mean.float(),
+                state.running_var.float(),
+                controller.channel_ratios[index],
+                torch.tensor(site.height / norm),
+            ).cpu()
+    return scales
+
+
+def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, float]:
+    """The sites whose mean channel scale s is below ``below``, with that mean."""
+    means = {name: float(s.float().mean()) for name, s in channel_scales(model).items()}
+    return {name: mean for name, mean in means.items() if mean < below}
+
+
+def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
+    """Warn once per site (``already`` holds those warned about) about each closed site."""
+    closed = {name: mean for name, mean in closed_sites(model).items() if name not in already}
+    if not closed:
+        return
+    already.update(closed)
+    listed = ", ".join(f"{name!r} (mean s {mean:.4f})" for name, mean in closed.items())
+    warnings.warn(
+        f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
+        "1 such a site passes almost nothing, and nothing before it learns through it (on "
+        "Omniglot-100 this made phi* collapse the network to chance at the end of the ramp). "
+        "phi's s falls as the features it sees vary more between images; leave the site out "
+        "(metaperturb.wrap(model, sites=[...]) without it) or use another phi. "
+        "metaperturb.diagnostics.channel_scales(model) shows s at every site.",
+        ClosedSiteWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,95 @@
+"""phi's channel scale per site (metaperturb.channel_scales) and the warning about closed sites."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import metaperturb
+from metaperturb import ClosedSiteWarning, StrengthScheduler, channel_scales
+from metaperturb.phi import expected_softplus
+
+
+def plain_net() -> nn.Sequential:
+    def unit(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        *unit(3, 8), *unit(8, 8), nn.MaxPool2d(2), *unit(8, 16), *unit(16, 16),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )  # fmt: skip
+
+
+def test_channel_scales_are_the_scales_the_sites_apply_in_eval() -> None:
+    """With phi's noise kernels at zero, z's mean is the same everywhere, so an eval-mode site
+    multiplies channel c by ``(s_c * E[z] - 1) * strength + 1``: s can be read off its output."""
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    controller = metaperturb.get_controller(model)
+    with torch.no_grad():
+        for op in (controller.phi.noise_in, controller.phi.noise_out):
+            op.self_weight.zero_()
+            op.mean_weight.zero_()
+        for _ in range(3):  # running statistics away from their initial values
+            model(torch.randn(8, 3, 16, 16) * 3)
+    model.eval()
+    metaperturb.set_strength(model, 0.7)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name in controller.site_names:
+        module = model.get_submodule(name)
+        module.register_forward_hook(
+            lambda m, a, out, name=name: seen.setdefault(name, []).append(out.clone()),
+            prepend=True,
+        )
+        module.register_forward_hook(lambda m, a, out, name=name: seen[name].append(out))
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16))
+    mean_z = float(expected_softplus(torch.zeros(())))
+    scales = channel_scales(model)
+    assert list(scales) == controller.site_names and len(scales) >= 3
+    for name, (before, after) in seen.items():
+        live = before.sum((0, 2, 3)) > 0  # a channel the ReLU zeroed everywhere shows nothing
+        assert live.sum() >= len(live) // 2
+        gain = after.sum((0, 2, 3))[live] / before.sum((0, 2, 3))[live]
+        applied = ((gain - 1) / 0.7 + 1) / mean_z
+        torch.testing.assert_close(scales[name][live], applied, atol=2e-4, rtol=0)
+
+
+def _close_last_site(model: nn.Module) -> str:
+    """phi*'s s falls as the variance of its scale maps grows: make it huge at the last site."""
+    controller = metaperturb.get_controller(model)
+    controller.sites[-1].running_var.fill_(1_000.0)  # type: ignore[operator]
+    return controller.site_names[-1]
+
+
+def test_the_scheduler_warns_once_about_a_closed_site() -> None:
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    assert not metaperturb.diagnostics.closed_sites(model)  # phi* on fresh statistics
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            scheduler.step()
+        assert not caught
+        name = _close_last_site(model)
+        for _ in range(20):
+            scheduler.step()
+    assert [w.category for w in caught] == [ClosedSiteWarning]
+    message = str(caught[0].message)
+    assert "step 10" in message and repr(name) in message and "sites=" in message
+    assert metaperturb.diagnostics.closed_sites(model).keys() == {name}
+
+
+def test_the_check_can_be_turned_off_and_rejects_a_negative_period() -> None:
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    _close_last_site(model)
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(200):
+            scheduler.step()
+    with pytest.raises(ValueError, match="check_every"):
+        StrengthScheduler(model, total_steps=100, check_every=-1)
