@@ -10,7 +10,8 @@ image). One JSON line per record in ``<output>/<run id>.trace.jsonl``.
     python benchmarks/site_trace.py --target omniglot-100 --seed 0 --until 5000
 
 Stops at ``--until`` (the schedule stays that of ``--steps``); run it again with a larger
-``--until`` to go on.
+``--until`` to go on. Draws ``<run id>.trace.png`` beside the trace (``--plot TRACE`` draws an
+existing one): s and the features' RMS per site, the strength and the logits' spread.
 """
 
 from __future__ import annotations
@@ -108,6 +109,37 @@ class SiteTracer:
             self.record = {}
 
 
+def plot_trace(trace: Path) -> Path:
+    """s (mean over channels) and the features' RMS per site, and the strength with the logits'
+    spread, against the step: one figure beside the trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    sites = list(records[0]["sites"])
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    colours = plt.get_cmap("viridis")
+    for index, site in enumerate(sites):
+        colour = colours(index / max(1, len(sites) - 1))
+        for axis, key in zip(axes[:2], ("s_mean", "rms"), strict=True):
+            axis.plot(steps, [r["sites"][site][key] for r in records], color=colour, label=site)
+    axes[0].set(title="phi's channel scale s (mean over channels)", xlabel="step", ylabel="s")
+    axes[1].set(title="RMS of the features phi sees", xlabel="step", yscale="log")
+    axes[1].legend(fontsize=7, ncol=3)
+    axes[2].plot(steps, [r["strength"] for r in records], color="C3", label="strength c")
+    axes[2].plot(steps, [r["logit_spread"] for r in records], color="0.3", label="logit spread")
+    axes[2].set(title="strength and logits' spread across classes", xlabel="step")
+    axes[2].legend()
+    figure.suptitle(trace.name.removesuffix(".trace.jsonl"), fontsize=9)
+    path = trace.with_suffix(".png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="omniglot-100")
@@ -121,7 +153,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default=str(DATA))
     parser.add_argument("--output-dir", default="runs/site-trace")
+    parser.add_argument("--plot", type=Path, metavar="TRACE", help="only draw this trace")
     args = parser.parse_args()
+    if args.plot:
+        print(plot_trace(args.plot))
+        return
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -157,6 +193,7 @@ def main() -> None:
             if not stopped.asked:
                 raise
     print(f"{len(kept) + len(tracer.records)} records to step {run.step} in {trace}")
+    print(plot_trace(trace))
     for point in run.curve:
         print(point)
 
