@@ -30,7 +30,7 @@ from metaperturb._atomic import atomic_write
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.site import SiteState
 from metaperturb.transfer import TransferConfig, TransferRun
-from metaperturb.wrapper import get_controller
+from metaperturb.wrapper import get_controller, unwrap, wrap
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -152,6 +152,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="steps between records")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default=str(DATA))
+    parser.add_argument(
+        "--leave-out",
+        nargs="+",
+        default=[],
+        metavar="SITE",
+        help="sites to wrap without (the run id stays the same: give another --output-dir)",
+    )
     parser.add_argument("--output-dir", default="runs/site-trace")
     parser.add_argument("--plot", type=Path, metavar="TRACE", help="only draw this trace")
     args = parser.parse_args()
@@ -174,6 +181,16 @@ def main() -> None:
     )
     stop = threading.Event()
     run = TransferRun(config, output, stop=stop)
+    if args.leave_out:
+        controller = get_controller(run.model)
+        unknown = set(args.leave_out) - set(controller.site_names)
+        if unknown:
+            raise SystemExit(
+                f"--leave-out: no site {sorted(unknown)}; sites: {controller.site_names}"
+            )
+        sites = [name for name in controller.site_names if name not in args.leave_out]
+        unwrap(run.model)  # the host's parameters, and so the optimizer, stay as they are
+        wrap(run.model, phi=controller.phi, sites=sites, input_size=run.input_size)
     run.maybe_resume()
     trace = output / f"{run.id}.trace.jsonl"
     # Records past the checkpoint resumed from are recorded again: drop them, then append each
