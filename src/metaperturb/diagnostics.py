@@ -70,8 +70,8 @@ def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
         f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
         "1 such a site passes almost nothing, and nothing before it learns through it (on "
         "Omniglot-100 this made phi* collapse the network to chance at the end of the ramp). "
-        "phi's s falls as the features it sees vary more between images; leave the site out "
-        "(metaperturb.wrap(model, sites=[...]) without it) or use another phi. "
+        "Leave the site out (metaperturb.wrap(model, sites=[...]) without it) or use another "
+        "phi. "
         "metaperturb.diagnostics.channel_scales(model) shows s at every site.",
         ClosedSiteWarning,
         stacklevel=3,
