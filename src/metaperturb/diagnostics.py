@@ -11,6 +11,7 @@ closing gate, which kept s at 0, and at c = 1 its predictions stopped depending 
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +42,7 @@ def channel_scales(model: nn.Module) -> dict[str, Tensor]:
     scales = {}
     with torch.no_grad():
         for index, (name, site) in enumerate(zip(controller.site_names, plan.sites, strict=True)):
-            state = controller.sites[index]
-            assert isinstance(state, SiteState)
+            state = cast(SiteState, controller.sites[index])
             norm = phi.config.spatial_norm or plan.input_size[-2]
             scales[name] = phi.channel_scale(
                 state.running_mean.float(),
