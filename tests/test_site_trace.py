@@ -13,10 +13,10 @@ import torch
 
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.transfer import TransferConfig, TransferRun
+from test_transfer import needs_mnist, tiny_target
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-10k"
-pytestmark = pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} not present")
+pytestmark = needs_mnist
 
 
 def _site_trace() -> Any:
@@ -31,16 +31,7 @@ def _site_trace() -> Any:
 def _run(folder: Path, stop: threading.Event) -> TransferRun:
     folder.mkdir()
     config = TransferConfig(
-        target={
-            "data": str(MNIST),
-            "classes": 3,
-            "per_class": 6,
-            "test_split": "train",
-            "test_skip_per_class": 6,
-            "test_per_class": 4,
-            "image_size": 16,
-            "channels": 1,
-        },
+        target=tiny_target(),
         model="conv4",
         phi="default",
         steps=20,
