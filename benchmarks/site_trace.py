@@ -157,7 +157,8 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="SITE",
-        help="sites to wrap without (the run id stays the same: give another --output-dir)",
+        help="sites to wrap without (named in the trace's file; the checkpoint's is the run id: "
+        "give another --output-dir)",
     )
     parser.add_argument("--output-dir", default="runs/site-trace")
     parser.add_argument("--plot", type=Path, metavar="TRACE", help="only draw this trace")
@@ -192,7 +193,8 @@ def main() -> None:
         unwrap(run.model)  # the host's parameters, and so the optimizer, stay as they are
         wrap(run.model, phi=controller.phi, sites=sites, input_size=run.input_size)
     run.maybe_resume()
-    trace = output / f"{run.id}.trace.jsonl"
+    left_out = "".join(f".without-{name}" for name in args.leave_out)
+    trace = output / f"{run.id}{left_out}.trace.jsonl"
     # Records past the checkpoint resumed from are recorded again: drop them, then append each
     # record as it comes, so that a run stopped any way keeps what it traced.
     kept = []
