@@ -29,7 +29,7 @@ class StrengthScheduler:
 
     Call :meth:`step` once per optimizer step. Starts at c = 0; ``state_dict`` / ``load_state_dict``
     resume it. Every ``check_every`` steps (0: never) it reads phi's channel scale at each site
-    (one small device-to-host copy) and warns once about a site where it is near 0: at full
+    (one small device-to-host copy for all sites) and warns once about a site where it is near 0: at full
     strength that site would pass almost nothing (:class:`~metaperturb.diagnostics.ClosedSiteWarning`).
 
     Example:

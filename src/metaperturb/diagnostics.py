@@ -31,8 +31,9 @@ class ClosedSiteWarning(UserWarning):
 
 
 def channel_scales(model: nn.Module) -> dict[str, Tensor]:
-    """phi's channel scale s at each site, ``(C,)`` per site name, from the running statistics
-    (what eval mode uses; in training each batch's statistics give values around these).
+    """phi's channel scale s at each site, ``(C,)`` per site name on the model's device, from the
+    running statistics (what eval mode uses; in training each batch's statistics give values
+    around these).
 
     The spatial descriptor uses the site's height over the input height of the plan ``wrap``
     made, or phi's ``spatial_norm`` when it has one, as the sites do.
@@ -49,14 +50,16 @@ def channel_scales(model: nn.Module) -> dict[str, Tensor]:
                 state.running_var.float(),
                 controller.channel_ratios[index],
                 torch.tensor(site.height / norm),
-            ).cpu()
+            )
     return scales
 
 
 def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, float]:
     """The sites whose mean channel scale s is below ``below``, with that mean."""
-    means = {name: float(s.float().mean()) for name, s in channel_scales(model).items()}
-    return {name: mean for name, mean in means.items() if mean < below}
+    scales = channel_scales(model)
+    # One device-to-host copy for all sites, not one per site.
+    means = torch.stack([s.float().mean() for s in scales.values()]).tolist()
+    return {name: mean for name, mean in zip(scales, means, strict=True) if mean < below}
 
 
 def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
