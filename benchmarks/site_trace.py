@@ -30,7 +30,7 @@ from metaperturb._atomic import atomic_write
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.site import SiteState
 from metaperturb.transfer import TransferConfig, TransferRun
-from metaperturb.wrapper import get_controller, unwrap, wrap
+from metaperturb.wrapper import get_controller
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -157,8 +157,7 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="SITE",
-        help="sites to wrap without (named in the trace's file; the checkpoint's is the run id: "
-        "give another --output-dir)",
+        help="sites to wrap without (TransferConfig.leave_out: named in the run id)",
     )
     parser.add_argument("--output-dir", default="runs/site-trace")
     parser.add_argument("--plot", type=Path, metavar="TRACE", help="only draw this trace")
@@ -177,24 +176,14 @@ def main() -> None:
         phi_name=args.phi_name,
         seed=args.seed,
         steps=args.steps,
+        leave_out=list(args.leave_out),
         device="cpu",
         checkpoint_every=500,
     )
     stop = threading.Event()
     run = TransferRun(config, output, stop=stop)
-    if args.leave_out:
-        controller = get_controller(run.model)
-        unknown = set(args.leave_out) - set(controller.site_names)
-        if unknown:
-            raise SystemExit(
-                f"--leave-out: no site {sorted(unknown)}; sites: {controller.site_names}"
-            )
-        sites = [name for name in controller.site_names if name not in args.leave_out]
-        unwrap(run.model)  # the host's parameters, and so the optimizer, stay as they are
-        wrap(run.model, phi=controller.phi, sites=sites, input_size=run.input_size)
     run.maybe_resume()
-    left_out = "".join(f".without-{name}" for name in args.leave_out)
-    trace = output / f"{run.id}{left_out}.trace.jsonl"
+    trace = output / f"{run.id}.trace.jsonl"
     # Records past the checkpoint resumed from are recorded again: drop them, then append each
     # record as it comes, so that a run stopped any way keeps what it traced.
     kept = []

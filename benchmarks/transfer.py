@@ -15,6 +15,8 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
                                                       # ResNet-20 and Conv4
     python benchmarks/transfer.py annealing           # phi* without the strength ramp, and
                                                       # ramped over the whole run, s-CIFAR10
+    python benchmarks/transfer.py closed-site         # phi* without the last block's site,
+                                                      # where its s closes on Omniglot-100
     python benchmarks/transfer.py priority --list     # what would run, and what is done
     python benchmarks/transfer.py priority --phi seed-0=runs/phi-star/seed-0/phi
                                                       # also a phi not installed (a candidate)
@@ -195,6 +197,22 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                         **common,  # type: ignore[arg-type]
                     )
                 )
+    elif name == "closed-site":
+        # Why (issue: evaluation): phi* collapses ResNet-20 on Omniglot-100 once its strength
+        # reaches 1, and its channel scale s is ~0 at the last block there (README). The same
+        # runs wrapped without that site; compared with `datasets`' phi* and Base runs.
+        for target in ("omniglot-100", "s-cifar10"):
+            for seed in seeds:
+                runs.append(
+                    TransferConfig(
+                        target=target,
+                        seed=seed,
+                        phi="default",
+                        phi_name="phi-star",
+                        leave_out=["stages.2.2"],
+                        **common,  # type: ignore[arg-type]
+                    )
+                )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:
@@ -269,6 +287,7 @@ def main() -> None:
             "pretrain",
             "placement",
             "annealing",
+            "closed-site",
         ],
     )
     parser.add_argument("--steps", type=int, default=10_000)

@@ -62,6 +62,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         metavar="X",
         help="phi's strength ramps from 0 to 1 over this fraction of the steps (default 0.4)",
     )
+    add(
+        "--leave-out",
+        nargs="+",
+        default=[],
+        metavar="SITE",
+        help="wrap without these sites (names as `metaperturb inspect` lists them), e.g. one "
+        "that a ClosedSiteWarning names",
+    )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
         "--channels-last",
@@ -101,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         phi_name=args.phi_name,
         placement=args.placement,
         ramp_fraction=args.ramp_fraction,
+        leave_out=list(args.leave_out),
         dropblock_rate=args.dropblock_rate,
         dropblock_size=args.dropblock_size,
         mixup_alpha=args.mixup_alpha,
