@@ -12,6 +12,7 @@ image). One JSON line per record in ``<output>/<run id>.trace.jsonl``.
 Stops at ``--until`` (the schedule stays that of ``--steps``); run it again with a larger
 ``--until`` to go on. Draws ``<run id>.trace.png`` beside the trace (``--plot TRACE`` draws an
 existing one): s and the features' RMS per site, the strength and the logits' spread.
+``--table TRACE --at 1000 4000 --key rms`` prints one quantity per site at those steps.
 """
 
 from __future__ import annotations
@@ -109,6 +110,31 @@ class SiteTracer:
             self.record = {}
 
 
+def _records(trace: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+
+
+def trace_table(trace: Path, steps: list[int], key: str = "s_mean") -> str:
+    """A Markdown table of one recorded quantity per site (``s_mean``, ``rms``, ...) with the
+    strength and the logits' spread, at the records nearest each of ``steps``: the numbers the
+    README quotes from a trace."""
+    records = _records(trace)
+    sites = list(records[0]["sites"])
+    lines = [
+        f"| step | strength | logit spread | {' | '.join(f'{key} {site}' for site in sites)} |",
+        "| ---: " * (3 + len(sites)) + "|",
+    ]
+    for wanted in steps:
+        record = min(records, key=lambda r: abs(r["step"] - wanted))
+        values = [record["sites"][site][key] for site in sites]
+        lines.append(
+            f"| {record['step']} | {record['strength']:.3f} | {record['logit_spread']:.3f} | "
+            + " | ".join(f"{v:.3f}" for v in values)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def plot_trace(trace: Path) -> Path:
     """s (mean over channels) and the features' RMS per site, and the strength with the logits'
     spread, against the step: one figure beside the trace."""
@@ -117,7 +143,7 @@ def plot_trace(trace: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    records = _records(trace)
     steps = [r["step"] for r in records]
     sites = list(records[0]["sites"])
     figure, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
@@ -161,9 +187,19 @@ def main() -> None:
     )
     parser.add_argument("--output-dir", default="runs/site-trace")
     parser.add_argument("--plot", type=Path, metavar="TRACE", help="only draw this trace")
+    parser.add_argument(
+        "--table", type=Path, metavar="TRACE", help="only print this trace's table (--at, --key)"
+    )
+    parser.add_argument(
+        "--at", type=int, nargs="+", default=[250, 500, 1000, 2000, 3000, 4000], metavar="STEP"
+    )
+    parser.add_argument("--key", default="s_mean", help="s_mean, s_min, rms, maps_var, ...")
     args = parser.parse_args()
     if args.plot:
         print(plot_trace(args.plot))
+        return
+    if args.table:
+        print(trace_table(args.table, args.at, args.key))
         return
     torch.set_num_threads(args.threads)
     output = Path(args.output_dir)

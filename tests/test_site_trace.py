@@ -69,3 +69,26 @@ def test_the_trace_records_every_site_at_its_steps_and_leaves_training_as_it_was
     expected = untraced.model.state_dict()
     for name, value in traced.model.state_dict().items():
         assert torch.equal(value, expected[name]), f"{name} differs: the trace changed it"
+
+
+def test_the_table_quotes_the_records_nearest_the_steps_asked(tmp_path: Path) -> None:
+    import json
+
+    trace = tmp_path / "run.trace.jsonl"
+    records = [
+        {
+            "step": step,
+            "strength": step / 40,
+            "logit_spread": 1.0,
+            "sites": {"a": {"s_mean": step / 100, "rms": 2.0}, "b": {"s_mean": 0.5, "rms": 3.0}},
+        }
+        for step in (10, 20, 30)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = _site_trace().trace_table(trace, [12, 30], key="s_mean").splitlines()
+    assert lines[0] == "| step | strength | logit spread | s_mean a | s_mean b |"
+    assert lines[2:] == [
+        "| 10 | 0.250 | 1.000 | 0.100 | 0.500 |",
+        "| 30 | 0.750 | 1.000 | 0.300 | 0.500 |",
+    ]
+    assert "| 3.000 |" in _site_trace().trace_table(trace, [20], key="rms")
