@@ -179,11 +179,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-root", default=str(DATA))
     parser.add_argument(
-        "--leave-out",
+        "--exclude",
         nargs="+",
         default=[],
         metavar="SITE",
-        help="sites to wrap without (TransferConfig.leave_out: named in the run id)",
+        help="sites left without phi (wrap's exclude; named in the run id)",
     )
     parser.add_argument("--output-dir", default="runs/site-trace")
     parser.add_argument("--plot", type=Path, metavar="TRACE", help="only draw this trace")
@@ -212,7 +212,7 @@ def main() -> None:
         phi_name=args.phi_name,
         seed=args.seed,
         steps=args.steps,
-        leave_out=list(args.leave_out),
+        exclude=list(args.exclude),
         device="cpu",
         checkpoint_every=500,
     )

@@ -209,7 +209,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                         seed=seed,
                         phi="default",
                         phi_name="phi-star",
-                        leave_out=["stages.2.2"],
+                        exclude=["stages.2.2"],
                         **common,  # type: ignore[arg-type]
                     )
                 )

@@ -27,6 +27,13 @@ def test_inspect_before_activation(capsys: pytest.CaptureFixture[str]) -> None:
     assert "placement 'before_activation'" in out and "stages.2.2.act2" in out
 
 
+def test_inspect_exclude(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["inspect", "cifar_resnet20", "--input-size", "3", "32", "32"]
+    assert main([*args, "--exclude", "stages.2.2"]) == 0
+    out = capsys.readouterr().out
+    assert "8 sites" in out and "left out (exclude=): stages.2.2" in out
+
+
 def test_unknown_model_is_a_clear_error() -> None:
     with pytest.raises(SystemExit, match="timm knows no model"):
         main(["inspect", "no_such_net"])

@@ -79,7 +79,7 @@ def test_the_scheduler_warns_once_about_a_closed_site() -> None:
             scheduler.step()
     assert [w.category for w in caught] == [ClosedSiteWarning]
     message = str(caught[0].message)
-    assert "step 10" in message and repr(name) in message and "sites=" in message
+    assert "step 10" in message and f"exclude={[name]!r}" in message
     assert metaperturb.diagnostics.closed_sites(model).keys() == {name}
 
 

@@ -19,6 +19,7 @@ from metaperturb import (
     Perturbation,
     StrengthScheduler,
 )
+from metaperturb.wrapper import get_controller
 
 
 class MyBlock(nn.Module):
@@ -103,6 +104,41 @@ def test_stage_strategy_and_explicit_names() -> None:
         metaperturb.inspect(MyResNet(), sites=["nope"], input_size=(3, 16, 16))
     with pytest.raises(NoSitesError, match="not a \\(B, C, H, W\\)"):
         metaperturb.inspect(MyResNet(), sites=["head"], input_size=(3, 16, 16))
+
+
+def test_exclude_leaves_those_sites_alone_and_the_others_as_they_would_be() -> None:
+    """The remedy a ClosedSiteWarning names: the sites left out get no hook, and the others see
+    the same channel descriptor as when every site is wrapped (the widest site stays the norm,
+    even when it is the one left out)."""
+    full = get_controller(wrapped(MyResNet()))
+    ratios = dict(zip(full.site_names, full.channel_ratios, strict=True))
+    model = wrapped(MyResNet(), exclude=["body.2", "body.3"])  # both 16-channel sites
+    controller = get_controller(model)
+    assert controller.site_names == ["body.0", "body.1"]
+    assert controller.channel_ratios == [ratios["body.0"], ratios["body.1"]] == [0.5, 0.5]
+    assert not model.body[2]._forward_hooks and not model.body[3]._forward_hooks
+    plan = str(metaperturb.inspect(model))
+    assert "left out (exclude=): body.2, body.3" in plan
+    metaperturb.unwrap(model)
+    assert [s.name for s in metaperturb.inspect(model, input_size=(3, 16, 16)).sites] == [
+        "body.0",
+        "body.1",
+        "body.2",
+        "body.3",
+    ]
+
+
+def test_exclude_that_names_no_site_or_every_site_is_refused() -> None:
+    with pytest.raises(NoSitesError, match=r"\['stem'\], which is not a site .* Its sites: \["):
+        wrapped(MyResNet(), exclude=["stem"])
+    with pytest.raises(NoSitesError, match="leaves no site"):
+        wrapped(MyResNet(), exclude=["body.0", "body.1", "body.2", "body.3"])
+    with pytest.raises(TypeError, match=r"exclude=\['body.3'\]"):
+        wrapped(MyResNet(), exclude="body.3")
+    model = MyResNet()
+    with pytest.raises(NoSitesError):
+        wrapped(model, exclude=["nope"])
+    assert not metaperturb.is_wrapped(model)  # a refused wrap leaves the model as it was
 
 
 def test_model_without_sites_raises_a_clear_error() -> None:

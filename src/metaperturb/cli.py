@@ -38,7 +38,14 @@ def _inspect(args: argparse.Namespace) -> int:
     from .wrapper import inspect
 
     model = build_model(args.model, in_chans=args.input_size[0])
-    print(inspect(model, sites=args.sites, input_size=args.input_size, placement=args.placement))
+    plan = inspect(
+        model,
+        sites=args.sites,
+        input_size=args.input_size,
+        placement=args.placement,
+        exclude=args.exclude,
+    )
+    print(plan)
     return 0
 
 
@@ -104,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["output", "before_activation"],
         default="output",
         help="phi on each block's output, or before its final activation module",
+    )
+    inspect_parser.add_argument(
+        "--exclude", nargs="+", default=[], metavar="SITE", help="sites to leave without phi"
     )
     inspect_parser.set_defaults(run=_inspect)
 

@@ -73,9 +73,8 @@ def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
         f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
         "1 such a site passes almost nothing, and nothing before it learns through it (on "
         "Omniglot-100 this made phi* collapse the network to chance at the end of the ramp). "
-        "Leave the site out (metaperturb.wrap(model, sites=[...]) without it) or use another "
-        "phi. "
-        "metaperturb.diagnostics.channel_scales(model) shows s at every site.",
+        f"Leave it out (metaperturb.wrap(model, exclude={sorted(closed)!r})) or use another "
+        "phi; metaperturb.channel_scales(model) shows s at every site.",
         ClosedSiteWarning,
         stacklevel=3,
     )

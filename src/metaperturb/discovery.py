@@ -86,11 +86,14 @@ class SitePlan:
     #: The first layer to run, when it takes the image itself: ``wrap`` reads the input height
     #: there too, for hosts run through another method than ``forward``.
     stem: str | None = None
+    #: Sites the strategy found and the caller left out (``exclude=``).
+    excluded: list[PlannedSite] = field(default_factory=list)
 
     @property
     def widest(self) -> int:
-        """The widest site's channel count: the default ``channel_norm``."""
-        return max(site.channels for site in self.sites)
+        """The widest site's channel count, excluded sites included: the default
+        ``channel_norm`` (leaving a site out does not change what phi sees at the others)."""
+        return max(site.channels for site in self.sites + self.excluded)
 
     def __str__(self) -> str:
         size = "x".join(str(d) for d in self.input_size)
@@ -110,6 +113,9 @@ class SitePlan:
                     f"  {i:>3}  {s.name:<{width}}  {s.module_type:<{kinds}}  {s.channels:>8}  "
                     f"{s.height}x{s.width:<4} {s.role}"
                 )
+        if self.excluded:
+            names = ", ".join(site.name for site in self.excluded)
+            lines.append(f"  left out (exclude=): {names}")
         if self.skipped:
             lines.append("  skipped:")
             width = max(len(s.name) for s in self.skipped)
@@ -465,6 +471,7 @@ def plan_sites(
     strategy: Strategy | Sequence[str] = "block",
     input_size: Sequence[int] | None = None,
     placement: Placement = "output",
+    exclude: Sequence[str] = (),
 ) -> SitePlan:
     """Decide where phi goes in ``model``; see the module docstring for the rules.
 
@@ -474,12 +481,17 @@ def plan_sites(
         input_size: (C, H, W) of the planning pass; by default from timm's ``pretrained_cfg``
             or 224 px. Only shapes depend on it, so any size the model accepts will do.
         placement: ``"output"`` or ``"before_activation"`` (see :data:`Placement`).
+        exclude: names of sites the strategy finds that should go without phi (e.g. one a
+            :class:`~metaperturb.ClosedSiteWarning` names).
 
     Raises:
-        NoSitesError: no module of ``model`` can take phi, or an explicit name is unusable.
+        NoSitesError: no module of ``model`` can take phi, an explicit name is unusable, or
+            ``exclude`` names a module that is not a site (or leaves none).
     """
     if placement not in get_args(Placement):
         raise ValueError(f"placement must be one of {get_args(Placement)}, got {placement!r}.")
+    if isinstance(exclude, str):
+        raise TypeError(f"exclude takes a list of module names: exclude=[{exclude!r}].")
     size = tuple(input_size) if input_size is not None else default_input_size(model)
     if len(size) != 3:
         raise ValueError(f"input_size must be (C, H, W), got {size!r}.")
@@ -532,17 +544,29 @@ def plan_sites(
         role = "explicit"
         strategy_name = "explicit"
 
+    unknown = sorted(set(exclude) - set(names))
+    if unknown:
+        raise NoSitesError(
+            f"exclude names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a site "
+            f"of {type(model).__name__} with strategy {strategy_name!r}. Its sites: {names}."
+        )
+    kept = [n for n in names if n not in set(exclude)]
     plan = SitePlan(
         stem=_stem(traced, tuple(example.shape)),
         model_type=type(model).__name__,
         input_size=size,
         strategy=strategy_name,
-        sites=[traced.placed_site(n, role, placement) for n in names],
+        sites=[traced.placed_site(n, role, placement) for n in kept],
+        excluded=[traced.placed_site(n, role, placement) for n in names if n not in kept],
         skipped=sorted(
             skipped, key=lambda s: records[s.name].pre_order if s.name in records else 0
         ),
         placement=placement,
     )
+    if not plan.sites and plan.excluded:
+        raise NoSitesError(
+            f"exclude leaves no site of {type(model).__name__} to wrap: it names all of {names}."
+        )
     if not plan.sites:
         raise NoSitesError(
             f"{type(model).__name__} has no module after which phi can be applied: it needs "

@@ -344,6 +344,7 @@ def wrap(
     revision: str | None = None,
     memory_efficient: bool = False,
     placement: Placement | None = None,
+    exclude: Sequence[str] = (),
 ) -> nn.Module:
     """Apply MetaPerturb after every block of ``model``; returns the same model, wrapped.
 
@@ -368,10 +369,13 @@ def wrap(
             there is one, as in the authors' ResNets; elsewhere the output). Since the gain is
             positive, ``act(h * g) = act(h) * g`` for ReLU: the two differ in what phi sees.
             Default: where phi was meta-trained (``phi.config.placement``).
+        exclude: sites ``sites`` finds that go without phi, by module name (as
+            :func:`metaperturb.inspect` lists them): e.g. one where phi's channel scale closes
+            (:class:`~metaperturb.ClosedSiteWarning`). The others stay as they would be.
 
     Raises:
         AlreadyWrappedError: ``model`` is already wrapped.
-        NoSitesError: no module of ``model`` can take phi.
+        NoSitesError: no module of ``model`` can take phi, or ``exclude`` names a non-site.
 
     Example:
         >>> import timm, metaperturb
@@ -402,7 +406,9 @@ def wrap(
     perturbation = _resolve_phi(phi, revision)
     _check_shared_phi(perturbation, trainable)
     where = placement or cast(Placement, perturbation.config.placement)
-    plan = plan_sites(model, strategy=sites, input_size=input_size, placement=where)
+    plan = plan_sites(
+        model, strategy=sites, input_size=input_size, placement=where, exclude=exclude
+    )
     perturbation.freeze(not trainable)
     reference = next(iter(model.parameters()), None)
     controller = MetaPerturb(
@@ -467,6 +473,7 @@ def inspect(
     sites: Strategy | Sequence[str] = "block",
     input_size: Sequence[int] | None = None,
     placement: Placement = "output",
+    exclude: Sequence[str] = (),
 ) -> SitePlan:
     """The plan ``wrap`` would follow (or follows, for a wrapped model): print it to read it.
 
@@ -479,7 +486,9 @@ def inspect(
     """
     if is_wrapped(model):
         return get_controller(model).plan
-    return plan_sites(model, strategy=sites, input_size=input_size, placement=placement)
+    return plan_sites(
+        model, strategy=sites, input_size=input_size, placement=placement, exclude=exclude
+    )
 
 
 @contextlib.contextmanager

@@ -63,12 +63,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="phi's strength ramps from 0 to 1 over this fraction of the steps (default 0.4)",
     )
     add(
-        "--leave-out",
+        "--exclude",
         nargs="+",
         default=[],
         metavar="SITE",
-        help="wrap without these sites (names as `metaperturb inspect` lists them), e.g. one "
-        "that a ClosedSiteWarning names",
+        help="leave these sites without phi (names as `metaperturb inspect` lists them), e.g. "
+        "one that a ClosedSiteWarning names",
     )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
@@ -109,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         phi_name=args.phi_name,
         placement=args.placement,
         ramp_fraction=args.ramp_fraction,
-        leave_out=list(args.leave_out),
+        exclude=list(args.exclude),
         dropblock_rate=args.dropblock_rate,
         dropblock_size=args.dropblock_size,
         mixup_alpha=args.mixup_alpha,

@@ -29,13 +29,13 @@ from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..diagnostics import channel_scales
-from ..discovery import Placement, Strategy
+from ..discovery import Placement
 from ..errors import TrainingStoppedError
 from ..evaluation import mc_predict, update_bn
 from ..hub import load_default_phi, load_phi
 from ..train.learner import create_task_network
 from ..train.sampling import TaskStream, derive_seed
-from ..wrapper import get_controller, inspect, set_eval_mode, wrap
+from ..wrapper import get_controller, set_eval_mode, wrap
 from .calibration import calibration
 from .regularizers import DropBlock, ManifoldMixup
 from .targets import Target, load_target, resolve_target
@@ -79,10 +79,9 @@ class TransferConfig:
     #: phi's strength ramps from 0 to 1 over this fraction of the steps (METHOD.md: 0.4, the
     #: authors' code; 0: full strength from the first step). Named in the run id when not 0.4.
     ramp_fraction: float = 0.4
-    #: Sites (module names, as :func:`metaperturb.inspect` lists them) wrapped without phi: e.g.
-    #: one whose channel scale closes (:class:`~metaperturb.ClosedSiteWarning`). Named in the run
-    #: id.
-    leave_out: list[str] = field(default_factory=list)
+    #: Sites left without phi (:func:`metaperturb.wrap`'s ``exclude``): e.g. one whose channel
+    #: scale closes (:class:`~metaperturb.ClosedSiteWarning`). Named in the run id.
+    exclude: list[str] = field(default_factory=list)
     #: DropBlock rate and block size (rate 0: not used).
     dropblock_rate: float = 0.0
     dropblock_size: int = 3
@@ -127,7 +126,7 @@ class TransferConfig:
             where = ",pre-act" if self.placement == "before_activation" else ""
             if self.ramp_fraction != 0.4:
                 where += f",ramp{self.ramp_fraction:g}"
-            where += "".join(f",without-{name}" for name in self.leave_out)
+            where += "".join(f",without-{name}" for name in self.exclude)
             parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
@@ -182,26 +181,6 @@ def _load_init(model: nn.Module, source: str) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
-def _sites_without(
-    model: nn.Module, leave_out: list[str], input_size: tuple[int, ...], placement: Placement
-) -> Strategy | list[str]:
-    """The sites ``wrap`` plans for ``model``, less ``leave_out`` (all of them: ``"block"``)."""
-    if not leave_out:
-        return "block"
-    planned = [
-        site.name for site in inspect(model, input_size=input_size, placement=placement).sites
-    ]
-    unknown = sorted(set(leave_out) - set(planned))
-    if unknown:
-        raise ValueError(
-            f"leave_out names no site of {type(model).__name__}: {unknown}. Its sites: {planned}."
-        )
-    kept = [name for name in planned if name not in leave_out]
-    if not kept:
-        raise ValueError(f"leave_out leaves no site of {type(model).__name__} to wrap.")
-    return kept
-
-
 class TransferRun:
     """One run's network, data, optimizer and checkpoint, step by step.
 
@@ -243,13 +222,12 @@ class TransferRun:
         self.strength: StrengthScheduler | None = None
         if config.phi is not None:
             phi = load_phi(config.phi) if config.phi != "default" else None
-            placement = cast(Placement, config.placement)
             wrap(
                 self.model,
                 phi=phi,
-                sites=_sites_without(self.model, config.leave_out, self.input_size, placement),
                 input_size=self.input_size,
-                placement=placement,
+                placement=cast(Placement, config.placement),
+                exclude=config.exclude,
             )
             self.strength = StrengthScheduler(
                 self.model, total_steps=config.steps, ramp_fraction=config.ramp_fraction
