@@ -29,6 +29,7 @@ __all__ = ["SCALED", "curve_points", "mean_scales", "plots", "plotted"]
 COLOURS = {
     "base": "0.35",
     "metaperturb[phi-star]": "C3",
+    "metaperturb[phi-star,without-site]": "C7",  # exclude=[...]: sites left without phi
     "metaperturb[authors]": "C1",
     "dropblock": "C2",
     "mixup": "C4",
@@ -47,8 +48,9 @@ TARGET_COLOURS = {
 
 
 def _family(method: str) -> str:
-    """The method without its settings: ``dropblock[0.05,5]`` -> ``dropblock``, and the
-    fine-tuning source dropped from ``finetune[...]``."""
+    """The method without its settings: ``dropblock[0.05,5]`` -> ``dropblock``, the
+    fine-tuning source dropped from ``finetune[...]``, and the sites left out unnamed."""
+    method = re.sub(r"(,without-[^],]+)+\]", ",without-site]", method)
     return re.sub(r"(dropblock|mixup|finetune)\[[^]]*\]", r"\1", method)
 
 

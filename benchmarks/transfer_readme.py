@@ -31,6 +31,11 @@ TARGETS = {
 METHODS = [
     (r"base", "Base", "Base"),
     (r"metaperturb\[phi-star\]", "MetaPerturb, phi\\* (shipped)", ""),
+    (
+        r"metaperturb\[phi-star,without-(.+)\]",
+        r"MetaPerturb, phi\\* without the site at `\1`",
+        "MetaPerturb, phi\\* without a closed site",
+    ),
     (r"metaperturb\[authors\]", "MetaPerturb, the authors' phi (comparison only)", ""),
     (r"dropblock\[(.+),(.+)\]", r"DropBlock (rate \1, block size \2)", "DropBlock (tuned)"),
     (r"mixup\[(.+)\]", r"Manifold Mixup (alpha \1)", "Manifold Mixup (tuned)"),

@@ -58,6 +58,17 @@ def test_datasets_table_averages_seeds_leaves_missing_cells_empty_and_leads_over
     assert not any("10.00" in line for line in rows.values())
 
 
+def test_a_run_without_a_site_has_its_own_row_named_by_the_site() -> None:
+    runs = [*RESULTS, _run("metaperturb[phi-star,without-stages.2.2]", "mnist-10k", 0.995)]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.datasets(runs)[2:]}
+    row = rows["MetaPerturb, phi\\* without the site at `stages.2.2`"].rstrip(" |").split(" | ")
+    assert row[3] == "99.50 (1)" and row[-1] == "+0.50 (1)"
+    assert rows["MetaPerturb, phi\\* (shipped)"].rstrip(" |").endswith("+1.00 (2)")
+    assert "MetaPerturb, phi\\* without a closed site" in {
+        line.split(" | ")[0].lstrip("| ") for line in readme.datasets(RESULTS)[2:]
+    }
+
+
 def test_architectures_table_shows_update_bn_and_the_other_placement_beside_phi_star() -> None:
     runs = [
         _run("base", "s-cifar10", 0.72, model="conv4"),
@@ -131,3 +142,11 @@ def test_the_figures_numbers_are_tabled_seeds_averaged_targets_in_preset_order()
         "| mnist-10k (1) | 0.500 | 0.400 |",
     ]
     assert "- s-cifar10 vs mnist-10k: at most 0.200 apart" in scales
+
+
+def test_runs_without_sites_are_drawn_in_their_own_colour_other_placements_are_not() -> None:
+    plots = _module("transfer_plots")
+    kept = _run("metaperturb[phi-star,without-stages.2.2]", "omniglot-100", 0.9)
+    assert plots.plotted(kept)
+    assert plots.COLOURS[plots._family(kept["method"])] != plots.COLOURS["metaperturb[phi-star]"]
+    assert not plots.plotted(_run("metaperturb[phi-star,pre-act]", "s-cifar10", 0.7))
