@@ -242,6 +242,38 @@ def test_a_stopped_run_resumes_to_the_same_result(
     )
 
 
+@needs_mnist
+def test_the_scales_at_full_strength_are_recorded_once_and_survive_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s per site at the end of the ramp (what screens a phi for a site closed at full
+    strength): read at the step the strength reaches 1, kept through a stop on either side."""
+    config = TransferConfig(
+        **{**two_step_conv4(), "steps": 10, "checkpoint_every": 2}, phi="default", phi_name="x"
+    )
+    whole = run_transfer(config, tmp_path / "whole", progress=False)
+    assert whole["full_strength_step"] == 4  # ramp over 40% of 10 steps
+    recorded = whole["scales_at_full_strength"]
+    assert set(recorded) == set(whole["scales"]) and all(0 < v < 1 for v in recorded.values())
+    original = run_module.TransferRun.save_checkpoint
+    for stop_at in (2, 6):  # before and after the record
+
+        def stop(self: run_module.TransferRun, stop_at: int = stop_at) -> None:
+            original(self)
+            if self.step == stop_at:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_transfer(config, tmp_path / f"split{stop_at}", progress=False)
+        monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
+        resumed = run_transfer(config, tmp_path / f"split{stop_at}", progress=False)
+        assert resumed["resumed"] and resumed["full_strength_step"] == 4
+        assert resumed["scales_at_full_strength"] == pytest.approx(recorded, abs=1e-6)
+    base = run_transfer(TransferConfig(**two_step_conv4()), tmp_path / "base", progress=False)
+    assert base["scales_at_full_strength"] is None and base["full_strength_step"] is None
+
+
 class StopAfter(threading.Event):
     """A stop request that reads as set from its ``checks + 1``-th look on (a run looks once
     a training step, then once per evaluation batch)."""

@@ -264,6 +264,11 @@ class TransferRun:
         )
         self.step = 0
         self.curve: list[dict[str, float]] = []
+        #: phi's mean channel scale per site at the first step at full strength (the end of the
+        #: ramp): a site closed then passes nothing from there on, which collapsed phi* on
+        #: Omniglot-100 (README). Its s at the end of training can have recovered since.
+        self.full_strength_scales: dict[str, float] | None = None
+        self.full_strength_step: int | None = None
         self.train_seconds = 0.0
         self.loss_sum, self.loss_count = 0.0, 0
         # The loss of the steps since the last settle, summed where it is computed: reading it
@@ -290,6 +295,8 @@ class TransferRun:
             # The training loss since the last curve point (a stop can fall between two).
             "loss_sum": self.loss_sum,
             "loss_count": self.loss_count,
+            "full_strength_scales": json.dumps(self.full_strength_scales),
+            "full_strength_step": self.full_strength_step,
         }
 
     def save_checkpoint(self) -> None:
@@ -325,6 +332,9 @@ class TransferRun:
         self.train_seconds = float(state["train_seconds"])
         self.loss_sum = float(state.get("loss_sum", 0.0))  # absent from older checkpoints
         self.loss_count = int(state.get("loss_count", 0))
+        # Absent from older checkpoints: a run resumed past the ramp then records none.
+        self.full_strength_scales = json.loads(state.get("full_strength_scales", "null"))
+        self.full_strength_step = state.get("full_strength_step")
         return True
 
     # -- training ------------------------------------------------------------------------------
@@ -358,6 +368,9 @@ class TransferRun:
                 self.strength.step()
             self._pending_loss += loss.detach()
             self.step += 1
+            if self._reached_full_strength():
+                self.full_strength_step = self.step
+                self.full_strength_scales = self.scales()
             bar.update(1)
             if self.step % _SETTLE_EVERY == 0:
                 self._settle_losses()
@@ -384,6 +397,13 @@ class TransferRun:
         self._settle_losses()
         self.train_seconds += time.perf_counter() - started
         bar.close()
+
+    def _reached_full_strength(self) -> bool:
+        """Whether the step just taken set the strength to 1 (the next forward is the first at
+        full strength)."""
+        if self.strength is None or self.full_strength_step is not None:
+            return False
+        return self.strength.strength >= 1.0
 
     def _settle_losses(self) -> None:
         """Add the pending steps' loss to the running mean, or raise if one was not finite.
@@ -696,6 +716,8 @@ def _train_and_record(
         "evaluation": evaluation,
         "curve": run.curve,
         "scales": run.scales(),
+        "scales_at_full_strength": run.full_strength_scales,
+        "full_strength_step": run.full_strength_step,
         "train_seconds": run.train_seconds,
         "resumed": resumed,
         "train_images": len(run.train_data),
