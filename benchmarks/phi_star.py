@@ -7,14 +7,17 @@ Three steps, each resumable and safe to rerun (a finished step is skipped):
     python benchmarks/phi_star.py train --seeds 0 --placement before_activation  # the authors'
                                                       # placement: runs/phi-star/preact-seed-0
     python benchmarks/phi_star.py select              # metaperturb select on a CIFAR-10 slice
+                                                      # and 100 Omniglot background classes
     python benchmarks/phi_star.py install             # winner -> weights/phi-star/
     python benchmarks/phi_star.py status              # progress of every run
 
 ``train`` runs the paper's recipe (10 class-wise tasks of Tiny ImageNet-200 at 32px, ResNet-20,
 750 steps, batch 128) once per seed into ``runs/phi-star/seed-<k>/`` with ``--resume``, so a
 stopped run continues from its last checkpoint. ``select`` scores every finished run by a
-meta-test on CIFAR-10 train images 500-999 of each class, which no evaluation in this repo uses
-(the evaluation's s-CIFAR10 takes the first 500 of each class, and its test split). ``install``
+full-schedule meta-test on CIFAR-10 train images 500-999 of each class, which no evaluation in
+this repo uses (the evaluation's s-CIFAR10 takes the first 500 of each class, and its test
+split), and one on 100 classes of Omniglot's background split (the evaluation's Omniglot-100 is
+in its evaluation split), passing over a run that closes a site at full strength. ``install``
 copies the winner into ``weights/phi-star/`` with a model card holding the recipe, the selection
 scores, a summary of the metrics log and a plot of phi's scales per site.
 """
@@ -35,6 +38,10 @@ RUNS = ROOT / "runs" / "phi-star"
 TARGET = ROOT / "weights" / "phi-star"
 SOURCE = ROOT.parent / "shared" / "data" / "tiny-imagenet-200-32px"
 VALIDATION = ROOT.parent / "shared" / "data" / "cifar10"
+#: The many-class validation task beside CIFAR-10: 100 Omniglot *background* alphabets' classes
+#: (the evaluation's Omniglot-100 uses the disjoint evaluation split), 10 train / 10 test each.
+#: phi* passed the CIFAR-10 meta-test and then collapsed ResNet-20 on Omniglot-100 (README).
+MANY_CLASS = ROOT.parent / "shared" / "data" / "omniglot"
 AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
 #: What outlives ``runs/`` (ignored, so lost when a session starts from a fresh checkout): each
 #: finished run's phi, metrics log and settings, and the selection report (a few hundred kB).
@@ -88,6 +95,9 @@ def select(args: argparse.Namespace) -> None:
         "--steps", str(args.steps), "--seeds", str(args.seeds), "--baseline",
         "--output-dir", str(args.runs_dir / "selection"), "--no-progress",
     ]  # fmt: skip
+    if args.many_class:
+        command += ["--extra-task", f"data={MANY_CLASS}", "split=background", "classes=100"]
+        command += ["max_per_class=20", "skip_per_class=0", "channels=1"]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     if args.runs_dir == RUNS:
@@ -131,8 +141,29 @@ def _selection_sentence(report: dict) -> str:
         f"`{validation['data']}` (images {first}-{last} of each class: the first "
         f"{target['per_class']} of each class train, the next {target['test_per_class']} test; "
         f"{validation['train']} train / {validation['test']} test images), accuracy averaged "
-        f"over {config['seeds']} seed(s); the highest ships."
+        f"over {config['seeds']} seed(s)"
+    ) + _more_tasks_sentence(report)
+
+
+def _more_tasks_sentence(report: dict) -> str:
+    """The extra validation tasks and the closed-site screen (selections since 2026-12-06)."""
+    extra = report.get("tasks", [])[1:]
+    described = "; ".join(
+        f"`{task['label'].split(': ', 1)[1]}` ({task['target']['classes'] or 'all'} classes, "
+        f"{task['train']} train / {task['test']} test images)"
+        for task in extra
     )
+    sentence = f", and on {described}; the score is the mean over the tasks" if extra else ""
+    closed = report.get("closed_sites", {})
+    if report.get("config", {}).get("screen_closed_sites"):
+        sentence += (
+            ". A candidate whose meta-test closed a site at full strength (s < 0.05 at the end "
+            "of the ramp) is passed over for one that closed none"
+        )
+        if closed:
+            listed = "; ".join(f"`{Path(n).name}`: {sites}" for n, sites in closed.items())
+            sentence += f" ({listed})"
+    return sentence + "; the highest ships."
 
 
 BUNDLED_NOTE = (
@@ -159,7 +190,10 @@ def install(args: argparse.Namespace) -> None:
     score = report["scores"][report["best"]]
     metadata = dict(phi.config.metadata)
     metadata["selection_score"] = f"{score:.4f}"
-    metadata["selection_data"] = report["validation"]["data"]
+    metadata["selection_data"] = ", ".join(
+        [task["label"].split(": ", 1)[1] for task in report.get("tasks", [])]
+        or [report["validation"]["data"]]
+    )
     phi.config = dataclasses.replace(phi.config, metadata=metadata)
     scores = [f"| `{Path(n).name}` | {s:.4f} |" for n, s in sorted(report["scores"].items())]
     baseline = report.get("baseline")
@@ -406,7 +440,15 @@ def main() -> None:
         help="where phi acts in the task networks; before_activation runs go to preact-seed-<k>",
     )
     select_parser = steps.add_parser("select", help="score the finished runs")
-    select_parser.add_argument("--steps", type=int, default=2000)
+    # The full schedule: a site phi closes shows only once the strength reaches 1, at 40% of
+    # the steps (phi*'s first selection ran 2,000 steps on CIFAR-10 alone and missed it).
+    select_parser.add_argument("--steps", type=int, default=10_000)
+    select_parser.add_argument(
+        "--many-class",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also meta-test on 100 Omniglot background classes (the score is the mean)",
+    )
     select_parser.add_argument("--seeds", type=int, default=1)
     select_parser.add_argument("--data", type=Path, default=VALIDATION)
     steps.add_parser("install", help="copy the winner to weights/phi-star with its model card")

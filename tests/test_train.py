@@ -384,6 +384,64 @@ def test_select_scores_candidates_and_keeps_the_best(
     assert f"best: {report['best']}" in capsys.readouterr().out
 
 
+def _phi_with_scale(tmp_path: Path, name: str, channel_weight: float) -> str:
+    """A phi whose channel scale is sigmoid(channel_weight * C / widest) at every site: 0.5
+    with 0, about 0 (a closed site everywhere) with -50."""
+    phi = metaperturb.Perturbation()
+    with torch.no_grad():
+        phi.scale_weight.zero_()
+        phi.scale_weight[0, 8] = channel_weight  # the channel-ratio feature
+    phi.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+@needs_tiny
+def test_select_averages_extra_tasks_and_passes_over_a_phi_that_closes_sites(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from metaperturb.cli import main
+
+    open_, closed = _phi_with_scale(tmp_path, "open", 0.0), _phi_with_scale(tmp_path, "shut", -50)
+    argv = ["select", open_, closed, "--data", str(TINY), "--split", "validation"]
+    argv += ["--classes", "3", "--max-per-class", "8", "--image-size", "16", "--steps", "5"]
+    argv += ["--batch-size", "6", "--threads", "1", "--no-progress", "--device", "cpu"]
+    argv += ["--extra-task", "classes=4", "skip-per-class=8", "--output-dir", str(tmp_path / "s")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "s" / "selection.json").read_text())
+    first, extra = report["tasks"]
+    assert (extra["target"]["classes"], extra["target"]["skip_per_class"]) == (4, 8)
+    assert (extra["train"], extra["test"]) == (16, 16) and (first["train"], first["test"]) == (
+        12,
+        12,
+    )
+    for name in (open_, closed):  # the score is the mean over the tasks
+        mean = (first["scores"][name] + extra["scores"][name]) / 2
+        assert report["scores"][name] == pytest.approx(mean)
+    sites = get_controller(_learner().model).site_names
+    assert report["closed_sites"] == {closed: {first["label"]: sites, extra["label"]: sites}}
+    assert report["best"] == open_ and report["screened_out"] == [closed]
+    assert f"closed at full strength: {closed}" in capsys.readouterr().out
+
+
+def test_choose_best_screens_closed_candidates_unless_every_one_is() -> None:
+    from metaperturb.train.selection import choose_best
+
+    scores = {"a": 0.6, "b": 0.5, "c": 0.4}
+    closed = {"a": {"task": ["stages.2.2"]}, "b": {}}
+    assert choose_best(scores, closed) == "b"
+    assert choose_best(scores, closed, screen=False) == "a"
+    assert choose_best({"a": 0.6, "c": 0.7}, {"a": {"t": ["x"]}, "c": {"t": ["y"]}}) == "c"
+
+
+def test_an_extra_task_with_a_field_that_is_not_a_task_setting_is_refused() -> None:
+    from metaperturb.train.selection import SelectConfig
+
+    with pytest.raises(ValueError, match=r"\['clases'\] do not define a validation task"):
+        SelectConfig(["phi"], data="d", max_per_class=8, extra_tasks=[{"clases": 3}])
+    with pytest.raises(ValueError, match="max_per_class"):  # each task is checked as the first
+        SelectConfig(["phi"], data="d", max_per_class=8, extra_tasks=[{"max_per_class": 1}]).tasks()
+
+
 def test_resume_compares_a_local_data_path_by_the_folder_it_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

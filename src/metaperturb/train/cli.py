@@ -139,7 +139,35 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     add("--seed", type=int, default=0, metavar="N", help="seed of the first meta-test")
+    add(
+        "--extra-task",
+        dest="extra_tasks",
+        action="append",
+        nargs="+",
+        type=_task_field,
+        default=[],
+        metavar="KEY=VALUE",
+        help="another validation task, as the first task's fields that differ (data, split, "
+        "classes, max_per_class, skip_per_class, image_size, channels), e.g. --extra-task "
+        "data=../shared/data/omniglot split=background classes=100 max_per_class=20 channels=1; "
+        "repeat the flag for more. The score is the mean over the tasks",
+    )
+    add(
+        "--screen-closed-sites",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pass over a candidate that closes a site at full strength when another does not",
+    )
     return parser
+
+
+def _task_field(text: str) -> tuple[str, str | int]:
+    """``KEY=VALUE`` of ``--extra-task``; numbers as ints."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key = key.replace("-", "_")
+    return key, int(value) if value.lstrip("-").isdigit() else value
 
 
 def run_select(args: argparse.Namespace) -> int:
@@ -148,8 +176,10 @@ def run_select(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = [action for action in vars(args) if action not in ("run", "command")]
+    settings = {name: getattr(args, name) for name in names}
+    settings["extra_tasks"] = [dict(fields) for fields in settings["extra_tasks"]]
     try:
-        report = select(SelectConfig(**{name: getattr(args, name) for name in names}))
+        report = select(SelectConfig(**settings))
     except (MetaPerturbError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -157,6 +187,8 @@ def run_select(args: argparse.Namespace) -> int:
         print(f"{score:.4f}  {name}")
     if report["baseline"] is not None:
         print(f"{report['baseline']:.4f}  (no phi)")
+    for name, sites in report["closed_sites"].items():
+        print(f"closed at full strength: {name}: {sites}")
     print(f"best: {report['best']}")
     return 0
 

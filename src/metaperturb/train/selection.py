@@ -9,6 +9,13 @@ on a shorter schedule), so selection and evaluation train in exactly the same wa
 selection resumes: finished meta-tests are read back from ``output_dir/meta-tests``. Every
 candidate sees the same initialisation, batches and noise draws, so the comparison is paired;
 ``seeds`` repeats it with other draws and averages.
+
+One validation task can miss a failure another shows: phi* passed a 10-class CIFAR-10 meta-test
+and then closed ResNet-20's last block on 100-class Omniglot, collapsing the network when its
+strength reached 1 (README). ``extra_tasks`` scores candidates on more tasks (their mean), and a
+candidate whose meta-test closes a site at full strength (phi's channel scale s below
+:data:`~metaperturb.diagnostics.CLOSED_BELOW` at the end of the strength ramp) is passed over
+for one that closes none.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +33,25 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
+from ..diagnostics import CLOSED_BELOW
 from ..hub import load_phi
 from ..transfer.targets import Target
 
 if TYPE_CHECKING:
     from ..transfer.run import TransferConfig
 
-__all__ = ["SelectConfig", "select"]
+__all__ = ["SelectConfig", "choose_best", "select"]
+
+#: The fields of :class:`SelectConfig` that define a validation task (``extra_tasks`` keys).
+TASK_FIELDS = (
+    "data",
+    "split",
+    "image_size",
+    "channels",
+    "classes",
+    "max_per_class",
+    "skip_per_class",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +97,13 @@ class SelectConfig:
     progress: bool = True
     #: Seed of the first meta-test (repetition k uses ``seed + k``).
     seed: int = 0
+    #: More validation tasks, each the fields of :data:`TASK_FIELDS` that differ from the first
+    #: task's (e.g. ``{"data": "omniglot", "split": "background", "classes": 100,
+    #: "max_per_class": 20, "channels": 1}``); a candidate's score is its mean over the tasks.
+    extra_tasks: list[dict[str, Any]] = field(default_factory=list)
+    #: Pass over candidates that close a site at full strength when another does not (see the
+    #: module docstring). Meaningful on the full schedule: the ramp ends at 40% of ``steps``.
+    screen_closed_sites: bool = True
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -85,6 +111,12 @@ class SelectConfig:
         for name in ("steps", "batch_size", "seeds", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SelectConfig.{name} must be positive.")
+        for extra in self.extra_tasks:
+            unknown = sorted(set(extra) - set(TASK_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"extra_tasks: {unknown} do not define a validation task; use {TASK_FIELDS}."
+                )
         if self.max_per_class is None or self.max_per_class < 2:
             raise ValueError(
                 "select halves the first N images of each validation class into train and test: "
@@ -108,16 +140,26 @@ class SelectConfig:
             channels=self.channels,
         )
 
+    def tasks(self) -> list[Target]:
+        """Every validation task: the first (this config's fields), then ``extra_tasks``."""
+        extras = [replace(self, extra_tasks=[], **extra).target() for extra in self.extra_tasks]
+        return [self.target(), *extras]
+
     def meta_test_config(
-        self, phi: str | None, phi_name: str | None, repeat: int, placement: str = "output"
+        self,
+        phi: str | None,
+        phi_name: str | None,
+        repeat: int,
+        placement: str = "output",
+        task: Target | None = None,
     ) -> TransferConfig:
-        """The evaluation run that scores ``phi`` (``None``: the plain network), placed where
-        it was meta-trained (``placement``)."""
+        """The evaluation run that scores ``phi`` (``None``: the plain network) on ``task``
+        (default: the first), placed where it was meta-trained (``placement``)."""
         # Imported here: the evaluation harness builds on this package's task networks.
         from ..transfer.run import TransferConfig
 
         return TransferConfig(
-            target=asdict(self.target()),
+            target=asdict(task or self.target()),
             model=self.model,
             phi=phi,
             phi_name=phi_name,
@@ -134,6 +176,20 @@ class SelectConfig:
         )
 
 
+def choose_best(
+    scores: dict[str, float], closed: dict[str, dict[str, list[str]]], screen: bool = True
+) -> str:
+    """The best-scoring candidate; with ``screen``, among those that closed no site (all of
+    them when every one did)."""
+    open_ = [name for name in scores if not any(closed.get(name, {}).values())]
+    pool = open_ if screen and open_ else list(scores)
+    return max(pool, key=lambda name: scores[name])
+
+
+def _task_label(task: Target, index: int) -> str:
+    return f"{index}: {Path(str(task.data)).name}/{task.split}"
+
+
 def _resolve(candidate: str) -> Path | str:
     path = Path(candidate)
     if (path / "phi" / "model.safetensors").is_file():
@@ -145,8 +201,9 @@ def select(config: SelectConfig) -> dict[str, Any]:
     """Score every candidate and return the report; copy the winner to ``output_dir/best``.
 
     Returns:
-        ``{"best": candidate, "scores": {candidate: mean accuracy}, "per_seed": {...},
-        "baseline": accuracy or None, "config": {...}}``.
+        ``{"best": candidate, "scores": {candidate: mean accuracy over the tasks}, "tasks":
+        [{"label", "target", "scores", "per_seed", ...} per task], "closed_sites": {candidate:
+        {task: [sites]}}, "screened_out": [...], "baseline": accuracy or None, ...}``.
 
     Example:
         >>> report = select(SelectConfig(["runs/phi-0", "runs/phi-1"], data="val"))  # doctest: +SKIP
@@ -172,38 +229,85 @@ def select(config: SelectConfig) -> dict[str, Any]:
     ]
     if config.baseline:
         entries.append(("(no phi)", None, None, "output"))
-    per_seed: dict[str, list[float]] = {name: [] for name, *_ in entries}
-    images: dict[str, int] = {}  # train and test image counts, the same in every meta-test
+    tasks = config.tasks()
+    labels = [_task_label(task, index) for index, task in enumerate(tasks)]
+    per_seed: dict[str, dict[str, list[float]]] = {
+        label: {name: [] for name, *_ in entries} for label in labels
+    }
+    # Sites closed at full strength, by candidate and task (any seed).
+    closed: dict[str, dict[str, list[str]]] = {name: {} for name in phis}
+    images: dict[str, dict[str, int]] = {}  # train and test image counts, by task
     with contextlib.ExitStack() as stack:
         if config.output_dir is not None:
             results = Path(config.output_dir) / "meta-tests"
         else:
             results = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        total = len(entries) * config.seeds
+        total = len(tasks) * len(entries) * config.seeds
         bar = stack.enter_context(tqdm(total=total, unit="meta-test", disable=not config.progress))
-        for repeat in range(config.seeds):
-            for name, phi, phi_name, placement in entries:
-                result = run_transfer(
-                    config.meta_test_config(phi, phi_name, repeat, placement),
-                    results,
-                    progress=False,
-                )
-                per_seed[name].append(result["accuracy"])
-                images = {"train": result["train_images"], "test": result["test_images"]}
-                logger.info("%s, seed %d: accuracy %.4f", name, repeat, result["accuracy"])
-                bar.update(1)
-    scores = {name: sum(v) / len(v) for name, v in per_seed.items()}
-    best = max(phis, key=lambda name: scores[name])
+        for task, label in zip(tasks, labels, strict=True):
+            for repeat in range(config.seeds):
+                for name, phi, phi_name, placement in entries:
+                    result = run_transfer(
+                        config.meta_test_config(phi, phi_name, repeat, placement, task),
+                        results,
+                        progress=False,
+                    )
+                    per_seed[label][name].append(result["accuracy"])
+                    images[label] = {"train": result["train_images"], "test": result["test_images"]}
+                    scales = result.get("scales_at_full_strength") or {}
+                    shut = sorted(site for site, s in scales.items() if s < CLOSED_BELOW)
+                    if phi is not None and shut:
+                        sites = closed[name].setdefault(label, [])
+                        sites += [site for site in shut if site not in sites]
+                    logger.info(
+                        "%s, %s, seed %d: accuracy %.4f%s",
+                        name,
+                        label,
+                        repeat,
+                        result["accuracy"],
+                        f", closed at full strength: {shut}" if phi is not None and shut else "",
+                    )
+                    bar.update(1)
+    by_task = {
+        label: {name: sum(v) / len(v) for name, v in seeds.items()}
+        for label, seeds in per_seed.items()
+    }
+    scores = {
+        name: sum(by_task[label][name] for label in labels) / len(labels) for name, *_ in entries
+    }
+    candidate_scores = {name: scores[name] for name in phis}
+    best = choose_best(candidate_scores, closed, config.screen_closed_sites)
+    screened = [name for name in phis if any(closed[name].values())]
+    if best in screened:
+        logger.warning(
+            "every candidate closed a site at full strength; %s is the best score anyway: "
+            "leave its closed sites out (wrap(..., exclude=[...])) where it is used.",
+            best,
+        )
+    first = labels[0]
     report = {
         "best": best,
-        "scores": {name: scores[name] for name in phis},
-        "per_seed": per_seed,
+        "scores": candidate_scores,
+        # The first task's, as before extra tasks existed; every task's is under "tasks".
+        "per_seed": per_seed[first],
         "baseline": scores.get("(no phi)"),
         "validation": {
             "data": f"{Path(config.data).name}/{config.split}",
-            "target": asdict(config.target()),
-            **images,
+            "target": asdict(tasks[0]),
+            **images[first],
         },
+        "tasks": [
+            {
+                "label": label,
+                "target": asdict(task),
+                **images[label],
+                "scores": by_task[label],
+                "per_seed": per_seed[label],
+            }
+            for task, label in zip(tasks, labels, strict=True)
+        ],
+        "closed_sites": {name: sites for name, sites in closed.items() if sites},
+        "screened_out": [name for name in screened if name != best],
         "config": asdict(config),
     }
     if config.output_dir is not None:
