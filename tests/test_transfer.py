@@ -455,6 +455,13 @@ def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert summary["id"].endswith("__conv4__dropblock[0.1,3]__2steps__seed0")
     assert (tmp_path / f"{summary['id']}.json").is_file()
     assert main(["eval", "--target", "s-cifar10", "--data", str(MNIST)]) == 1
+    # --exclude reaches wrap: a name that is no site is refused with the sites listed.
+    phi = [*args[: args.index("--dropblock-rate")], "--curve-every", "0", "--phi", "default"]
+    phi += ["--phi-name", "x", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main([*phi, "--exclude", "blocks.3.act"]) == 0
+    assert "__conv4__metaperturb[x,without-blocks.3.act]__" in capsys.readouterr().out
+    assert main([*phi, "--exclude", "fc"]) == 1
+    assert "Its sites: ['blocks.0.act'" in capsys.readouterr().err
 
 
 @needs_mnist
