@@ -272,6 +272,20 @@ def test_the_scales_at_full_strength_are_recorded_once_and_survive_a_resume(
         assert resumed["scales_at_full_strength"] == pytest.approx(recorded, abs=1e-6)
     base = run_transfer(TransferConfig(**two_step_conv4()), tmp_path / "base", progress=False)
     assert base["scales_at_full_strength"] is None and base["full_strength_step"] is None
+    # A checkpoint from before the record existed, past the ramp: no later step stands in.
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop)  # stops at step 6
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(config, tmp_path / "old", progress=False)
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
+    path = tmp_path / "old" / f"{run_id(config)}.ckpt"
+    state = torch.load(path, weights_only=True)
+    del state["full_strength_scales"], state["full_strength_step"]
+    torch.save(state, path)
+    old = run_transfer(config, tmp_path / "old", progress=False)
+    assert old["full_strength_step"] is None and old["scales_at_full_strength"] is None
+    # No ramp: full strength from the first step, recorded after it.
+    flat = TransferConfig(**{**config.__dict__, "ramp_fraction": 0.0})
+    assert run_transfer(flat, tmp_path / "flat", progress=False)["full_strength_step"] == 1
 
 
 class StopAfter(threading.Event):

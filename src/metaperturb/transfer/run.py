@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._atomic import atomic_write
 from .._run_lock import run_lock
-from ..annealing import StrengthScheduler
+from ..annealing import StrengthScheduler, linear_ramp
 from ..data import ImageData, normalize
 from ..diagnostics import channel_scales
 from ..discovery import Placement
@@ -400,10 +400,14 @@ class TransferRun:
 
     def _reached_full_strength(self) -> bool:
         """Whether the step just taken set the strength to 1 (the next forward is the first at
-        full strength)."""
+        full strength; with no ramp, the first step). Only the crossing counts: a run resumed
+        past it from a checkpoint without the record does not record a later step instead."""
         if self.strength is None or self.full_strength_step is not None:
             return False
-        return self.strength.strength >= 1.0
+        steps, fraction = self.config.steps, self.config.ramp_fraction
+        now = linear_ramp(self.step, steps, fraction)
+        before = linear_ramp(self.step - 1, steps, fraction)
+        return now >= 1.0 and (before < 1.0 or self.step == 1)
 
     def _settle_losses(self) -> None:
         """Add the pending steps' loss to the running mean, or raise if one was not finite.
