@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from metaperturb.diagnostics import CLOSED_BELOW
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "phi-star"
 TARGET = ROOT / "weights" / "phi-star"
@@ -157,8 +159,8 @@ def _more_tasks_sentence(report: dict) -> str:
     closed = report.get("closed_sites", {})
     if report.get("config", {}).get("screen_closed_sites"):
         sentence += (
-            ". A candidate whose meta-test closed a site at full strength (s < 0.05 at the end "
-            "of the ramp) is passed over for one that closed none"
+            ". A candidate whose meta-test closed a site at full strength (s < "
+            f"{CLOSED_BELOW} at the end of the ramp) is passed over for one that closed none"
         )
         if closed:
             listed = "; ".join(f"`{Path(n).name}`: {sites}" for n, sites in closed.items())
