@@ -151,7 +151,7 @@ def _more_tasks_sentence(report: dict) -> str:
     """The extra validation tasks and the closed-site screen (selections since 2026-12-06)."""
     extra = report.get("tasks", [])[1:]
     described = "; ".join(
-        f"`{task['label'].split(': ', 1)[1]}` ({task['target']['classes'] or 'all'} classes, "
+        f"`{task['data']}` ({task['target']['classes'] or 'all'} classes, "
         f"{task['train']} train / {task['test']} test images)"
         for task in extra
     )
@@ -193,8 +193,7 @@ def install(args: argparse.Namespace) -> None:
     metadata = dict(phi.config.metadata)
     metadata["selection_score"] = f"{score:.4f}"
     metadata["selection_data"] = ", ".join(
-        [task["label"].split(": ", 1)[1] for task in report.get("tasks", [])]
-        or [report["validation"]["data"]]
+        [task["data"] for task in report.get("tasks", [])] or [report["validation"]["data"]]
     )
     phi.config = dataclasses.replace(phi.config, metadata=metadata)
     scores = [f"| `{Path(n).name}` | {s:.4f} |" for n, s in sorted(report["scores"].items())]

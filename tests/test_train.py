@@ -409,6 +409,7 @@ def test_select_averages_extra_tasks_and_passes_over_a_phi_that_closes_sites(
     assert main(argv) == 0
     report = json.loads((tmp_path / "s" / "selection.json").read_text())
     first, extra = report["tasks"]
+    assert (first["data"], extra["data"]) == (f"{TINY.name}/validation",) * 2
     assert (extra["target"]["classes"], extra["target"]["skip_per_class"]) == (4, 8)
     assert (extra["train"], extra["test"]) == (16, 16) and (first["train"], first["test"]) == (
         12,

@@ -279,10 +279,10 @@ def test_the_scales_at_full_strength_are_recorded_once_and_survive_a_resume(
     monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
     path = tmp_path / "old" / f"{run_id(config)}.ckpt"
     state = torch.load(path, weights_only=True)
-    del state["full_strength_scales"], state["full_strength_step"]
+    del state["full_strength_scales"]
     torch.save(state, path)
     old = run_transfer(config, tmp_path / "old", progress=False)
-    assert old["full_strength_step"] is None and old["scales_at_full_strength"] is None
+    assert old["full_strength_step"] == 4 and old["scales_at_full_strength"] is None
     # No ramp: full strength from the first step, recorded after it.
     flat = TransferConfig(**{**config.__dict__, "ramp_fraction": 0.0})
     assert run_transfer(flat, tmp_path / "flat", progress=False)["full_strength_step"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -29,8 +30,9 @@ class StrengthScheduler:
 
     Call :meth:`step` once per optimizer step. Starts at c = 0; ``state_dict`` / ``load_state_dict``
     resume it. Every ``check_every`` steps (0: never) it reads phi's channel scale at each site
-    (one small device-to-host copy for all sites) and warns once about a site where it is near 0: at full
-    strength that site would pass almost nothing (:class:`~metaperturb.diagnostics.ClosedSiteWarning`).
+    (one small device-to-host copy for all sites) and warns once about a site where it is near 0:
+    at full strength that site would pass almost nothing
+    (:class:`~metaperturb.diagnostics.ClosedSiteWarning`).
 
     Example:
         >>> scheduler = StrengthScheduler(model, total_steps=10_000)  # doctest: +SKIP
@@ -56,6 +58,11 @@ class StrengthScheduler:
         self.last_step = 0
         self._warned: set[str] = set()
         set_strength(model, self.strength)
+
+    @property
+    def full_strength_step(self) -> int:
+        """The step after which the strength is 1 (with no ramp, the first)."""
+        return max(1, math.ceil(self.ramp_fraction * self.total_steps))
 
     @property
     def strength(self) -> float:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .site import SiteState
 from .wrapper import get_controller
 
-__all__ = ["CLOSED_BELOW", "ClosedSiteWarning", "channel_scales", "closed_sites"]
+__all__ = ["CLOSED_BELOW", "ClosedSiteWarning", "channel_scales", "closed_among", "closed_sites"]
 
 #: A site whose mean channel scale is below this passes under about 1% of its features at full
 #: strength (E[z] is about 1). Measured on Omniglot-100 with ResNet-20 (README): phi*'s last
@@ -57,12 +57,17 @@ def channel_scales(model: nn.Module) -> dict[str, Tensor]:
     return scales
 
 
+def closed_among(means: dict[str, float], below: float = CLOSED_BELOW) -> dict[str, float]:
+    """Of sites' mean channel scales (e.g. a run's recorded ones), those below ``below``."""
+    return {name: mean for name, mean in means.items() if mean < below}
+
+
 def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, float]:
     """The sites whose mean channel scale s is below ``below``, with that mean."""
     scales = channel_scales(model)
     # One device-to-host copy for all sites, not one per site.
     means = torch.stack([s.float().mean() for s in scales.values()]).tolist()
-    return {name: mean for name, mean in zip(scales, means, strict=True) if mean < below}
+    return closed_among(dict(zip(scales, means, strict=True)), below)
 
 
 def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
-from ..diagnostics import CLOSED_BELOW
+from ..diagnostics import closed_among
 from ..hub import load_phi
 from ..transfer.targets import Target
 
@@ -186,8 +186,12 @@ def choose_best(
     return max(pool, key=lambda name: scores[name])
 
 
+def _task_data(task: Target) -> str:
+    return f"{Path(str(task.data)).name}/{task.split}"
+
+
 def _task_label(task: Target, index: int) -> str:
-    return f"{index}: {Path(str(task.data)).name}/{task.split}"
+    return f"{index}: {_task_data(task)}"
 
 
 def _resolve(candidate: str) -> Path | str:
@@ -255,7 +259,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
                     per_seed[label][name].append(result["accuracy"])
                     images[label] = {"train": result["train_images"], "test": result["test_images"]}
                     scales = result.get("scales_at_full_strength") or {}
-                    shut = sorted(site for site, s in scales.items() if s < CLOSED_BELOW)
+                    shut = sorted(closed_among(scales))
                     if phi is not None and shut:
                         sites = closed[name].setdefault(label, [])
                         sites += [site for site in shut if site not in sites]
@@ -299,6 +303,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         "tasks": [
             {
                 "label": label,
+                "data": _task_data(task),
                 "target": asdict(task),
                 **images[label],
                 "scores": by_task[label],

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .._atomic import atomic_write
 from .._run_lock import run_lock
-from ..annealing import StrengthScheduler, linear_ramp
+from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
 from ..diagnostics import channel_scales
 from ..discovery import Placement
@@ -264,11 +264,10 @@ class TransferRun:
         )
         self.step = 0
         self.curve: list[dict[str, float]] = []
-        #: phi's mean channel scale per site at the first step at full strength (the end of the
+        #: phi's mean channel scale per site at the step the strength reaches 1 (the end of the
         #: ramp): a site closed then passes nothing from there on, which collapsed phi* on
         #: Omniglot-100 (README). Its s at the end of training can have recovered since.
         self.full_strength_scales: dict[str, float] | None = None
-        self.full_strength_step: int | None = None
         self.train_seconds = 0.0
         self.loss_sum, self.loss_count = 0.0, 0
         # The loss of the steps since the last settle, summed where it is computed: reading it
@@ -296,7 +295,6 @@ class TransferRun:
             "loss_sum": self.loss_sum,
             "loss_count": self.loss_count,
             "full_strength_scales": json.dumps(self.full_strength_scales),
-            "full_strength_step": self.full_strength_step,
         }
 
     def save_checkpoint(self) -> None:
@@ -334,7 +332,6 @@ class TransferRun:
         self.loss_count = int(state.get("loss_count", 0))
         # Absent from older checkpoints: a run resumed past the ramp then records none.
         self.full_strength_scales = json.loads(state.get("full_strength_scales", "null"))
-        self.full_strength_step = state.get("full_strength_step")
         return True
 
     # -- training ------------------------------------------------------------------------------
@@ -368,8 +365,7 @@ class TransferRun:
                 self.strength.step()
             self._pending_loss += loss.detach()
             self.step += 1
-            if self._reached_full_strength():
-                self.full_strength_step = self.step
+            if self.step == self.full_strength_step:
                 self.full_strength_scales = self.scales()
             bar.update(1)
             if self.step % _SETTLE_EVERY == 0:
@@ -398,16 +394,10 @@ class TransferRun:
         self.train_seconds += time.perf_counter() - started
         bar.close()
 
-    def _reached_full_strength(self) -> bool:
-        """Whether the step just taken set the strength to 1 (the next forward is the first at
-        full strength; with no ramp, the first step). Only the crossing counts: a run resumed
-        past it from a checkpoint without the record does not record a later step instead."""
-        if self.strength is None or self.full_strength_step is not None:
-            return False
-        steps, fraction = self.config.steps, self.config.ramp_fraction
-        now = linear_ramp(self.step, steps, fraction)
-        before = linear_ramp(self.step - 1, steps, fraction)
-        return now >= 1.0 and (before < 1.0 or self.step == 1)
+    @property
+    def full_strength_step(self) -> int | None:
+        """The step after which phi's strength is 1 (``None`` without phi)."""
+        return None if self.strength is None else self.strength.full_strength_step
 
     def _settle_losses(self) -> None:
         """Add the pending steps' loss to the running mean, or raise if one was not finite.
