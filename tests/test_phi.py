@@ -87,6 +87,16 @@ def test_gain_is_positive_and_scale_in_unit_interval(phi: Perturbation) -> None:
     assert ((scale >= 0) & (scale <= 1)).all()
 
 
+def test_scale_maps_are_positively_homogeneous(phi: Perturbation) -> None:
+    """relu(conv(a h)) = a relu(conv(h)) for a > 0 (no bias): features a times larger move the
+    maps' batch means a times and their variances a^2 times, so s's logit is a A + a^2 B + D
+    in the size a of the features (benchmarks/scale_response.py reads phi's weights that way)."""
+    h = torch.randn(6, 5, 8, 8)
+    for a in (0.25, 3.0):
+        torch.testing.assert_close(phi.scale_maps(a * h), a * phi.scale_maps(h))
+    assert not torch.allclose(phi.scale_maps(-h), -phi.scale_maps(h))  # relu: not for a < 0
+
+
 def test_strength_zero_is_identity_and_one_is_s_times_z(phi: Perturbation) -> None:
     h = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(run_site(h, phi, strength=0.0), h, rtol=0, atol=0)

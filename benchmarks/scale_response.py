@@ -1,0 +1,179 @@
+"""How each phi's channel scale s answers the size of the features it sees: why phi* closes a
+site whose features grow, where the authors' phi does not.
+
+phi's scale logit is linear in the 4 pooled scale maps' batch means and variances (METHOD.md,
+step 3). Multiply a site's features h by a and each map's mean scales by a, its variance by a^2
+(the maps are relu(conv(h)) with no bias), so the logit is ``a * A + a^2 * B + D``: the signs of
+the weights on the maps decide whether s falls, rises or settles as the features grow. This
+prints those weights for each phi, then measures s (mean over channels, batch statistics as in
+training) at each site of an untrained ResNet-20 on a training batch of each target, with the
+site's features scaled by each factor:
+
+    python benchmarks/scale_response.py                 # phi* and the authors' phi
+    python benchmarks/scale_response.py --phi seed-0=runs/phi-star/seed-0/phi
+
+Writes ``benchmarks/results/scale-response.md`` and ``.json``. Seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaperturb._atomic import atomic_write
+from metaperturb.hub import default_phi_path, load_phi
+from metaperturb.phi import Perturbation
+from metaperturb.transfer import TransferConfig, TransferRun
+from metaperturb.wrapper import get_controller
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
+RESULTS = ROOT / "benchmarks" / "results"
+FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def scale_weights(phi: Perturbation) -> list[dict[str, float]]:
+    """Per scale map: its kernel's sum (on smooth non-negative features, a map of a negative-sum
+    kernel is mostly cut by the relu) and the weights the scale logit gives its mean and
+    variance."""
+    kernels = phi._weight(phi.scale_kernels).detach().reshape(4, -1)
+    weight = phi._weight(phi.scale_weight).detach().flatten()
+    return [
+        {
+            "kernel_sum": float(kernels[m].sum()),
+            "mean_weight": float(weight[m]),
+            "var_weight": float(weight[4 + m]),
+        }
+        for m in range(4)
+    ]
+
+
+def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], list[float], float]:
+    """Each site's input on one training batch of ``target`` (an untrained ResNet-20 at strength
+    0, so the features are the host's own), with the site names, channel ratios and the input
+    height phi's spatial descriptor divides by."""
+    config = TransferConfig(
+        target=target, seed=seed, phi="default", phi_name="phi-star", data_root=str(DATA)
+    )
+    run = TransferRun(config, RESULTS / "scale-response-unused")
+    controller = get_controller(run.model)
+    captured: dict[int, Tensor] = {}
+    handles = [
+        module.register_forward_hook(
+            lambda _m, _a, out, i=index: captured.__setitem__(i, out.detach().float())
+        )
+        for index, module in enumerate(controller.site_modules)
+    ]
+    run.model.train()
+    with torch.no_grad():
+        run.model(next(run.training_inputs(1, 0)))
+    for handle in handles:
+        handle.remove()
+    features = [captured[i].contiguous() for i in range(len(controller.site_names))]
+    height = float(controller.input_height)
+    return list(controller.site_names), features, list(controller.channel_ratios), height
+
+
+def mean_scale(phi: Perturbation, h: Tensor, channel_ratio: float, height: float) -> float:
+    """s averaged over channels, from the batch statistics of ``h`` (training's s)."""
+    maps = phi.scale_maps(h).float()
+    mean, var = maps.mean(dim=0), maps.var(dim=0, unbiased=False)
+    spatial = torch.tensor(h.shape[-2] / height)
+    return float(phi.channel_scale(mean, var, channel_ratio, spatial).mean())
+
+
+def measure(phis: dict[str, Perturbation], targets: list[str], seed: int) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "factors": list(FACTORS),
+        "weights": {name: scale_weights(phi) for name, phi in phis.items()},
+        "targets": {},
+    }
+    for target in targets:
+        names, features, ratios, height = site_features(target, seed)
+        sites: dict[str, Any] = {}
+        for name, h, ratio in zip(names, features, ratios, strict=True):
+            entry: dict[str, Any] = {"rms": float(h.pow(2).mean().sqrt()), "s": {}}
+            with torch.no_grad():
+                for phi_name, phi in phis.items():
+                    entry["s"][phi_name] = [
+                        mean_scale(phi, h * factor, ratio, height) for factor in FACTORS
+                    ]
+            sites[name] = entry
+        report["targets"][target] = sites
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    factors = report["factors"]
+    lines = [
+        (
+            "phi's channel scale s against the size of the features it sees "
+            "(`python benchmarks/scale_response.py`)."
+        ),
+        "",
+        (
+            "Scale logit weights per scale map (a map of a negative-sum kernel is mostly cut by "
+            "the relu on smooth non-negative features):"
+        ),
+        "",
+        "| phi | map | kernel sum | weight on mean | weight on variance |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for phi_name, maps in report["weights"].items():
+        for m, entry in enumerate(maps):
+            lines.append(
+                f"| {phi_name} | {m} | {entry['kernel_sum']:+.3f} | "
+                f"{entry['mean_weight']:+.3f} | {entry['var_weight']:+.3f} |"
+            )
+    for target, sites in report["targets"].items():
+        header = " | ".join(f"x{f:g}" for f in factors)
+        lines += [
+            "",
+            (
+                f"{target}: mean s per site of an untrained ResNet-20 (one training batch), the "
+                "site's features multiplied by each factor a; in brackets a * s, the size of what "
+                "the site passes on relative to its features at x1 (the noise's mean aside):"
+            ),
+            "",
+            f"| site | RMS at x1 | phi | {header} |",
+            "| --- | ---: | --- | " + " | ".join("---:" for _ in factors) + " |",
+        ]
+        for site, entry in sites.items():
+            for phi_name, values in entry["s"].items():
+                cells = " | ".join(
+                    f"{v:.3f} ({f * v:.2f})" for f, v in zip(factors, values, strict=True)
+                )
+                lines.append(f"| {site} | {entry['rms']:.2f} | {phi_name} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--phi", action="append", default=[], metavar="NAME=PATH", help="another phi to measure"
+    )
+    parser.add_argument("--targets", nargs="+", default=["omniglot-100", "s-cifar10"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=RESULTS / "scale-response")
+    args = parser.parse_args()
+    phis = {"phi-star": load_phi(default_phi_path())}
+    if (AUTHORS_PHI / "model.safetensors").is_file():
+        phis["authors"] = load_phi(str(AUTHORS_PHI))
+    for item in args.phi:
+        name, _, path = item.partition("=")
+        phis[name] = load_phi(path)
+    report = measure(phis, args.targets, args.seed)
+    text = markdown(report)
+    atomic_write(args.output.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    atomic_write(args.output.with_suffix(".md"), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
