@@ -17,8 +17,6 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
                                                       # ramped over the whole run, s-CIFAR10
     python benchmarks/transfer.py closed-site         # phi* without the last block's site,
                                                       # where its s closes on Omniglot-100
-    python benchmarks/transfer.py modes --seeds 1     # MC-5 and MC-100 evaluations of
-                                                      # MNIST-10k and Omniglot-100 runs
     python benchmarks/transfer.py priority --list     # what would run, and what is done
     python benchmarks/transfer.py priority --phi seed-0=runs/phi-star/seed-0/phi
                                                       # also a phi not installed (a candidate)
@@ -215,22 +213,6 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                         **common,  # type: ignore[arg-type]
                     )
                 )
-    elif name == "modes":
-        # The evaluation-mode comparison (MC-5, MC-100 beside the one-forward modes that every
-        # run records) on two more targets than `priority`'s s-CIFAR10. These are `datasets`'
-        # runs of the same ids (the MC settings are not part of an id), so either grid that
-        # runs one first answers the other; a run finished without MC stays as it is (a sweep
-        # skips any run with a result, rather than train it again for its MC scores).
-        for target in ("mnist-10k", "omniglot-100"):
-            for method in _phi_methods():
-                if not method:
-                    continue
-                for seed in seeds:
-                    runs.append(
-                        TransferConfig(
-                            target=target, seed=seed, mc_samples=[5, 100], **method, **common
-                        )  # type: ignore[arg-type]
-                    )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:
@@ -306,7 +288,6 @@ def main() -> None:
             "placement",
             "annealing",
             "closed-site",
-            "modes",
         ],
     )
     parser.add_argument("--steps", type=int, default=10_000)
