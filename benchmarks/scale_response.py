@@ -54,6 +54,14 @@ def scale_weights(phi: Perturbation) -> list[dict[str, float]]:
     ]
 
 
+def descriptor_weights(phi: Perturbation) -> dict[str, float]:
+    """The scale logit's weights on the host descriptors C / channel_norm and H / spatial_norm:
+    both descriptors lie in (0, 1], so together they move the logit by at most the sum of these
+    weights' sizes, whatever the host."""
+    weight = phi._weight(phi.scale_weight).detach().flatten()
+    return {"channels": float(weight[8]), "height": float(weight[9])}
+
+
 def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], list[float], float]:
     """Each site's input on one training batch of ``target`` (an untrained ResNet-20 at strength
     0, so the features are the host's own), with the site names, channel ratios and the input
@@ -92,6 +100,7 @@ def measure(phis: dict[str, Perturbation], targets: list[str], seed: int) -> dic
     report: dict[str, Any] = {
         "factors": list(FACTORS),
         "weights": {name: scale_weights(phi) for name, phi in phis.items()},
+        "descriptor_weights": {name: descriptor_weights(phi) for name, phi in phis.items()},
         "targets": {},
     }
     for target in targets:
@@ -131,6 +140,18 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {phi_name} | {m} | {entry['kernel_sum']:+.3f} | "
                 f"{entry['mean_weight']:+.3f} | {entry['var_weight']:+.3f} |"
             )
+    lines += [
+        "",
+        (
+            "Weights on the host descriptors (each in (0, 1]; together they move the logit by at "
+            "most the sum of their sizes, on any host):"
+        ),
+        "",
+        "| phi | C / channel_norm | H / spatial_norm |",
+        "| --- | ---: | ---: |",
+    ]
+    for phi_name, entry in report["descriptor_weights"].items():
+        lines.append(f"| {phi_name} | {entry['channels']:+.3f} | {entry['height']:+.3f} |")
     for target, sites in report["targets"].items():
         header = " | ".join(f"x{f:g}" for f in factors)
         lines += [
