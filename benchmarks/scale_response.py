@@ -62,10 +62,10 @@ def descriptor_weights(phi: Perturbation) -> dict[str, float]:
     return {"channels": float(weight[8]), "height": float(weight[9])}
 
 
-def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], list[float], float]:
+def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], int, float]:
     """Each site's input on one training batch of ``target`` (an untrained ResNet-20 at strength
-    0, so the features are the host's own), with the site names, channel ratios and the input
-    height phi's spatial descriptor divides by."""
+    0, so the features are the host's own), with the site names, the widest site's channels
+    and the input height (what the descriptors divide by unless phi's config says otherwise)."""
     config = TransferConfig(
         target=target, seed=seed, phi="default", phi_name="phi-star", data_root=str(DATA)
     )
@@ -73,8 +73,10 @@ def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], list
     controller = get_controller(run.model)
     captured: dict[int, Tensor] = {}
     handles = [
+        # Prepended: read the module's output before the site's own hook perturbs it.
         module.register_forward_hook(
-            lambda _m, _a, out, i=index: captured.__setitem__(i, out.detach().float())
+            lambda _m, _a, out, i=index: captured.__setitem__(i, out.detach().float()),
+            prepend=True,
         )
         for index, module in enumerate(controller.site_modules)
     ]
@@ -85,14 +87,17 @@ def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], list
         handle.remove()
     features = [captured[i].contiguous() for i in range(len(controller.site_names))]
     height = float(controller.input_height)
-    return list(controller.site_names), features, list(controller.channel_ratios), height
+    return list(controller.site_names), features, controller.plan.widest, height
 
 
-def mean_scale(phi: Perturbation, h: Tensor, channel_ratio: float, height: float) -> float:
-    """s averaged over channels, from the batch statistics of ``h`` (training's s)."""
+def mean_scale(phi: Perturbation, h: Tensor, widest: int, height: float) -> float:
+    """s averaged over channels, from the batch statistics of ``h`` (training's s); the two
+    descriptors as the sites compute them (phi's ``channel_norm`` and ``spatial_norm``, else the
+    widest site's channels and the input height)."""
     maps = phi.scale_maps(h).float()
     mean, var = maps.mean(dim=0), maps.var(dim=0, unbiased=False)
-    spatial = torch.tensor(h.shape[-2] / height)
+    spatial = torch.tensor(h.shape[-2] / (phi.config.spatial_norm or height))
+    channel_ratio = h.shape[1] / (phi.config.channel_norm or widest)
     return float(phi.channel_scale(mean, var, channel_ratio, spatial).mean())
 
 
@@ -104,14 +109,14 @@ def measure(phis: dict[str, Perturbation], targets: list[str], seed: int) -> dic
         "targets": {},
     }
     for target in targets:
-        names, features, ratios, height = site_features(target, seed)
+        names, features, widest, height = site_features(target, seed)
         sites: dict[str, Any] = {}
-        for name, h, ratio in zip(names, features, ratios, strict=True):
+        for name, h in zip(names, features, strict=True):
             entry: dict[str, Any] = {"rms": float(h.pow(2).mean().sqrt()), "s": {}}
             with torch.no_grad():
                 for phi_name, phi in phis.items():
                     entry["s"][phi_name] = [
-                        mean_scale(phi, h * factor, ratio, height) for factor in FACTORS
+                        mean_scale(phi, h * factor, widest, height) for factor in FACTORS
                     ]
             sites[name] = entry
         report["targets"][target] = sites
