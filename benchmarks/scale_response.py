@@ -69,6 +69,8 @@ def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], int,
     config = TransferConfig(
         target=target, seed=seed, phi="default", phi_name="phi-star", data_root=str(DATA)
     )
+    # The run builds the network, phi and the augmented batches exactly as an evaluation run
+    # does; it writes to its output folder only when it trains, which this never does.
     run = TransferRun(config, RESULTS / "scale-response-unused")
     controller = get_controller(run.model)
     captured: dict[int, Tensor] = {}

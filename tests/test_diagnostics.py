@@ -11,6 +11,7 @@ from torch import nn
 import metaperturb
 from metaperturb import ClosedSiteWarning, StrengthScheduler, channel_scales
 from metaperturb.phi import expected_softplus
+from metaperturb.train.metrics import site_scales
 
 
 def plain_net() -> nn.Sequential:
@@ -56,6 +57,10 @@ def test_channel_scales_are_the_scales_the_sites_apply_in_eval() -> None:
         gain = after.sum((0, 2, 3))[live] / before.sum((0, 2, 3))[live]
         applied = ((gain - 1) / 0.7 + 1) / mean_z
         torch.testing.assert_close(scales[name][live], applied, atol=2e-4, rtol=0)
+    # The per-site means every reader of s uses (metrics log, evaluation runs, the warning).
+    means = metaperturb.diagnostics.mean_channel_scales(model)
+    assert means == pytest.approx({name: float(s.mean()) for name, s in scales.items()})
+    assert means == site_scales(model)
 
 
 def _close_last_site(model: nn.Module) -> str:

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from .site import SiteState
 from .wrapper import get_controller
 
-__all__ = ["CLOSED_BELOW", "ClosedSiteWarning", "channel_scales", "closed_among", "closed_sites"]
+__all__ = [
+    "CLOSED_BELOW",
+    "ClosedSiteWarning",
+    "channel_scales",
+    "closed_among",
+    "closed_sites",
+    "mean_channel_scales",
+]
 
 #: A site whose mean channel scale is below this passes under about 1% of its features at full
 #: strength (E[z] is about 1). Measured on Omniglot-100 with ResNet-20 (README): phi*'s last
@@ -62,12 +69,17 @@ def closed_among(means: dict[str, float], below: float = CLOSED_BELOW) -> dict[s
     return {name: mean for name, mean in means.items() if mean < below}
 
 
+def mean_channel_scales(model: nn.Module) -> dict[str, float]:
+    """:func:`channel_scales` averaged over each site's channels, read back in one
+    device-to-host copy for all sites, not one per site."""
+    scales = channel_scales(model)
+    means = torch.stack([s.float().mean() for s in scales.values()]).tolist()
+    return dict(zip(scales, means, strict=True))
+
+
 def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, float]:
     """The sites whose mean channel scale s is below ``below``, with that mean."""
-    scales = channel_scales(model)
-    # One device-to-host copy for all sites, not one per site.
-    means = torch.stack([s.float().mean() for s in scales.values()]).tolist()
-    return closed_among(dict(zip(scales, means, strict=True)), below)
+    return closed_among(mean_channel_scales(model), below)
 
 
 def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:

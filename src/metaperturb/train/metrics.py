@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .._atomic import atomic_write
 from .._modes import preserved_modes
-from ..site import SiteState
+from ..diagnostics import mean_channel_scales
 from ..wrapper import get_controller
 
 __all__ = [
@@ -73,26 +73,10 @@ class Meter:
         return out
 
 
-@torch.no_grad()
 def site_scales(model: nn.Module) -> dict[str, float]:
-    """phi's channel scale s at each site of a wrapped ``model``, averaged over channels.
-
-    Computed from the running statistics, as in eval mode; the spatial descriptor uses the
-    site's planned height over the planned input height (what a forward pass would record).
-    """
-    controller = get_controller(model)
-    phi = controller.phi
-    plan = controller.plan
-    out = {}
-    for index, site in enumerate(plan.sites):
-        state = cast(SiteState, controller.sites[index])
-        spatial = phi.config.spatial_norm or float(plan.input_size[1])
-        ratio = torch.tensor(site.height / spatial, device=phi.scale_weight.device)
-        scale = phi.channel_scale(
-            state.running_mean, state.running_var, controller.channel_ratios[index], ratio
-        )
-        out[site.name] = float(scale.mean())
-    return out
+    """phi's channel scale s at each site of a wrapped ``model``, averaged over channels, from
+    the running statistics as in eval mode (the metrics log's ``scales``)."""
+    return mean_channel_scales(model)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from .._atomic import atomic_write
 from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
-from ..diagnostics import channel_scales
+from ..diagnostics import mean_channel_scales
 from ..discovery import Placement
 from ..errors import TrainingStoppedError
 from ..evaluation import mc_predict, update_bn
@@ -516,7 +516,7 @@ class TransferRun:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
         if self.config.phi is None:
             return None
-        return {name: float(s.mean()) for name, s in channel_scales(self.model).items()}
+        return mean_channel_scales(self.model)
 
 
 #: Settings that do not change what a run computes: they may differ when a result is reused.
