@@ -1,0 +1,77 @@
+"""benchmarks/scale_response.py: its reading of phi's scale weights and its s are the library's."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import metaperturb
+from metaperturb.diagnostics import mean_channel_scales
+from test_diagnostics import plain_net
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _scale_response() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "scale_response", BENCHMARKS / "scale_response.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["scale_response"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_weight_tables_are_the_scale_logit() -> None:
+    """The README's reading of phi* (negative weights on every live map's mean and variance)
+    rests on which of the 10 weights the script names: rebuild s's logit from its tables."""
+    script = _scale_response()
+    phi = metaperturb.hub.load_phi(metaperturb.hub.default_phi_path())
+    maps, descriptors = script.scale_weights(phi), script.descriptor_weights(phi)
+    torch.manual_seed(0)
+    mean, var = torch.rand(6, 4), torch.rand(6, 4)
+    channels, height = 0.5, torch.tensor(0.25)
+    logit = (
+        sum(
+            mean[:, m] * maps[m]["mean_weight"] + var[:, m] * maps[m]["var_weight"]
+            for m in range(4)
+        )
+        + descriptors["channels"] * channels
+        + descriptors["height"] * height
+    )
+    s = phi.channel_scale(mean, var, channels, height)
+    torch.testing.assert_close(s, torch.sigmoid(logit), atol=1e-6, rtol=0)
+    kernels = phi._weight(phi.scale_kernels).detach().reshape(4, -1)
+    assert [entry["kernel_sum"] for entry in maps] == pytest.approx(kernels.sum(1).tolist())
+
+
+def test_mean_scale_is_what_a_site_computes_from_the_same_batch() -> None:
+    """Give each site's running statistics one batch's statistics: the s the library reads from
+    them (descriptors included) is the s the script computes from that batch's features."""
+    script = _scale_response()
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    controller = metaperturb.get_controller(model)
+    phi = controller.phi
+    captured: dict[str, torch.Tensor] = {}
+    for name in controller.site_names:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: captured.__setitem__(name, out.detach()), prepend=True
+        )
+    with torch.no_grad():
+        model(torch.randn(8, 3, 16, 16) * 2)
+        for name, state in zip(controller.site_names, controller.sites, strict=True):
+            maps = phi.scale_maps(captured[name]).float()
+            state.running_mean.copy_(maps.mean(dim=0))
+            state.running_var.copy_(maps.var(dim=0, unbiased=False))
+    library = mean_channel_scales(model)
+    widest, height = controller.plan.widest, float(controller.input_height)
+    for name, h in captured.items():
+        assert script.mean_scale(phi, h, widest, height) == pytest.approx(library[name], abs=1e-6)
+    # The sites differ in channels and size, so the descriptors were exercised, not constant.
+    assert len({tuple(h.shape[1:]) for h in captured.values()}) >= 2
