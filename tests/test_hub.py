@@ -229,6 +229,19 @@ def test_local_paths_ignore_hub_options_with_a_warning(tmp_path: Path) -> None:
         load_phi(folder, revision="v1")
 
 
+def test_a_diverged_phi_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Loading refuses non-finite weights, so saving (or pushing) them would publish a phi
+    nobody can load: refuse it there, and leave the folder's earlier phi as it was."""
+    folder = save_pretrained(make_phi(), tmp_path / "phi")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    phi = make_phi()
+    with torch.no_grad():
+        phi.scale_weight[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="scale_weight hold NaN or infinite values"):
+        save_pretrained(phi, folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
 def test_model_card_has_hub_metadata(tmp_path: Path) -> None:
     phi = make_phi(source_dataset="tiny-imagenet", source_architecture="resnet20")
     folder = save_pretrained(phi, tmp_path / "phi", repo_id=REPO, provenance="Meta-trained here.")

@@ -148,10 +148,11 @@ def test_a_run_asked_to_stop_checkpoints_the_step_it_is_at(
     stop = threading.Event()
     real = TaskLearner.step
 
-    def step(self: TaskLearner, index: int, grads: list[torch.Tensor]) -> None:
-        real(self, index, grads)
+    def step(self: TaskLearner, index: int, grads: list[torch.Tensor]) -> torch.Tensor:
+        losses = real(self, index, grads)
         if index == 2:  # the third step
             stop.set()
+        return losses
 
     monkeypatch.setattr(TaskLearner, "step", step)
     config = _config(tmp_path / "stopped")
@@ -170,6 +171,40 @@ def test_a_run_asked_to_stop_checkpoints_the_step_it_is_at(
     assert [r["step"] for r in records] == [2, 4]
     for got, want in zip(records, expected, strict=True):
         assert got["mean"] == want["mean"] and got["tasks"] == want["tasks"]
+
+
+@needs_tiny
+@pytest.mark.parametrize("broken", ["loss", "gradient"])
+def test_a_diverged_step_stops_the_run_before_phi_or_a_checkpoint_takes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    """A non-finite loss or phi gradient at step 3 (after the checkpoint of step 2): the run
+    stops there, phi is not stepped, the step-2 checkpoint is not overwritten and no phi/ is
+    published, and the error says what to change."""
+    real = TaskLearner.step
+
+    def step(self: TaskLearner, index: int, grads: list[torch.Tensor]) -> torch.Tensor:
+        losses = real(self, index, grads)
+        if index == 2 and self.task.index == 1:
+            if broken == "loss":
+                return losses * float("nan")
+            grads[0].fill_(float("inf"))
+        return losses
+
+    monkeypatch.setattr(TaskLearner, "step", step)
+    output = tmp_path / "diverged"
+    config = _config(output)
+    with pytest.raises(TrainingStoppedError, match="diverged at step 3 of 4") as stopped:
+        train(config)
+    message = str(stopped.value)
+    assert not stopped.value.asked
+    assert ("2 of the tasks' train and held-out losses" in message) == (broken == "loss")
+    assert ("phi's gradient was not finite" in message) == (broken == "gradient")
+    assert "checkpoint of step 2" in message and "--phi-lr" in message
+    saved = _load(output / "checkpoint.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["phi"].values())
+    assert not (output / "phi").exists()
 
 
 @needs_tiny

@@ -91,6 +91,13 @@ def weights_bytes(phi: Perturbation) -> bytes:
         name: tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
         for name, tensor in phi.state_dict().items()
     }
+    # Refused here rather than on loading: a published phi nobody can load is worse than none.
+    nonfinite = [name for name, tensor in tensors.items() if not bool(torch.isfinite(tensor).all())]
+    if nonfinite:
+        raise ValueError(
+            f"phi's {', '.join(nonfinite)} hold NaN or infinite values (it diverged while "
+            "training), so nothing was written; save a phi from before the divergence."
+        )
     return safetensors_save(tensors, metadata=header)
 
 

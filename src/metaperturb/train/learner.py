@@ -119,8 +119,11 @@ class TaskLearner:
         self.optimizer = torch.optim.Adam(self.theta, lr=lr, weight_decay=weight_decay)
         self.meter = Meter(device)
 
-    def step(self, step: int, phi_grads: Sequence[Tensor]) -> None:
-        """Update theta_t on a train batch, then add phi's held-out gradient to ``phi_grads``."""
+    def step(self, step: int, phi_grads: Sequence[Tensor]) -> Tensor:
+        """Update theta_t on a train batch, then add phi's held-out gradient to ``phi_grads``.
+
+        Returns the two losses (train, held-out) on the device, unsynchronised: the loop checks
+        them once per step for all tasks."""
         # The noise of this task and step, whatever ran before it on this process.
         torch.manual_seed(derive_seed(self.seed, _NOISE_KEY, self.task.index, step))
         self.model.train()
@@ -135,7 +138,8 @@ class TaskLearner:
         finally:
             self.phi.freeze(False)
         self.optimizer.step()
-        self.meter.add("train", loss.detach(), logits.detach(), labels)
+        train_loss = loss.detach()
+        self.meter.add("train", train_loss, logits.detach(), labels)
 
         images, labels = self.heldout_stream.batch(step)
         images = images.contiguous(memory_format=self.layout)
@@ -147,6 +151,7 @@ class TaskLearner:
         for total, grad in zip(phi_grads, grads, strict=True):
             total.add_(grad)
         self.meter.add("heldout", loss.detach(), logits.detach(), labels)
+        return torch.stack([train_loss, loss.detach()])
 
     def state_dict(self) -> dict[str, Any]:
         """theta_t (with the sites' running statistics, without phi), its optimizer, and the

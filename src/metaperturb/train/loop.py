@@ -293,6 +293,27 @@ class _MetaTrainer:
             f"({type(error).__name__}: {error}); {resume}."
         )
 
+    def _diverged(self, step: int, bad_losses: int) -> str:
+        """The message for a step whose losses or phi gradient were not finite: phi did not take
+        that step and nothing of it was saved."""
+        if self.checkpointed is None:
+            resume = "no checkpoint was written yet"
+        else:
+            resume = (
+                f"the checkpoint of step {self.checkpointed} in {self.output} is intact (resuming "
+                "it repeats the same steps, so it would diverge again)"
+            )
+        what = (
+            f"{bad_losses} of the tasks' train and held-out losses were not finite"
+            if bad_losses
+            else "phi's gradient was not finite"
+        )
+        return (
+            f"meta-training diverged at step {step} of {self.config.steps}: {what}; phi was "
+            f"not updated and nothing from this step was saved, and {resume}. "
+            "Start a new --output-dir with a lower --phi-lr or --lr, or a --clip if it is off."
+        )
+
     def _run(self) -> Path:
         config, comm = self.config, self.comm
         metrics = None
@@ -315,15 +336,27 @@ class _MetaTrainer:
         for step in range(self.start, config.steps):
             self.step = step
             grads = [torch.zeros_like(p) for p in parameters]
-            for learner in self.learners:
-                learner.step(step, grads)
-            # A stop asked on any rank rides on the gradient's all-reduce as one more number,
-            # so every rank sees the same sum and stops after the same step.
+            losses = torch.stack([learner.step(step, grads) for learner in self.learners])
+            # A stop asked on any rank, and the count of non-finite losses, ride on the
+            # gradient's all-reduce as two more numbers, so every rank sees the same sums and
+            # stops after the same step; one host-device sync reads them all.
             asked = self.stop is not None and self.stop.is_set()
-            flag = grads[0].new_full((1,), float(asked))
-            flat = comm.all_reduce_sum_(torch.cat([*(g.reshape(-1) for g in grads), flag]))
-            stopping = bool(flat[-1] > 0)
-            flat = flat[:-1].div_(self.split.num_tasks)
+            flags = torch.cat(
+                [
+                    grads[0].new_full((1,), float(asked)),
+                    (~torch.isfinite(losses)).sum().reshape(1).to(grads[0]),
+                ]
+            )
+            flat = comm.all_reduce_sum_(torch.cat([*(g.reshape(-1) for g in grads), flags]))
+            flat, flags = flat[:-2], flat[-2:]
+            asked_sum, bad_losses, bad_grads = torch.stack(
+                [flags[0], flags[1], (~torch.isfinite(flat)).sum().to(flat)]
+            ).tolist()
+            if bad_losses or bad_grads:
+                bar.close()
+                raise TrainingStoppedError(self._diverged(step + 1, int(bad_losses)))
+            stopping = asked_sum > 0
+            flat = flat.div_(self.split.num_tasks)
             for parameter, grad in zip(parameters, flat.split(sizes), strict=True):
                 parameter.grad = grad.view_as(parameter)
             self.phi_optimizer.step()
