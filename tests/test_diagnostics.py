@@ -98,3 +98,19 @@ def test_the_check_can_be_turned_off_and_rejects_a_negative_period() -> None:
             scheduler.step()
     with pytest.raises(ValueError, match="check_every"):
         StrengthScheduler(model, total_steps=100, check_every=-1)
+
+
+def test_a_site_whose_statistics_turned_nan_counts_as_closed() -> None:
+    """NaN compares false with everything: without care, poisoned statistics would pass the
+    check that exists to catch a site passing nothing."""
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    controller = metaperturb.get_controller(model)
+    controller.sites[0].running_mean.fill_(float("nan"))  # type: ignore[operator]
+    closed = metaperturb.diagnostics.closed_sites(model)
+    assert closed.keys() == {controller.site_names[0]}
+    assert metaperturb.diagnostics.closed_among(
+        {"a": float("nan"), "b": 0.3, "c": 0.001}
+    ).keys() == {
+        "a",
+        "c",
+    }

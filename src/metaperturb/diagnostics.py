@@ -65,8 +65,9 @@ def channel_scales(model: nn.Module) -> dict[str, Tensor]:
 
 
 def closed_among(means: dict[str, float], below: float = CLOSED_BELOW) -> dict[str, float]:
-    """Of sites' mean channel scales (e.g. a run's recorded ones), those below ``below``."""
-    return {name: mean for name, mean in means.items() if mean < below}
+    """Of sites' mean channel scales (e.g. a run's recorded ones), those below ``below``, and
+    those that are NaN (statistics a diverged network poisoned pass nothing useful either)."""
+    return {name: mean for name, mean in means.items() if not mean >= below}
 
 
 def mean_channel_scales(model: nn.Module) -> dict[str, float]:
