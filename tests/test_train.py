@@ -401,6 +401,8 @@ def test_select_scores_candidates_and_keeps_the_best(
     argv = ["select", *candidates, "--data", str(TINY), "--split", "validation"]
     argv += ["--classes", "3", "--max-per-class", "8", "--image-size", "16", "--steps", "3"]
     argv += ["--batch-size", "6", "--threads", "1", "--no-progress", "--device", "cpu"]
+    (tmp_path / "selected" / "best").mkdir(parents=True)
+    (tmp_path / "selected" / "best" / "left-by-an-earlier-winner.png").write_bytes(b"old")
     assert main([*argv, "--output-dir", str(tmp_path / "selected")]) == 0
     report = json.loads((tmp_path / "selected" / "selection.json").read_text())
     scores = report["scores"]
@@ -416,6 +418,11 @@ def test_select_scores_candidates_and_keeps_the_best(
     assert len(meta_tests) == 2 and sum(",pre-act]" in name for name in meta_tests) == 1
     best = metaperturb.Perturbation.from_pretrained(tmp_path / "selected" / "best")
     assert best.scale_weight.shape == (1, 10)
+    # best/ is the winner's own folder (its card keeps its provenance), and only that.
+    winner = Path(report["best"])
+    winner = winner / "phi" if (winner / "phi").is_dir() else winner
+    copied = {p.name: p.read_bytes() for p in (tmp_path / "selected" / "best").iterdir()}
+    assert copied == {p.name: p.read_bytes() for p in winner.iterdir() if p.is_file()}
     assert f"best: {report['best']}" in capsys.readouterr().out
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 
+from .._atomic import atomic_write
 from .metrics import read_metrics
 
 __all__ = ["plot_metrics"]
@@ -82,6 +84,8 @@ def plot_metrics(run: str | os.PathLike[str], output: str | os.PathLike[str] | N
         axes[3].legend(fontsize="small")
         axes[3].set_title("phi's weights")
     figure.suptitle(f"meta-training: {log.parent.name}")
-    figure.savefig(target, dpi=100)
+    buffer = io.BytesIO()  # rendered whole, then moved into place: never half a plot
+    figure.savefig(buffer, format=target.suffix.lstrip(".") or "png", dpi=100)
     plt.close(figure)
+    atomic_write(target, buffer.getvalue())
     return target

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
+from .._serialization import write_folder
 from ..diagnostics import closed_among
 from ..hub import load_phi
 from ..transfer.targets import Target
@@ -320,10 +321,16 @@ def select(config: SelectConfig) -> dict[str, Any]:
         output.mkdir(parents=True, exist_ok=True)
         source = candidates[best]
         if isinstance(source, Path) and source.is_dir():
+            # The candidate's own files (its card keeps the run's provenance), all or none; then
+            # whatever an earlier winner left that this one does not have.
             target = output / "best"
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(source, target)
+            files = {path.name: path.read_bytes() for path in source.iterdir() if path.is_file()}
+            write_folder(target, files)
+            for stale in target.iterdir():
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                elif stale.name not in files:
+                    stale.unlink()
         else:
             phis[best].save_pretrained(output / "best")
         atomic_write(output / "selection.json", json.dumps(report, indent=2) + "\n")
