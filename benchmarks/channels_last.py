@@ -24,6 +24,7 @@ from overhead import RESULTS, Workload, eval_fn, interleaved, make, train_step_f
 from torch import nn
 
 import metaperturb
+from metaperturb._atomic import atomic_write
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -103,8 +104,8 @@ def main() -> None:
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
         stem = RESULTS / f"channels-last-cpu-{args.threads}t"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(table + "\n")
+        atomic_write(stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+        atomic_write(stem.with_suffix(".md"), table + "\n")
 
 
 def render(report: dict) -> str:

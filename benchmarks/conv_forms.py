@@ -28,6 +28,7 @@ from overhead import RESULTS, eval_fn, interleaved, make, setting, train_step_fn
 from torch import nn
 
 import metaperturb
+from metaperturb._atomic import atomic_write
 from metaperturb.phi import ConvForm
 
 FORMS: list[tuple[ConvForm, ConvForm]] = [
@@ -97,8 +98,8 @@ def main() -> None:
     table = header + "\n\n" + render_rows(rows)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"conv-forms-{device.type}.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / f"conv-forms-{device.type}.md").write_text(table + "\n")
+        atomic_write(RESULTS / f"conv-forms-{device.type}.json", json.dumps(report, indent=1))
+        atomic_write(RESULTS / f"conv-forms-{device.type}.md", table + "\n")
     print(table)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb._atomic import atomic_write
 from metaperturb.train import read_metrics
 from metaperturb.train.sampling import TaskStream
 
@@ -139,7 +140,7 @@ def main() -> None:
         "median_task_steps_per_s": statistics.median(r["task_steps_per_s"] for r in rows),
         "args": vars(args),
     }
-    target.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(target, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

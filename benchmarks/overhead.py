@@ -37,6 +37,7 @@ import torchvision
 from torch import nn
 
 import metaperturb
+from metaperturb._atomic import atomic_write
 from metaperturb._kernels import standard_normal_like
 from metaperturb._reference import reference_perturb
 from metaperturb.site import perturb
@@ -307,7 +308,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if not args.quick:
         suffix = "-cl" if args.channels_last else ""
-        (RESULTS / f"overhead-{device.type}{suffix}.json").write_text(json.dumps(report, indent=2))
+        atomic_write(RESULTS / f"overhead-{device.type}{suffix}.json", json.dumps(report, indent=2))
     print(render(report))
 
 

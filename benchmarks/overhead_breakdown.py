@@ -36,6 +36,7 @@ from overhead import RESULTS, eval_fn, interleaved, make, train_step_fn, workloa
 from torch import Tensor
 
 import metaperturb.site as site_module
+from metaperturb._atomic import atomic_write
 from metaperturb.phi import Perturbation
 
 ABLATIONS = {
@@ -128,8 +129,8 @@ def main() -> None:
     text = render(report)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "overhead-breakdown-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-        (RESULTS / "overhead-breakdown-cpu.md").write_text(text + "\n")
+        atomic_write(RESULTS / "overhead-breakdown-cpu.json", json.dumps(report, indent=2) + "\n")
+        atomic_write(RESULTS / "overhead-breakdown-cpu.md", text + "\n")
     print(text)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb._atomic import atomic_write
 from metaperturb.diagnostics import CLOSED_BELOW
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +247,7 @@ def status(args: argparse.Namespace) -> None:
     finished run's small files kept in ``benchmarks/results/phi-star/`` (commit both)."""
     text = "\n".join(_status_lines(args.runs_dir)) + "\n"
     report = ROOT / "benchmarks" / "results" / "phi-star-runs.md"
-    (report if args.runs_dir == RUNS else args.runs_dir / "status.md").write_text(text)
+    atomic_write(report if args.runs_dir == RUNS else args.runs_dir / "status.md", text)
     print(text, end="")
     if args.runs_dir == RUNS:
         for kept in keep_finished(RUNS, KEPT):
@@ -257,7 +258,6 @@ def keep_finished(runs_dir: Path, kept_dir: Path) -> list[Path]:
     """Copy what a finished run is worth keeping (its phi, metrics log and settings; the
     selection report) from ``runs_dir`` to ``kept_dir``, which is committed; the 35 MB
     checkpoints stay behind. Returns the files written."""
-    from metaperturb._atomic import atomic_write
 
     wanted = [
         (run / name, kept_dir / run.name / name)

@@ -21,6 +21,8 @@ import torch
 from overhead import RESULTS, eval_fn, make, setting, synchronize, train_step_fn, workloads
 from torch.profiler import ProfilerActivity, profile
 
+from metaperturb._atomic import atomic_write
+
 ROWS = 25
 
 
@@ -85,7 +87,7 @@ def main() -> None:
     text = "\n\n".join(sections) + "\n"
     if not args.quick:
         suffix = "-cl" if args.channels_last else ""
-        (RESULTS / f"profile-{device.type}{suffix}.txt").write_text(text)
+        atomic_write(RESULTS / f"profile-{device.type}{suffix}.txt", text)
     else:
         print(text[:2000])
 

@@ -19,6 +19,7 @@ import torch
 from overhead import RESULTS
 
 from metaperturb import _native
+from metaperturb._atomic import atomic_write
 
 #: ResNet-50's stages at 128px, batch 16 (the overhead benchmark's CPU workload), each beside
 #: the same channels in 8x8 or 4x4 maps with as many values.
@@ -74,7 +75,7 @@ def main() -> None:
         lines.append(f"| {shape} | {kib:.0f} | {forward:.2f} | {backward:.2f} |")
         print(lines[-1], flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "site-kernels-cpu.md").write_text("\n".join(lines) + "\n")
+    atomic_write(RESULTS / "site-kernels-cpu.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ existing one): s and the features' RMS per site, the strength and the logits' sp
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from metaperturb._atomic import atomic_write
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.site import SiteState
+from metaperturb.train.metrics import read_metrics
 from metaperturb.transfer import TransferConfig, TransferRun
 from metaperturb.wrapper import get_controller
 
@@ -111,7 +113,8 @@ class SiteTracer:
 
 
 def _records(trace: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    """The trace's records; a line a kill cut short (the file is appended to) is skipped."""
+    return read_metrics(trace)
 
 
 def trace_table(trace: Path, steps: list[int], key: str = "s_mean") -> str:
@@ -161,9 +164,10 @@ def plot_trace(trace: Path) -> Path:
     axes[2].legend()
     figure.suptitle(trace.name.removesuffix(".trace.jsonl"), fontsize=9)
     path = trace.with_suffix(".png")
-    figure.savefig(path, dpi=110)
+    buffer = io.BytesIO()  # rendered whole, then moved into place
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    return path
+    return atomic_write(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -224,8 +228,7 @@ def main() -> None:
     # record as it comes, so that a run stopped any way keeps what it traced.
     kept = []
     if trace.is_file():
-        kept = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
-        kept = [r for r in kept if r["step"] <= run.step]
+        kept = [r for r in _records(trace) if r["step"] <= run.step]
     atomic_write(trace, "".join(json.dumps(r) + "\n" for r in kept))
     with trace.open("a", buffering=1) as sink:  # line-buffered: a kill loses no record
         tracer = SiteTracer(

@@ -15,6 +15,7 @@ their own tables in ``transfer.md``.
 
 from __future__ import annotations
 
+import io
 import re
 import statistics
 from collections import defaultdict
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from transfer_readme import grouped
+
+from metaperturb._atomic import atomic_write
 
 __all__ = ["SCALED", "curve_points", "mean_scales", "plots", "plotted"]
 
@@ -194,6 +197,7 @@ def plots(results: list[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def _save(figure: Any, path: Path, plt: Any) -> Path:
-    figure.savefig(path, dpi=90)
+    buffer = io.BytesIO()  # rendered whole, then moved into place: no half-written plot
+    figure.savefig(buffer, format=path.suffix.lstrip("."), dpi=90)
     plt.close(figure)
-    return path
+    return atomic_write(path, buffer.getvalue())

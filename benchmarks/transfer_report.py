@@ -21,6 +21,8 @@ from transfer_plots import SCALED, curve_points, mean_scales, plots, plotted
 from transfer_readme import TARGETS as PRESETS
 from transfer_readme import cell, grouped, table, update_readme
 
+from metaperturb._atomic import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
 TARGETS = tuple(PRESETS)  # the presets, in table order
@@ -337,7 +339,7 @@ def main() -> None:
     ]
     for path in plots(results, args.output.parent / "transfer-plots"):
         lines.append(f"![{path.stem}]({path.relative_to(args.output.parent).as_posix()})")
-    args.output.write_text("\n".join(lines) + "\n")
+    atomic_write(args.output, "\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.steps == 10_000:  # a shorter schedule's numbers never reach the README
         blocks = update_readme(args.readme, results)

@@ -75,7 +75,7 @@ def main() -> None:
 
     if args.variance:
         text = variance_table(run)
-        (RESULTS / f"{run.id}.variance.md").write_text(text + "\n")
+        atomic_write(RESULTS / f"{run.id}.variance.md", text + "\n")
         print(text)
         return
     rows = torch.linspace(0, len(run.test_data) - 1, args.images).long()
@@ -110,10 +110,11 @@ def main() -> None:
         forwards = args.mc if label.startswith("MC-") else 1
         lines.append(f"| {label} | {forwards} | {value:.2f} |")
     text = "\n".join(lines)
-    (RESULTS / f"{run.id}.json").write_text(
-        json.dumps({"id": run.id, "images": args.images, "scores": scores}, indent=1) + "\n"
+    atomic_write(
+        RESULTS / f"{run.id}.json",
+        json.dumps({"id": run.id, "images": args.images, "scores": scores}, indent=1) + "\n",
     )
-    (RESULTS / f"{run.id}.md").write_text(text + "\n")
+    atomic_write(RESULTS / f"{run.id}.md", text + "\n")
     print(text)
 
 
