@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,7 +57,10 @@ def cut_split(source: Path, out: Path, split: str, per_class: int) -> pa.Table:
     small = small.replace_schema_metadata(metadata)
     out.mkdir(parents=True, exist_ok=True)
     # PNG bytes do not compress further; one row group keeps the file small and simple.
-    pq.write_table(small, out / f"{split}.parquet", row_group_size=len(small), compression="zstd")
+    # Written beside, then moved into place: a stopped run never leaves half a parquet file.
+    partial = out / f"{split}.parquet.partial"
+    pq.write_table(small, partial, row_group_size=len(small), compression="zstd")
+    os.replace(partial, out / f"{split}.parquet")
     return small
 
 
