@@ -333,6 +333,28 @@ def test_step_updates_theta_on_train_and_only_accumulates_phi_on_heldout() -> No
     assert not torch.equal(bn[site], bn_ref[site])
 
 
+def test_phi_gets_no_gradient_from_the_train_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-out loss made 0 (its gradient too): phi's summed gradient must then be exactly
+    0, so nothing of the train loss's gradient leaked into it."""
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    learner = _learner()
+    real = F.cross_entropy
+    calls: list[int] = []
+
+    def cross_entropy(*args: object, **kwargs: object) -> torch.Tensor:
+        loss = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(1)
+        return loss * 0 if len(calls) == 2 else loss  # the second call is the held-out loss
+
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+    grads = [torch.zeros_like(p) for p in learner.phi.parameters()]
+    losses = learner.step(0, grads)
+    assert len(calls) == 2 and losses[0] > 0  # the train loss itself was real
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def test_batchnorm_eval_restores_modes() -> None:
     model = metaperturb.models.cifar_resnet20(num_classes=2)
     model.train()
