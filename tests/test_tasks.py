@@ -90,6 +90,9 @@ def test_json_round_trip(tmp_path: Path) -> None:
     data = split.to_dict() | {"format_version": 99}
     with pytest.raises(SplitError, match="format version"):
         TaskSplit.from_dict(data)
+    path.write_text(path.read_text()[:40])  # cut short by something other than save
+    with pytest.raises(SplitError, match="is not a task split"):
+        TaskSplit.load(path)
 
 
 def test_check_catches_a_broken_split() -> None:

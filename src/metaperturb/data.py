@@ -140,7 +140,7 @@ def load_images(
     image_column, label_column, names = _columns(dataset, name)
     labels = np.asarray(dataset.data.column(label_column).to_numpy(zero_copy_only=False))
     if labels.size == 0:
-        raise DataError(f"{name} is empty.")
+        raise DataError(f"{name} is empty: point --data/--split at a split that has images.")
     _check_labels(labels, names, label_column, name)
     rows, kept = _select(labels, classes, max_per_class, name, skip_per_class)
     if names is None:
@@ -181,7 +181,10 @@ def _load_split(source: str | Path, split: str, cache_dir: str | Path | None) ->
     try:
         if path.is_file():
             if path.suffix != ".parquet":
-                raise DataError(f"{path} is a file but not a .parquet file.")
+                raise DataError(
+                    f"{path} is a file but not a .parquet file: pass a parquet file, a folder of "
+                    "them, an ImageFolder or a Hub dataset id."
+                )
             files: dict[str, str | list[str]] = {split: str(path)}
             return datasets.load_dataset("parquet", data_files=files, split=split, **options), (
                 f"{path.parent.name}/{path.stem}"
@@ -203,7 +206,8 @@ def _load_split(source: str | Path, split: str, cache_dir: str | Path | None) ->
                 )
             if not any(p.is_dir() for p in path.iterdir()):
                 raise DataError(
-                    f"{path} holds neither parquet files nor class sub-folders (ImageFolder)."
+                    f"{path} holds neither parquet files nor class sub-folders (ImageFolder): "
+                    "point --data at the folder that holds them."
                 )
             dataset = datasets.load_dataset(
                 "imagefolder", data_dir=str(path), split=split, **options
@@ -277,7 +281,8 @@ def _select(
     elif isinstance(classes, int):
         if not 1 <= classes <= len(present):
             raise DataError(
-                f"{name} has {len(present)} classes with images; cannot keep the first {classes}."
+                f"{name} has {len(present)} classes with images; cannot keep the first "
+                f"{classes}: ask for 1 to {len(present)} classes (--classes)."
             )
         kept = present[:classes]
     else:
@@ -286,7 +291,7 @@ def _select(
         if missing:
             raise DataError(
                 f"{name} has no images of classes {missing}; it has {len(present)} classes "
-                f"with images, labels {present[0]}..{present[-1]}."
+                f"with images, labels {present[0]}..{present[-1]}: name classes among those."
             )
     mask = np.isin(labels, kept)
     rows = np.flatnonzero(mask)
@@ -301,7 +306,10 @@ def _select(
             keep &= ranked < skip_per_class + max_per_class
         rows = rows[keep]
     if len(rows) == 0:
-        raise DataError(f"{name}: the selection of classes and images is empty.")
+        raise DataError(
+            f"{name}: the selection of classes and images is empty: skip fewer images per "
+            "class, or keep more classes or images per class."
+        )
     return rows, kept
 
 

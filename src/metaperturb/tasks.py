@@ -89,7 +89,7 @@ class TaskSplit:
         if version != _FORMAT_VERSION:
             raise SplitError(
                 f"task split format version {version!r} is not {_FORMAT_VERSION}; it was written "
-                "by another metaperturb version."
+                "by another metaperturb version: use that version, or make a new split."
             )
         tasks = [Task(**task) for task in data.pop("tasks")]
         return cls(tasks=tasks, **data)
@@ -100,7 +100,15 @@ class TaskSplit:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TaskSplit:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a split written by :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise SplitError(
+                f"{path} is not a task split ({error}); it was damaged or is another file: "
+                "make a new split (a new --output-dir)."
+            ) from error
+        return cls.from_dict(data)
 
     def check(self, labels: Sequence[int] | None = None) -> None:
         """Raise :class:`SplitError` unless the split keeps its promises.

@@ -58,12 +58,14 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}: nothing to resume.") from error
     except Exception as error:
         raise CheckpointError(
-            f"{path} is not a readable metaperturb checkpoint ({type(error).__name__}: {error})."
+            f"{path} is not a readable metaperturb checkpoint ({type(error).__name__}: "
+            f"{error}): it cannot be resumed; start a new --output-dir."
         ) from error
     version = payload.get("format_version") if isinstance(payload, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format {version!r}, this metaperturb reads {FORMAT_VERSION}."
+            f"{path} has checkpoint format {version!r}, this metaperturb reads {FORMAT_VERSION}: "
+            "resume it with the metaperturb version that wrote it, or start a new --output-dir."
         )
     return payload
 

@@ -109,7 +109,10 @@ def _device(requested: str, local_rank: int) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} requested but CUDA is not available.")
+            raise RuntimeError(
+                f"device {requested!r} requested but CUDA is not available: use --device cpu "
+                "(or auto), or install a CUDA build of torch."
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

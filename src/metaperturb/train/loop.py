@@ -167,7 +167,8 @@ class _MetaTrainer:
             )
         if config.resume and not exists and not _restarted():
             raise checkpoint.CheckpointError(
-                f"--resume: no checkpoint in {self.output} to continue from."
+                f"--resume: no checkpoint in {self.output} to continue from; check "
+                "--output-dir, or drop --resume to start a new run there."
             )
         if payload is not None:
             saved = TrainConfig.from_dict(payload["config"])
@@ -195,7 +196,8 @@ class _MetaTrainer:
             if split.num_images != len(self.data):
                 raise checkpoint.CheckpointError(
                     f"the checkpoint's task split indexes {split.num_images} images, the data "
-                    f"{config.data!r} now has {len(self.data)}: it is not the same dataset."
+                    f"{config.data!r} now has {len(self.data)}: it is not the same dataset. "
+                    "Resume with the run's original --data, or start a new --output-dir."
                 )
             return split
         return make_split(

@@ -111,7 +111,9 @@ class SelectConfig:
             raise ValueError("select needs at least one candidate phi.")
         for name in ("steps", "batch_size", "seeds", "image_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"SelectConfig.{name} must be positive.")
+                raise ValueError(
+                    f"SelectConfig.{name} must be positive, got {getattr(self, name)!r}."
+                )
         for extra in self.extra_tasks:
             unknown = sorted(set(extra) - set(TASK_FIELDS))
             if unknown:

@@ -176,7 +176,10 @@ def _load_init(model: nn.Module, source: str) -> list[str]:
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not usable:
-        raise ValueError(f"{source} shares no tensor (name and shape) with {type(model).__name__}.")
+        raise ValueError(
+            f"{source} shares no tensor (name and shape) with {type(model).__name__}: pass "
+            "weights saved from the same --model (e.g. a run of it with save_weights)."
+        )
     model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
 
@@ -671,7 +674,13 @@ def run_transfer(
     output.mkdir(parents=True, exist_ok=True)
     result_path = output / f"{run_id(config)}.json"
     if result_path.is_file():
-        result: dict[str, Any] = json.loads(result_path.read_text())
+        try:
+            result: dict[str, Any] = json.loads(result_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{result_path} is not a readable run result ({error}); results are written "
+                "whole, so another program changed it: delete it to run again."
+            ) from error
         _check_same_settings(result.get("config", {}), config, result_path)
         _check_same_phi(result.get("phi_fingerprint"), _current_fingerprint(config), result_path)
         return result
@@ -728,8 +737,14 @@ def _train_and_record(
             "channels_last": run.channels_last,
         },
     }
-    if not math.isfinite(result["accuracy"]):
-        raise FloatingPointError(f"run {run.id}: accuracy is {result['accuracy']}.")
+    # Non-finite predictions count as wrong (and are counted); all of them means no result.
+    if evaluation["default"]["nonfinite_predictions"] == len(run.test_data.labels):
+        raise FloatingPointError(
+            f"run {run.id}: every test prediction of the default evaluation is NaN or infinite, "
+            "so the trained network has no accuracy to record and no result was written. Lower "
+            "the learning rate or check the data, then rerun in a new output folder (this one's "
+            "checkpoint holds the diverged network)."
+        )
     if config.save_weights:
         from safetensors.torch import save as safetensors_bytes
 
