@@ -105,35 +105,68 @@ def _small_cnn() -> torch.nn.Module:
 
 
 def test_dropblock_drops_in_training_only_and_unhooks() -> None:
+    """Against the same train-mode forward without it, DropBlock zeroes about ``rate`` of the
+    units, in square blocks shared by all channels, and scales the rest by one factor (the ReLU
+    alone zeroes half the units, so counting zeros would not tell it from no DropBlock)."""
     torch.manual_seed(0)
     model = _small_cnn()
     x = torch.randn(8, 1, 16, 16)
+    # The first site (16x16, so 3x3 blocks fit) sees the same input with and without DropBlock,
+    # and in train mode its BatchNorm uses the batch's statistics: the two passes compare.
+    first = model.get_submodule(_site_names(model)[0])
     model.eval()
     reference = model(x)
-    drop = DropBlock(model, rate=0.5, block_size=3, input_size=(1, 16, 16))
-    assert torch.equal(model(x), reference)  # eval: no effect
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    features = []
-    handle = model.get_submodule(_last_site(model)).register_forward_hook(
-        lambda m, a, out: features.append(out)
-    )
-    model(x)
-    handle.remove()
-    assert (features[-1] == 0).float().mean() > 0.2  # blocks of zeros
+    plain = _site_output(model.train(), first, x)
+    model.load_state_dict(state)  # a train-mode pass moves BatchNorm's running statistics
+    model.eval()
+    rate = 0.5
+    drop = DropBlock(model, rate=rate, block_size=3, input_size=(1, 16, 16))
+    assert len(drop.handles) == 4  # after each of conv4's blocks
+    assert torch.equal(model(x), reference)  # eval: no effect
+    dropped = _site_output(model.train(), first, x)
+    positive = plain > 0
+    zeroed = ((dropped == 0) & positive).float().sum() / positive.float().sum()
+    assert abs(zeroed.item() - rate) < 0.15, zeroed  # 0.48 here
+    # One mask for all channels (no position has every channel zero without DropBlock), made of
+    # blocks: every dropped position lies in a dropped 2x2 square (3x3 inside the map, cut at its
+    # edges). Units dropped one by one would not.
+    assert not (plain == 0).all(dim=1).any()
+    mask = (dropped == 0).all(dim=1, keepdim=True).float()
+    assert abs(mask.mean().item() - rate) < 0.15, mask.mean()
+    squares = 1.0 - F.max_pool2d(1.0 - mask, kernel_size=2, stride=1)
+    assert torch.equal(F.max_pool2d(squares, kernel_size=2, stride=1, padding=1), mask)
+    # The kept units are the plain ones scaled up by one factor, 1 / (fraction kept).
+    kept = mask.expand_as(dropped) == 0
+    scale = 1.0 / (1.0 - mask.mean())
+    assert torch.allclose(dropped[kept], plain[kept] * scale, rtol=1e-4, atol=1e-6)
     drop.remove()
-    model.load_state_dict(state)  # the train-mode pass moved BatchNorm's running statistics
+    model.load_state_dict(state)
     model.eval()
     assert torch.equal(model(x), reference)
 
 
-def _last_site(model: torch.nn.Module) -> str:
+def _site_names(model: torch.nn.Module) -> list[str]:
     from metaperturb.discovery import plan_sites
 
-    return plan_sites(model, input_size=(1, 16, 16)).sites[-1].name
+    return [site.name for site in plan_sites(model, input_size=(1, 16, 16)).sites]
 
 
-def test_manifold_mixup_mixes_inside_loss_only() -> None:
+def _site_output(model: torch.nn.Module, site: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``site`` hands on in one forward of ``model`` (after the hooks already on it)."""
+    outputs: list[torch.Tensor] = []
+    handle = site.register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return outputs[-1]
+
+
+def test_manifold_mixup_mixes_inside_loss_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """loss() mixes the features, not only the labels: with lambda, the partners and the layer
+    pinned, the logits are those of ``lam * h + (1 - lam) * h[perm]`` at that layer (the input
+    for layer 0), and the loss mixes the cross-entropies of both label sets on them."""
     torch.manual_seed(0)
     model = _small_cnn().eval()  # eval: BatchNorm does not see the mix in its statistics
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 3, (8,))
@@ -144,6 +177,33 @@ def test_manifold_mixup_mixes_inside_loss_only() -> None:
     losses = {round(mixup.loss(x, y).item(), 5) for _ in range(6)}
     assert len(losses) > 1  # a new layer, lambda and partner every batch
     assert F.cross_entropy(plain, y).item() not in losses
+
+    lam, perm = 0.3, torch.roll(torch.arange(8), 1)  # every example mixed with another
+    sites = [model.get_submodule(site) for site in _site_names(model)]
+
+    def mix(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return lam * output + (1 - lam) * output[perm]
+
+    logits: list[torch.Tensor] = []
+    capture = model.register_forward_hook(lambda m, a, out: logits.append(out.detach()))
+    for layer in range(mixup.layers):
+        if layer == 0:
+            expected = model(lam * x + (1 - lam) * x[perm])
+        else:
+            handle = sites[layer - 1].register_forward_hook(mix)
+            expected = model(x)
+            handle.remove()
+        assert (expected - plain).abs().max() > 1e-3, layer  # mixing there changes the logits
+        logits.clear()
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.distributions.Beta, "sample", lambda *a, **k: torch.tensor(lam))
+            patched.setattr(torch, "randperm", lambda *a, **k: perm.clone())
+            patched.setattr(torch, "randint", lambda *a, k=layer, **_: torch.tensor(k))
+            loss = mixup.loss(x, y)
+        assert len(logits) == 1 and torch.allclose(logits[0], expected, atol=1e-5), layer
+        mixed = lam * F.cross_entropy(expected, y) + (1 - lam) * F.cross_entropy(expected, y[perm])
+        assert loss.item() == pytest.approx(mixed.item(), abs=1e-5), layer
+    capture.remove()
     mixup.remove()
     assert torch.equal(model(x), plain)
 
@@ -170,6 +230,14 @@ def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
     assert set(result["evaluation"]) == {"default", "sample", "off", "mc2", "update_bn"}
     assert result["evaluation"]["default"]["mode"] == "expectation"
     assert result["evaluation"]["update_bn"]["batches"] == UPDATE_BN_BATCHES
+    # Each evaluation is another computation, not the default under another name: phi's noise
+    # at its mean, sampled once, left out, averaged over two samples (the first of which is the
+    # single "sample" pass, same seed), and the default after recomputed BatchNorm statistics.
+    nll = {mode: scores["nll"] for mode, scores in result["evaluation"].items()}
+    for mode in ("sample", "off", "mc2", "update_bn"):
+        assert abs(nll[mode] - nll["default"]) > 1e-4, (mode, nll)
+    assert abs(nll["sample"] - nll["off"]) > 1e-4, nll
+    assert abs(nll["mc2"] - nll["sample"]) > 1e-4, nll  # more than one pass
     assert [point["step"] for point in result["curve"]] == [3, 6]
     assert len(result["scales"]) == 4 and all(0 < s < 1 for s in result["scales"].values())
     assert len(result["phi_fingerprint"]) == 64
@@ -737,7 +805,10 @@ def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
     """update_bn runs last and is undone: saved weights keep the statistics training left."""
     from safetensors.torch import load_file
 
+    calls: list[torch.nn.Module] = []
+
     def marking_update_bn(batches: Any, model: torch.nn.Module) -> None:
+        calls.append(model)
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d) and module.running_mean is not None:
                 module.running_mean.fill_(123.0)
@@ -747,7 +818,10 @@ def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
         target=tiny_target(), model="conv4", steps=3, batch_size=8, curve_every=0, save_weights=True
     )
     result = run_transfer(config, tmp_path, progress=False)
-    assert "update_bn" in result["evaluation"]
+    assert len(calls) == 1  # the evaluation went through the (marking) update_bn
+    evaluation = result["evaluation"]
+    # The marked statistics wreck the network: evaluated with them, it scores otherwise.
+    assert abs(evaluation["update_bn"]["nll"] - evaluation["default"]["nll"]) > 1e-3
     saved = load_file(tmp_path / f"{run_id(config)}.safetensors")
     means = [v for k, v in saved.items() if k.endswith("running_mean")]
     assert means and not any(bool((v == 123.0).any()) for v in means)

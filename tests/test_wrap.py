@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -218,11 +220,25 @@ def test_eval_modes_and_mc_predict() -> None:
     metaperturb.set_eval_mode(model, "expectation")
     model.train()
     model.stem[1].eval()  # a layer the user keeps frozen while training
+    torch.manual_seed(7)
     probs = metaperturb.mc_predict(model, x, samples=5)
     assert model.training and metaperturb.get_controller(model).eval_mode == "expectation"
     assert not model.stem[1].training and model.body[0].na.training
     assert probs.shape == (4, 5)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    # Five sampled passes in eval mode (running statistics), drawn one after another from the
+    # same generator and averaged: not one pass, not the expectation, not batch statistics.
+    model.eval()
+    metaperturb.set_eval_mode(model, "sample")
+    torch.manual_seed(7)
+    with torch.no_grad():
+        draws = torch.stack([model(x).softmax(dim=-1) for _ in range(5)])
+    assert not torch.allclose(draws[0], draws[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(probs, draws.mean(dim=0), rtol=0, atol=1e-6)
+    metaperturb.set_eval_mode(model, "expectation")
+    with torch.no_grad():
+        one_pass = model(x).softmax(dim=-1)
+    assert not torch.allclose(probs, one_pass, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="eval mode must be one of"):
         metaperturb.set_eval_mode(model, "mean")  # type: ignore[arg-type]
 
@@ -289,17 +305,50 @@ def test_a_plain_checkpoint_loads_strictly_into_a_wrapped_backbone_inside_anothe
         )
 
 
+def descriptors(model: nn.Module) -> list[tuple[int, int, float, float]]:
+    """Record, per site call, the features' channels and height and the channel and spatial
+    descriptors phi's scale is given: spies around the site function (the features) and
+    ``phi.channel_scale`` (what phi itself receives, on the fused and the PyTorch path alike)."""
+    controller = metaperturb.get_controller(model)
+    heights: list[int] = []
+    seen: list[tuple[int, int, float, float]] = []
+    site_function, channel_scale = controller.site_function, controller.phi.channel_scale
+
+    def site_spy(h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        heights.append(h.shape[-2])
+        return site_function(h, *args, **kwargs)
+
+    def scale_spy(
+        mean: torch.Tensor, var: torch.Tensor, channel_ratio: float, spatial_ratio: torch.Tensor
+    ) -> torch.Tensor:
+        seen.append((mean.shape[0], heights[-1], float(channel_ratio), float(spatial_ratio)))
+        return channel_scale(mean, var, channel_ratio, spatial_ratio)
+
+    controller.site_function = site_spy
+    controller.phi.channel_scale = scale_spy  # type: ignore[method-assign]
+    return seen
+
+
 def test_the_spatial_descriptor_is_read_when_the_host_is_run_through_another_method() -> None:
     """Calling the stem and body directly (as timm's ``forward_features`` does) still records the
     input height, at the first layer, so phi sees the size it is given, not a stale one."""
     model = wrapped(MyResNet()).eval()
     controller = metaperturb.get_controller(model)
     assert controller.plan.stem == "stem.0"
+    seen = descriptors(model)
     x = torch.randn(2, 3, 24, 24)
     features = model.body(model.stem(x))
     assert controller.input_height.item() == 24
+    assert [(height, ratio) for _, height, _, ratio in seen] == [
+        (24, 1.0),
+        (24, 1.0),
+        (12, 0.5),
+        (12, 0.5),
+    ]
     model(torch.randn(2, 3, 16, 16))
+    seen.clear()
     torch.testing.assert_close(model.body(model.stem(x)), features)
+    assert [ratio for *_, ratio in seen] == [1.0, 1.0, 0.5, 0.5]  # over 24 again, not 16
 
 
 def test_a_host_whose_first_layer_does_not_take_the_image_has_no_stem_hook() -> None:
@@ -314,11 +363,49 @@ def test_a_host_whose_first_layer_does_not_take_the_image_has_no_stem_hook() -> 
 
 
 def test_spatial_descriptor_follows_the_input_size() -> None:
-    model = wrapped(MyResNet())
+    """phi is told each site's height in this forward over the height of the image that entered
+    it, and its channels over the widest site's. The stem has no padding, so the sites' heights
+    are not proportional to the input's: a ratio kept from the planning pass (16 px), or the
+    plan's site heights over this input's, would differ."""
+    host = MyResNet()
+    host.stem[0].padding = (0, 0)
+    model = wrapped(host)
     controller = metaperturb.get_controller(model)
-    model(torch.randn(2, 3, 24, 24))
-    assert controller.input_height.item() == 24
+    assert [s.height for s in controller.plan.sites] == [14, 14, 7, 7]
+    seen = descriptors(model)
+    for size in (24, 16):
+        seen.clear()
+        model(torch.randn(2, 3, size, size))
+        assert controller.input_height.item() == size
+        heights = [size - 2] * 2 + [(size - 2) // 2] * 2
+        assert [(channels, height) for channels, height, *_ in seen] == list(
+            zip([8, 8, 16, 16], heights, strict=True)
+        )
+        assert [ratio for *_, ratio in seen] == pytest.approx([h / size for h in heights])
+        assert [ratio for _, _, ratio, _ in seen] == [0.5, 0.5, 1.0, 1.0]
     assert controller.channel_ratios == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_fixed_norms_replace_the_input_height_and_the_widest_site() -> None:
+    """``spatial_norm`` in phi's config makes the spatial descriptor ``H / spatial_norm``
+    whatever the input's height; ``channel_norm=`` given to wrap makes the channel descriptor
+    ``C / channel_norm`` (over phi's own, over the widest site)."""
+    torch.manual_seed(0)
+    phi = Perturbation(metaperturb.PerturbationConfig(spatial_norm=32, channel_norm=64))
+    model = metaperturb.wrap(MyResNet(), phi=phi, input_size=(3, 16, 16), channel_norm=32)
+    controller = metaperturb.get_controller(model)
+    assert controller.channel_ratios == [0.25, 0.25, 0.5, 0.5]
+    seen = descriptors(model)
+    for size in (24, 16):
+        seen.clear()
+        model(torch.randn(2, 3, size, size))
+        heights = [size, size, size // 2, size // 2]
+        assert [height for _, height, _, _ in seen] == heights
+        assert [ratio for *_, ratio in seen] == pytest.approx([h / 32 for h in heights])
+        assert [ratio for _, _, ratio, _ in seen] == [0.25, 0.25, 0.5, 0.5]
+    torch.manual_seed(0)
+    own = metaperturb.wrap(MyResNet(), phi=copy.deepcopy(phi), input_size=(3, 16, 16))
+    assert metaperturb.get_controller(own).channel_ratios == [0.125, 0.125, 0.25, 0.25]
 
 
 def test_strength_scheduler_ramps_over_the_first_40_percent() -> None:
@@ -336,12 +423,30 @@ def test_strength_scheduler_ramps_over_the_first_40_percent() -> None:
         metaperturb.set_strength(model, 2.0)
 
 
-def test_default_phi_is_not_faked() -> None:
-    """Until phi* is meta-trained, wrap(model) without phi says so instead of using a stand-in."""
+def test_default_phi_is_not_faked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """wrap(model) without phi uses the phi* the package ships, number for number (not a freshly
+    initialised stand-in); a package without the file says so instead of using a stand-in."""
+    from safetensors.torch import load_file
+
     from metaperturb import hub
 
-    if (hub.default_phi_path() / "model.safetensors").exists():
-        pytest.skip("phi* ships: covered by the hub tests")
+    shipped = hub.default_phi_path() / "model.safetensors"
+    assert shipped.is_file(), f"this checkout ships phi* at {shipped}"
+    torch.manual_seed(0)
+    phi = metaperturb.get_controller(metaperturb.wrap(MyResNet(), input_size=(3, 16, 16))).phi
+    direct = hub.load_phi(hub.default_phi_path())
+    assert phi.fingerprint() == direct.fingerprint() and phi.config == direct.config
+    assert phi.frozen
+    state, tensors = phi.state_dict(), load_file(shipped)  # the file's numbers, read raw
+    assert sorted(state) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(state[name], tensor), name
+    torch.manual_seed(0)
+    fresh = Perturbation().state_dict()
+    assert all(not torch.equal(state[name], fresh[name]) for name in fresh)
+    # A fresh phi draws its 82 numbers from N(0, 0.01): none reaches 0.1 (10 sigma); phi*'s do.
+    assert max(float(t.abs().max()) for t in state.values()) > 0.1
+    monkeypatch.setattr(hub, "default_phi_path", lambda: tmp_path / "phi-star")
     with pytest.raises(metaperturb.DefaultPhiUnavailableError, match="phi="):
         metaperturb.wrap(MyResNet(), input_size=(3, 16, 16))
 
@@ -553,14 +658,38 @@ def test_bad_channel_norm_and_repeated_sites_are_refused() -> None:
         wrapped(MyResNet(), sites=["body.0", "body.1", "body.0"])
 
 
-def test_the_strength_may_change_between_forward_and_backward() -> None:
-    """A scheduler stepped before ``loss.backward()`` must not break the backward pass."""
-    model = wrapped(MyResNet()).train()
-    scheduler = StrengthScheduler(model, total_steps=10)
-    loss = model(torch.randn(2, 3, 16, 16)).square().sum()
-    scheduler.step()
-    loss.backward()
-    assert model.head.weight.grad is not None
+@pytest.mark.parametrize("kernels", [True, False], ids=["fused-kernels", "pytorch-ops"])
+def test_the_strength_may_change_between_forward_and_backward(
+    kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler stepped before ``loss.backward()`` must neither break the backward pass nor
+    change it: the gradient is that of the forward it follows, at that forward's strength. The
+    PyTorch ops save the strength tensor for backward, which the scheduler then fills in place;
+    the fused kernels take its value."""
+    if not kernels:
+        monkeypatch.setattr(native, "usable", lambda *args: False)
+
+    def gradients(steps_before: int, step_between: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = wrapped(MyResNet()).train()
+        scheduler = StrengthScheduler(model, total_steps=10)  # full strength after 4 steps
+        for _ in range(steps_before):
+            scheduler.step()
+        torch.manual_seed(1)  # the same input and noise in every run
+        loss = model(torch.randn(2, 3, 16, 16)).square().sum()
+        if step_between:
+            assert scheduler.step() == 0.5
+        loss.backward()
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    expected = gradients(1, step_between=False)  # strength 0.25
+    stepped = gradients(1, step_between=True)
+    assert len(stepped) == len(expected) > 0
+    for a, b in zip(stepped, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    # The comparison can tell the two strengths apart: at 0.5 the gradient differs.
+    later = gradients(2, step_between=False)
+    assert not all(torch.allclose(a, b) for a, b in zip(later, expected, strict=True))
 
 
 def test_before_activation_on_torchvision_perturbs_the_last_call_of_a_shared_relu() -> None:
