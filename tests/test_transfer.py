@@ -442,6 +442,29 @@ def test_a_non_finite_loss_ends_the_run_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / f"{run_id(config)}.json").exists()
 
 
+@needs_mnist
+def test_a_network_that_predicts_only_nan_gets_no_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Non-finite predictions count as wrong and are counted; when every one is, there is no
+    accuracy to record (0% would read as a result), so the run raises and writes no JSON."""
+    config = TransferConfig(
+        target=tiny_target(), model="conv4", steps=2, batch_size=8, curve_every=0, eval_modes=False
+    )
+    real = run_module.TransferRun._scores
+
+    def all_nan(self: run_module.TransferRun, probabilities: torch.Tensor, seconds: float) -> dict:
+        return real(self, probabilities * math.nan, seconds)
+
+    monkeypatch.setattr(run_module.TransferRun, "_scores", all_nan)
+    with pytest.raises(FloatingPointError, match="every test prediction .* is NaN or infinite"):
+        run_transfer(config, tmp_path, progress=False)
+    assert not (tmp_path / f"{run_id(config)}.json").exists()
+    (tmp_path / f"{run_id(config)}.json").write_text('{"id": "cut sho')
+    with pytest.raises(ValueError, match="is not a readable run result"):
+        run_transfer(config, tmp_path, progress=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @needs_mnist
 @pytest.mark.parametrize(
