@@ -66,6 +66,7 @@ class StrengthScheduler:
 
     @property
     def strength(self) -> float:
+        """The strength c at the current step (0 before the first :meth:`step`)."""
         return linear_ramp(self.last_step, self.total_steps, self.ramp_fraction)
 
     def step(self) -> float:
@@ -77,6 +78,7 @@ class StrengthScheduler:
         return self.strength
 
     def state_dict(self) -> dict[str, Any]:
+        """The step and schedule, for a training checkpoint (as an LR scheduler's)."""
         return {
             "last_step": self.last_step,
             "total_steps": self.total_steps,
@@ -84,6 +86,7 @@ class StrengthScheduler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the schedule of :meth:`state_dict` and set the model's strength to its step."""
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
         self.ramp_fraction = float(state["ramp_fraction"])

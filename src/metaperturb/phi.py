@@ -81,10 +81,12 @@ class PerturbationConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (``config.json``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PerturbationConfig:
+        """Read :meth:`to_dict`'s data; unknown keys are an error (a newer file), not dropped."""
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
@@ -149,6 +151,7 @@ class ChannelEquivariantConv(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Small random kernels (std 0.01): the op starts near 0 for any input."""
         nn.init.normal_(self.self_weight, 0.0, 0.01)
         nn.init.normal_(self.mean_weight, 0.0, 0.01)
 

@@ -80,10 +80,12 @@ class TaskSplit:
     class_names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The split as plain data, with its format version (``split.json``)."""
         return {"format_version": _FORMAT_VERSION, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSplit:
+        """Read :meth:`to_dict`'s data; another format version is an error."""
         data = dict(data)
         version = data.pop("format_version", None)
         if version != _FORMAT_VERSION:

@@ -184,10 +184,12 @@ class TrainConfig:
         return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data (``train_config.json``, the checkpoint)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Read :meth:`to_dict`'s data; unknown fields are an error, not dropped."""
         known = {spec.name for spec in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -119,6 +119,7 @@ class TransferConfig:
 
     @property
     def method(self) -> str:
+        """The method's name in run ids and tables, e.g. ``metaperturb[phi-star,pre-act]``."""
         parts = []
         if self.init is not None:
             parts.append(f"finetune[{self.init_name or Path(self.init).stem}]")
@@ -301,6 +302,7 @@ class TransferRun:
         }
 
     def save_checkpoint(self) -> None:
+        """Write the run's state (atomically) so that :meth:`maybe_resume` continues it."""
         import io
 
         buffer = io.BytesIO()
@@ -308,6 +310,7 @@ class TransferRun:
         atomic_write(self.checkpoint_path, buffer.getvalue())
 
     def maybe_resume(self) -> bool:
+        """Load this run's checkpoint if there is one; returns whether it did."""
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
@@ -344,6 +347,8 @@ class TransferRun:
         )
 
     def train(self, progress: bool) -> None:
+        """Train from the current step to ``config.steps``, checkpointing and recording the
+        curve as configured; a stop asked ends it with a checkpoint."""
         from tqdm.auto import tqdm
 
         config = self.config
@@ -482,6 +487,8 @@ class TransferRun:
         }
 
     def evaluate(self) -> dict[str, Any]:
+        """Score the trained network on the test split in every configured eval mode."""
+
         def timed(**kwargs: Any) -> dict[str, Any]:
             torch.manual_seed(derive_seed(self.config.seed, _NOISE_KEY, -1))
             started = time.perf_counter()
@@ -513,6 +520,7 @@ class TransferRun:
         return results
 
     def phi_fingerprint(self) -> str | None:
+        """SHA-256 of phi's numbers (``None`` without phi): names the phi a result used."""
         return None if self.config.phi is None else get_controller(self.model).phi.fingerprint()
 
     def scales(self) -> dict[str, float] | None:
