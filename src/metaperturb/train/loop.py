@@ -343,22 +343,20 @@ class _MetaTrainer:
             # gradient's all-reduce as two more numbers, so every rank sees the same sums and
             # stops after the same step; one host-device sync reads them all.
             asked = self.stop is not None and self.stop.is_set()
-            flags = torch.cat(
-                [
-                    grads[0].new_full((1,), float(asked)),
-                    (~torch.isfinite(losses)).sum().reshape(1).to(grads[0]),
-                ]
+            asked_flag = grads[0].new_full((1,), float(asked))
+            bad_losses = (~torch.isfinite(losses)).sum().reshape(1).to(asked_flag)
+            summed = comm.all_reduce_sum_(
+                torch.cat([*(g.reshape(-1) for g in grads), asked_flag, bad_losses])
             )
-            flat = comm.all_reduce_sum_(torch.cat([*(g.reshape(-1) for g in grads), flags]))
-            flat, flags = flat[:-2], flat[-2:]
-            asked_sum, bad_losses, bad_grads = torch.stack(
-                [flags[0], flags[1], (~torch.isfinite(flat)).sum().to(flat)]
+            flat = summed[:-2]
+            stop_votes, nonfinite_losses, nonfinite_grads = torch.cat(
+                [summed[-2:], (~torch.isfinite(flat)).sum().reshape(1).to(flat)]
             ).tolist()
-            if bad_losses or bad_grads:
+            if nonfinite_losses or nonfinite_grads:
                 bar.close()
-                raise TrainingStoppedError(self._diverged(step + 1, int(bad_losses)))
-            stopping = asked_sum > 0
-            flat = flat.div_(self.split.num_tasks)
+                raise TrainingStoppedError(self._diverged(step + 1, int(nonfinite_losses)))
+            stopping = stop_votes > 0
+            flat.div_(self.split.num_tasks)
             for parameter, grad in zip(parameters, flat.split(sizes), strict=True):
                 parameter.grad = grad.view_as(parameter)
             self.phi_optimizer.step()
