@@ -273,11 +273,24 @@ def goals(results: Results) -> list[str]:
     return table(header, body)
 
 
+def goals_after_update_bn(results: Results) -> list[str]:
+    """The goals again with every network scored after ``update_bn`` (Base and the other
+    methods too), over the runs that recorded it: how much of each verdict is BatchNorm's."""
+    return goals(
+        [
+            run | {"accuracy": run["evaluation"]["update_bn"]["accuracy"]}
+            for run in results
+            if "update_bn" in run["evaluation"]
+        ]
+    )
+
+
 BLOCKS: dict[str, Callable[[Results], list[str]]] = {
     "datasets": datasets,
     "evaluation": evaluation,
     "architectures": architectures,
     "goals": goals,
+    "goals-update-bn": goals_after_update_bn,
 }
 
 

@@ -69,11 +69,11 @@ def test_a_run_without_a_site_has_its_own_row_named_by_the_site() -> None:
     }
 
 
-def _goal_rows(results: list[dict]) -> dict[str, list[str]]:
+def _goal_rows(results: list[dict], build: Any = None) -> dict[str, list[str]]:
     """The goals table's cells by the goal's label."""
     return {
         line.split(" | ")[0].lstrip("| "): line.rstrip(" |").split(" | ")[1:]
-        for line in readme.goals(results)[2:]
+        for line in (build or readme.goals)(results)[2:]
     }
 
 
@@ -110,6 +110,22 @@ def test_goals_table_measures_each_goal_on_the_targets_both_ran() -> None:
     ]
     base = _goal_rows(behind)["phi\\* ahead of Base on every target, by 2 points on average"]
     assert base[-3:] == ["-0.10", "+4.95 (2)", "no"]
+
+
+def test_goals_after_update_bn_score_every_network_that_recorded_it_and_only_those() -> None:
+    def bn(run: dict, accuracy: float) -> dict:
+        return run | {"evaluation": {"update_bn": {"accuracy": accuracy}}}
+
+    runs = [
+        bn(_run("base", "s-cifar10", 0.70), 0.71),
+        bn(_run("metaperturb[phi-star]", "s-cifar10", 0.68), 0.74),
+        _run("base", "mnist-10k", 0.99),  # no update_bn: left out
+        bn(_run("metaperturb[phi-star]", "mnist-10k", 0.98), 0.99),
+    ]
+    row = _goal_rows(runs, readme.goals_after_update_bn)[
+        "phi\\* ahead of Base on every target, by 2 points on average"
+    ]
+    assert row == ["+3.00", "", "", "", "+3.00 (1)", "so far (1 of 4 targets)"]
 
 
 def test_architectures_table_shows_update_bn_and_the_other_placement_beside_phi_star() -> None:
