@@ -112,6 +112,19 @@ def test_goals_table_measures_each_goal_on_the_targets_both_ran() -> None:
     assert base[-3:] == ["-0.10", "+4.95 (2)", "no"]
 
 
+def test_a_tie_is_level_but_not_ahead() -> None:
+    runs = [
+        _run("metaperturb[phi-star]", "s-cifar10", 0.70),
+        _run("dropblock[0.05,5]", "s-cifar10", 0.70),
+        _run("metaperturb[authors]", "s-cifar10", 0.70),
+    ]
+    rows = _goal_rows(runs)
+    assert rows["phi\\* ahead of DropBlock on average"][-1] == "no"
+    assert rows["phi\\* level with or ahead of the authors' phi on average"][-1].startswith(
+        "so far"
+    )
+
+
 def test_goals_after_update_bn_score_every_network_that_recorded_it_and_only_those() -> None:
     def bn(run: dict, accuracy: float) -> dict:
         return run | {"evaluation": {"update_bn": {"accuracy": accuracy}}}
