@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,8 @@ def select(args: argparse.Namespace) -> None:
     if args.many_class:
         command += ["--extra-task", f"data={MANY_CLASS}", "split=background", "classes=100"]
         command += ["max_per_class=20", "skip_per_class=0", "channels=1"]
+    if not args.screen_closed_sites:
+        command.append("--no-screen-closed-sites")
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     if args.runs_dir == RUNS:
@@ -132,6 +135,32 @@ def _metrics_summary(run: Path) -> list[str]:
         values = " | ".join(f"{record['mean'][k]:.3f}" for k in last["mean"])
         lines.append(f"| {record['step']} | {values} |")
     return lines
+
+
+def reproduce_commands(report: dict) -> list[str]:
+    """The commands that made this selection, as the report recorded it: the seeds each
+    placement was meta-trained with and ``select``'s own settings, not today's defaults (phi*'s
+    first selection, 2,000 steps on CIFAR-10 alone, is not what a bare ``select`` runs now)."""
+    seeds: dict[str, list[int]] = {"": [], " --placement before_activation": []}
+    for name in report["scores"]:
+        match = re.fullmatch(r"(preact-)?seed-(\d+)", Path(name).name)
+        if match:
+            seeds[" --placement before_activation" if match[1] else ""].append(int(match[2]))
+    script = "python benchmarks/phi_star.py"
+    lines = [
+        f"{script} train --seeds {' '.join(str(s) for s in sorted(chosen))}{placement}"
+        for placement, chosen in seeds.items()
+        if chosen
+    ]
+    config = report["config"]
+    select = f"{script} select --steps {config['steps']}"
+    if config.get("seeds", 1) != 1:
+        select += f" --seeds {config['seeds']}"
+    if len(report.get("tasks", [])) < 2:
+        select += " --no-many-class"
+    if not config.get("screen_closed_sites", False):
+        select += " --no-screen-closed-sites"
+    return [*lines, select, f"{script} install"]
 
 
 def _selection_sentence(report: dict) -> str:
@@ -212,9 +241,7 @@ def install(args: argparse.Namespace) -> None:
             "### Reproduce",
             "",
             "```bash",
-            "python benchmarks/phi_star.py train --runs 5",
-            "python benchmarks/phi_star.py select",
-            "python benchmarks/phi_star.py install",
+            *reproduce_commands(report),
             "```",
             "",
             "### Selection",
@@ -449,6 +476,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also meta-test on 100 Omniglot background classes (the score is the mean)",
+    )
+    select_parser.add_argument(
+        "--screen-closed-sites",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pass over a run that closes a site at full strength for one that closes none",
     )
     select_parser.add_argument("--seeds", type=int, default=1)
     select_parser.add_argument("--data", type=Path, default=VALIDATION)

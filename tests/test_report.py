@@ -3,26 +3,14 @@ by hand, so a wrong cell is a wrong result file, not a typo."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load
 
-
-def _module(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-readme = _module("transfer_readme")
+readme = load("transfer_readme")
 
 
 def _run(method: str, target: str, accuracy: float, model: str = "cifar_resnet20") -> dict:
@@ -182,8 +170,8 @@ def test_a_block_without_its_closing_marker_is_refused_and_the_file_kept(tmp_pat
 
 
 def test_the_figures_numbers_are_tabled_seeds_averaged_targets_in_preset_order() -> None:
-    _module("transfer_plots")  # transfer_report imports it by name
-    report = _module("transfer_report")
+    load("transfer_plots")  # transfer_report imports it by name
+    report = load("transfer_report")
 
     def curved(method: str, target: str, seed_offset: float, scales: list[float]) -> dict:
         run = _run(method, target, 0.7)
@@ -217,7 +205,7 @@ def test_the_figures_numbers_are_tabled_seeds_averaged_targets_in_preset_order()
 
 
 def test_runs_without_sites_are_drawn_in_their_own_colour_other_placements_are_not() -> None:
-    plots = _module("transfer_plots")
+    plots = load("transfer_plots")
     kept = _run("metaperturb[phi-star,without-stages.2.2]", "omniglot-100", 0.9)
     assert plots.plotted(kept)
     assert plots.COLOURS[plots._family(kept["method"])] != plots.COLOURS["metaperturb[phi-star]"]

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 import metaperturb
+from benchmark_scripts import load
 from metaperturb.diagnostics import mean_channel_scales
 from test_diagnostics import plain_net
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 def _scale_response() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "scale_response", BENCHMARKS / "scale_response.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scale_response"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load("scale_response")
 
 
 def test_the_weight_tables_are_the_scale_logit() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,21 +9,16 @@ from typing import Any
 import pytest
 import torch
 
+from benchmark_scripts import load
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.transfer import TransferConfig, TransferRun
 from test_transfer import needs_mnist, tiny_target
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = needs_mnist
 
 
 def _site_trace() -> Any:
-    spec = importlib.util.spec_from_file_location("site_trace", BENCHMARKS / "site_trace.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["site_trace"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load("site_trace")
 
 
 def _run(folder: Path, stop: threading.Event) -> TransferRun:
