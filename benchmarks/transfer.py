@@ -16,7 +16,8 @@ a finished run is skipped, so a sweep can be stopped and restarted across sessio
     python benchmarks/transfer.py annealing           # phi* without the strength ramp, and
                                                       # ramped over the whole run, s-CIFAR10
     python benchmarks/transfer.py closed-site         # phi* without the last block's site,
-                                                      # where its s closes on Omniglot-100
+                                                      # where its s closes on Omniglot-100, and
+                                                      # with closing sites switched off as found
     python benchmarks/transfer.py priority --list     # what would run, and what is done
     python benchmarks/transfer.py priority --phi seed-0=runs/phi-star/seed-0/phi
                                                       # also a phi not installed (a candidate)
@@ -200,19 +201,20 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
     elif name == "closed-site":
         # Why (issue: evaluation): phi* collapses ResNet-20 on Omniglot-100 once its strength
         # reaches 1, and its channel scale s is ~0 at the last block there (README). The same
-        # runs wrapped without that site; compared with `datasets`' phi* and Base runs.
+        # runs wrapped without that site; compared with `datasets`' phi* and Base runs. Then
+        # the remedy that needs no such knowledge: the scheduler switches phi off at a site
+        # once its s closes (on_closed_site="exclude"), from scratch and when fine-tuning.
+        phi_star = {"phi": "default", "phi_name": "phi-star"}
+        pretrained = RESULTS / f"{_pretrain_id(steps)}.safetensors"
+        finetune = {"init": str(pretrained), "init_name": PRETRAINED}
+        guarded = [{"on_closed_site": "exclude"}]
+        guarded += [{"on_closed_site": "exclude", **finetune}] if pretrained.is_file() else []
         for target in ("omniglot-100", "s-cifar10"):
-            for seed in seeds:
-                runs.append(
-                    TransferConfig(
-                        target=target,
-                        seed=seed,
-                        phi="default",
-                        phi_name="phi-star",
-                        exclude=["stages.2.2"],
-                        **common,  # type: ignore[arg-type]
+            for method in [{"exclude": ["stages.2.2"]}, *guarded]:
+                for seed in seeds:
+                    runs.append(
+                        TransferConfig(target=target, seed=seed, **phi_star, **method, **common)  # type: ignore[arg-type]
                     )
-                )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:

@@ -37,11 +37,21 @@ METHODS = [
         r"MetaPerturb, phi\\* without the site at `\1`",
         "MetaPerturb, phi\\* without a closed site",
     ),
+    (
+        r"metaperturb\[phi-star,exclude-closed\]",
+        "MetaPerturb, phi\\* switching off a site that closes",
+        "",
+    ),
     (r"metaperturb\[authors\]", "MetaPerturb, the authors' phi (comparison only)", ""),
     (r"dropblock\[(.+),(.+)\]", r"DropBlock (rate \1, block size \2)", "DropBlock (tuned)"),
     (r"mixup\[(.+)\]", r"Manifold Mixup (alpha \1)", "Manifold Mixup (tuned)"),
     (r"finetune\[[^]]+\]", "Fine-tuning (ResNet-20 pretrained on Tiny ImageNet)", ""),
     (r"finetune\[[^]]+\]\+metaperturb\[phi-star\]", "Fine-tuning + MetaPerturb (phi\\*)", ""),
+    (
+        r"finetune\[[^]]+\]\+metaperturb\[phi-star,exclude-closed\]",
+        "Fine-tuning + MetaPerturb (phi\\*, switching off a site that closes)",
+        "",
+    ),
 ]
 NETWORKS = {
     "conv4": "Conv4",

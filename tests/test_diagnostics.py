@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,97 @@ def test_a_site_whose_statistics_turned_nan_counts_as_closed() -> None:
         "a",
         "c",
     }
+
+
+def test_exclude_mode_switches_a_closing_site_off_and_only_it() -> None:
+    """The site passes its features unchanged from that step on, in training and in eval; the
+    others still perturb; the scheduler records the step and resumes it."""
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    controller = metaperturb.get_controller(model)
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=5, on_closed_site="exclude")
+    name = _close_last_site(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            scheduler.step()
+    assert [w.category for w in caught] == [ClosedSiteWarning]
+    assert "step 5" in str(caught[0].message) and "switched off there" in str(caught[0].message)
+    assert scheduler.excluded == {name: 5}
+    assert controller.excluded_sites == {len(controller.site_names) - 1}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for site in controller.site_names:
+        module = model.get_submodule(site)
+        module.register_forward_hook(
+            lambda m, a, out, site=site: seen.__setitem__(site, (out.clone(), out)), prepend=True
+        )
+        module.register_forward_hook(
+            lambda m, a, out, site=site: seen.__setitem__(site, (seen[site][0], out))
+        )
+    for mode in (model.train, model.eval):
+        mode()
+        with torch.no_grad():
+            model(torch.randn(4, 3, 16, 16))
+        for site, (before, after) in seen.items():
+            assert torch.equal(before, after) == (site == name), (mode, site)
+    resumed = StrengthScheduler(model, total_steps=100, on_closed_site="exclude")
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.excluded == {name: 5}
+    with pytest.raises(ValueError, match="on_closed_site"):
+        StrengthScheduler(model, total_steps=100, on_closed_site="drop")  # type: ignore[arg-type]
+
+
+def test_excluded_sites_travel_with_the_state_dict_and_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    names = metaperturb.get_controller(model).site_names
+    metaperturb.exclude_sites(model, [names[1]])
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    fresh = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    assert metaperturb.get_controller(fresh).excluded_sites == {1}
+    assert f"excluded=['{names[1]}']" in repr(fresh)
+    # A plain host's checkpoint (no MetaPerturb keys) loads strictly and changes nothing.
+    plain = plain_net().state_dict()
+    fresh.load_state_dict(plain)
+    assert metaperturb.get_controller(fresh).excluded_sites == {1}
+    with pytest.raises(metaperturb.NoSitesError, match="not sites of this model"):
+        metaperturb.exclude_sites(fresh, ["0", "nope"])
+
+
+def test_a_checkpoint_from_other_sites_is_refused_by_name() -> None:
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    state = model.state_dict()
+    state["metaperturb._extra_state"] = torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="wrapped with other sites"):
+        model.load_state_dict(state)
+
+
+def _rank_excludes(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+        if rank == 0:  # each rank's statistics have seen only its own batches
+            _close_last_site(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ClosedSiteWarning)
+            names = metaperturb.diagnostics.exclude_closed_sites(model, step=5)
+        Path(out, f"rank{rank}").write_text(",".join(names))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_distributed_a_site_closed_on_one_rank_is_switched_off_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """Otherwise the replicas would become different networks."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_excludes, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    last = metaperturb.get_controller(
+        metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    ).site_names[-1]
+    assert (tmp_path / "rank0").read_text() == last
+    assert (tmp_path / "rank1").read_text() == last

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metaperturb.diagnostics import ClosedSiteWarning
 from metaperturb.errors import RunInProgressError, TrainingStoppedError
 from metaperturb.phi import Perturbation
 from metaperturb.transfer import (
@@ -789,6 +790,38 @@ def test_exclude_names_the_run_and_leaves_those_sites_without_phi(tmp_path: Path
     assert run_id(trimmed) != run_id(TransferConfig(**common))
     model = run_module.TransferRun(trimmed, tmp_path).model
     assert get_controller(model).site_names == sites[:-1]
+
+
+@needs_mnist
+def test_exclude_closed_names_the_run_and_a_resumed_run_keeps_the_sites_it_switched_off(
+    tmp_path: Path,
+) -> None:
+    """The remedy that needs no knowledge of the site: the scheduler switches a closing site
+    off; a run stopped after that resumes with the same site off (the model's state) and the
+    step it happened (the scheduler's)."""
+    common: dict[str, Any] = {
+        "target": tiny_target(),
+        "phi": "default",
+        "phi_name": "x",
+        "steps": 2,
+        "model": "cifar_resnet20",
+    }
+    config = TransferConfig(on_closed_site="exclude", **common)
+    assert config.method == "metaperturb[x,exclude-closed]"
+    assert run_id(config) != run_id(TransferConfig(**common))
+    run = run_module.TransferRun(config, tmp_path)
+    assert run.strength is not None and run.strength.on_closed_site == "exclude"
+    last = get_controller(run.model).site_names[-1]
+    get_controller(run.model).sites[-1].running_var.fill_(1_000.0)  # type: ignore[operator]
+    run.strength.check_every = 1
+    with pytest.warns(ClosedSiteWarning, match="switched off"):
+        run.strength.step()
+    run.save_checkpoint()
+    resumed = run_module.TransferRun(config, tmp_path)
+    assert resumed.maybe_resume() and resumed.strength is not None
+    assert resumed.strength.excluded == {last: 1}
+    sites = get_controller(resumed.model).site_names
+    assert get_controller(resumed.model).excluded_sites == {sites.index(last)}
 
 
 @needs_mnist

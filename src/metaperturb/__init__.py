@@ -27,6 +27,7 @@ from .phi import Perturbation as Perturbation
 from .phi import PerturbationConfig as PerturbationConfig
 from .wrapper import MetaPerturb as MetaPerturb
 from .wrapper import disabled as disabled
+from .wrapper import exclude_sites as exclude_sites
 from .wrapper import get_controller as get_controller
 from .wrapper import inspect as inspect
 from .wrapper import is_wrapped as is_wrapped
@@ -54,6 +55,7 @@ __all__ = [
     "__version__",
     "channel_scales",
     "disabled",
+    "exclude_sites",
     "get_controller",
     "inspect",
     "is_wrapped",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
-from .diagnostics import warn_closed_sites
+from .diagnostics import exclude_closed_sites, warn_closed_sites
 from .wrapper import set_strength
 
 __all__ = ["StrengthScheduler", "linear_ramp"]
@@ -30,9 +30,11 @@ class StrengthScheduler:
 
     Call :meth:`step` once per optimizer step. Starts at c = 0; ``state_dict`` / ``load_state_dict``
     resume it. Every ``check_every`` steps (0: never) it reads phi's channel scale at each site
-    (one small device-to-host copy for all sites) and warns once about a site where it is near 0:
-    at full strength that site would pass almost nothing
-    (:class:`~metaperturb.diagnostics.ClosedSiteWarning`).
+    (one small device-to-host copy for all sites) and finds the sites where it is near 0: at full
+    strength such a site would pass almost nothing, and a network can collapse behind it (phi* on
+    Omniglot-100, README). With ``on_closed_site="warn"`` it warns once about each
+    (:class:`~metaperturb.diagnostics.ClosedSiteWarning`); with ``"exclude"`` it also switches
+    phi off there (:func:`~metaperturb.exclude_sites`), and :attr:`excluded` records the step.
 
     Example:
         >>> scheduler = StrengthScheduler(model, total_steps=10_000)  # doctest: +SKIP
@@ -47,10 +49,16 @@ class StrengthScheduler:
         total_steps: int,
         ramp_fraction: float = 0.4,
         check_every: int = 100,
+        on_closed_site: Literal["warn", "exclude"] = "warn",
     ) -> None:
         linear_ramp(0, total_steps, ramp_fraction)  # validates the arguments
         if check_every < 0:
             raise ValueError(f"check_every must be 0 (never) or positive, got {check_every}.")
+        if on_closed_site not in ("warn", "exclude"):
+            raise ValueError(f"on_closed_site must be 'warn' or 'exclude', got {on_closed_site!r}.")
+        self.on_closed_site = on_closed_site
+        #: The sites switched off for closing (``on_closed_site="exclude"``), with the step.
+        self.excluded: dict[str, int] = {}
         self.model = model
         self.total_steps = total_steps
         self.ramp_fraction = ramp_fraction
@@ -74,7 +82,11 @@ class StrengthScheduler:
         self.last_step += 1
         set_strength(self.model, self.strength)
         if self.check_every and self.last_step % self.check_every == 0:
-            warn_closed_sites(self.model, self.last_step, self._warned)
+            if self.on_closed_site == "exclude":
+                for name in exclude_closed_sites(self.model, self.last_step):
+                    self.excluded[name] = self.last_step
+            else:
+                warn_closed_sites(self.model, self.last_step, self._warned)
         return self.strength
 
     def state_dict(self) -> dict[str, Any]:
@@ -83,6 +95,7 @@ class StrengthScheduler:
             "last_step": self.last_step,
             "total_steps": self.total_steps,
             "ramp_fraction": self.ramp_fraction,
+            "excluded": dict(self.excluded),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -90,4 +103,5 @@ class StrengthScheduler:
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
         self.ramp_fraction = float(state["ramp_fraction"])
+        self.excluded = dict(state.get("excluded", {}))  # absent from schedulers saved before it
         set_strength(self.model, self.strength)

@@ -14,10 +14,11 @@ import warnings
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .site import SiteState
-from .wrapper import get_controller
+from .wrapper import exclude_sites, get_controller
 
 __all__ = [
     "CLOSED_BELOW",
@@ -25,6 +26,7 @@ __all__ = [
     "channel_scales",
     "closed_among",
     "closed_sites",
+    "exclude_closed_sites",
     "mean_channel_scales",
 ]
 
@@ -81,6 +83,41 @@ def mean_channel_scales(model: nn.Module) -> dict[str, float]:
 def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, float]:
     """The sites whose mean channel scale s is below ``below``, with that mean."""
     return closed_among(mean_channel_scales(model), below)
+
+
+def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
+    """Switch phi off (:func:`~metaperturb.exclude_sites`) at each site still on whose mean
+    channel scale is below :data:`CLOSED_BELOW`, with a warning naming them; returns them.
+
+    Under ``torch.distributed`` a site closed on any rank is switched off on every rank (each
+    rank's running statistics have seen only its own batches since the last broadcast), so the
+    replicas stay the same network: one small all-reduce, which every rank must reach.
+    """
+    controller = get_controller(model)
+    on = [
+        controller.site_names[i]
+        for i in range(len(controller.sites))
+        if i not in controller.excluded_sites
+    ]
+    closed = set(closed_sites(model)) & set(on)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = torch.tensor(
+            [name in closed for name in on], dtype=torch.int32, device=controller.strength.device
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        closed = {name for name, flag in zip(on, flags.tolist(), strict=True) if flag}
+    names = [name for name in on if name in closed]
+    if not names:
+        return []
+    exclude_sites(model, names)
+    warnings.warn(
+        f"at step {step}, phi's channel scale s is near 0 at {names}: such a site would pass "
+        "almost nothing once the strength reaches 1, so phi is switched off there for the rest "
+        "of training and at test time (on_closed_site='exclude'); the other sites go on.",
+        ClosedSiteWarning,
+        stacklevel=3,
+    )
+    return names
 
 
 def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:

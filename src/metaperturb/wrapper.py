@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _sequential_host
 from .discovery import Placement, SitePlan, Strategy, plan_sites
-from .errors import AlreadyWrappedError, ModelChangedError, NotWrappedError
+from .errors import AlreadyWrappedError, ModelChangedError, NoSitesError, NotWrappedError
 from .phi import Perturbation
 from .site import EvalMode, SiteState, perturb
 
@@ -32,6 +32,7 @@ __all__ = [
     "ATTRIBUTE",
     "MetaPerturb",
     "disabled",
+    "exclude_sites",
     "get_controller",
     "inspect",
     "is_wrapped",
@@ -187,6 +188,10 @@ class MetaPerturb(nn.Module):
         self.register_buffer("input_height", torch.zeros(()), persistent=False)
         #: False turns every site into the identity without removing hooks (see :func:`disabled`).
         self.enabled = True
+        #: Indices of the sites switched off after ``wrap`` (:func:`exclude_sites`): each passes
+        #: its features unchanged. In the ``state_dict`` (``_extra_state``), so that a reloaded
+        #: model keeps them off.
+        self.excluded_sites: set[int] = set()
         #: What the sites do in eval mode: "expectation" (default), "sample" or "off".
         self.eval_mode: EvalMode = "expectation"
         #: Keep only each site's input for backward and recompute phi there (see ``wrap``).
@@ -199,6 +204,25 @@ class MetaPerturb(nn.Module):
         self.site_modules: list[nn.Module] = []
         #: Names ``wrap`` added to the host's DistributedDataParallel ignore list (frozen phi).
         self.ddp_ignored: list[str] | None = None
+
+    def get_extra_state(self) -> Tensor:
+        """Which sites :func:`exclude_sites` switched off, one bool per site (a tensor, so that
+        the host's ``state_dict`` still saves with safetensors)."""
+        return torch.tensor([i in self.excluded_sites for i in range(len(self.sites))])
+
+    def set_extra_state(self, state: Any) -> None:
+        if not (
+            isinstance(state, Tensor)
+            and state.dtype == torch.bool
+            and state.shape == (len(self.sites),)
+        ):
+            raise ValueError(
+                f"this checkpoint's MetaPerturb site switches ({ATTRIBUTE}._extra_state) are not "
+                f"{len(self.sites)} bools, one per site of this model: it was saved from a model "
+                "wrapped with other sites. Wrap the same network with the same sites= and "
+                "exclude= before loading it."
+            )
+        self.excluded_sites = {int(i) for i in state.nonzero().flatten().tolist()}
 
     def forward(self, x: Any) -> Any:
         """The identity. ``wrap`` appends this module as the host's last child, and a host that
@@ -222,7 +246,7 @@ class MetaPerturb(nn.Module):
 
     def apply_site(self, index: int, h: Tensor) -> Tensor:
         """Perturb the output ``h`` of site ``index`` (called by the site's forward hook)."""
-        if not self.enabled:
+        if not self.enabled or index in self.excluded_sites:
             return h
         if isinstance(h, torch.fx.Proxy):
             raise TypeError(
@@ -271,7 +295,10 @@ class MetaPerturb(nn.Module):
         return site(h, state, update)
 
     def extra_repr(self) -> str:
-        return f"sites={len(self.sites)}, eval_mode={self.eval_mode!r}, enabled={self.enabled}"
+        text = f"sites={len(self.sites)}, eval_mode={self.eval_mode!r}, enabled={self.enabled}"
+        if self.excluded_sites:
+            text += f", excluded={[self.site_names[i] for i in sorted(self.excluded_sites)]}"
+        return text
 
 
 def is_wrapped(model: nn.Module) -> bool:
@@ -505,6 +532,25 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         controller.enabled = previous
+
+
+def exclude_sites(model: nn.Module, names: Sequence[str]) -> None:
+    """Switch phi off at these sites from now on, in training and in eval: each passes its
+    features unchanged, the others go on as before.
+
+    The counterpart of ``wrap(..., exclude=...)`` for a site found during training to close
+    (:class:`~metaperturb.ClosedSiteWarning`; ``StrengthScheduler(..., on_closed_site="exclude")``
+    calls it). Kept in the model's ``state_dict``, so a checkpoint reloads with the same sites
+    off; the hooks stay, so a ``torch.compile``d model recompiles once rather than breaking.
+    """
+    controller = get_controller(model)
+    unknown = sorted(set(names) - set(controller.site_names))
+    if unknown:
+        raise NoSitesError(
+            f"exclude_sites: {unknown} are not sites of this model; its sites are "
+            f"{controller.site_names} (metaperturb.inspect(model) lists them)."
+        )
+    controller.excluded_sites |= {controller.site_names.index(name) for name in names}
 
 
 def set_eval_mode(model: nn.Module, mode: EvalMode) -> None:

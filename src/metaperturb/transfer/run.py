@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,10 @@ class TransferConfig:
     #: Sites left without phi (:func:`metaperturb.wrap`'s ``exclude``): e.g. one whose channel
     #: scale closes (:class:`~metaperturb.ClosedSiteWarning`). Named in the run id.
     exclude: list[str] = field(default_factory=list)
+    #: What the strength scheduler does about a site whose channel scale closes during training
+    #: (:class:`~metaperturb.StrengthScheduler`): ``"warn"``, or ``"exclude"`` it from then on
+    #: (named in the run id as ``exclude-closed``).
+    on_closed_site: str = "warn"
     #: DropBlock rate and block size (rate 0: not used).
     dropblock_rate: float = 0.0
     dropblock_size: int = 3
@@ -128,6 +132,8 @@ class TransferConfig:
             if self.ramp_fraction != 0.4:
                 where += f",ramp{self.ramp_fraction:g}"
             where += "".join(f",without-{name}" for name in self.exclude)
+            if self.on_closed_site == "exclude":
+                where += ",exclude-closed"
             parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
@@ -234,7 +240,10 @@ class TransferRun:
                 exclude=config.exclude,
             )
             self.strength = StrengthScheduler(
-                self.model, total_steps=config.steps, ramp_fraction=config.ramp_fraction
+                self.model,
+                total_steps=config.steps,
+                ramp_fraction=config.ramp_fraction,
+                on_closed_site=cast(Literal["warn", "exclude"], config.on_closed_site),
             )
         self.dropblock = (
             DropBlock(self.model, config.dropblock_rate, config.dropblock_size, self.input_size)
@@ -728,6 +737,8 @@ def _train_and_record(
         "curve": run.curve,
         "scales": run.scales(),
         "scales_at_full_strength": run.full_strength_scales,
+        # on_closed_site="exclude": each site switched off for closing, with the step.
+        "excluded_sites": None if run.strength is None else run.strength.excluded,
         "full_strength_step": run.full_strength_step,
         "train_seconds": run.train_seconds,
         "resumed": resumed,
