@@ -131,8 +131,9 @@ def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
         f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
         "1 such a site passes almost nothing, and nothing before it learns through it (on "
         "Omniglot-100 this made phi* collapse the network to chance at the end of the ramp). "
-        f"Leave it out (metaperturb.wrap(model, exclude={sorted(closed)!r})) or use another "
-        "phi; metaperturb.channel_scales(model) shows s at every site.",
+        f"Leave it out (metaperturb.wrap(model, exclude={sorted(closed)!r}) from the start, or "
+        "StrengthScheduler(..., on_closed_site='exclude') to switch such sites off as they "
+        "close) or use another phi; metaperturb.channel_scales(model) shows s at every site.",
         ClosedSiteWarning,
         stacklevel=3,
     )
