@@ -40,6 +40,7 @@ def record_site_outputs(model: nn.Module) -> list[torch.Tensor]:
     [("output", False), ("before_activation", False), ("output", True)],
 )
 def test_torch_compile_fullgraph_has_no_graph_break(placement: str, memory_efficient: bool) -> None:
+    torch._dynamo.reset()  # the parameters' models share code objects: recompiles add up
     model = resnet20(placement=placement, memory_efficient=memory_efficient)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -64,6 +65,10 @@ def test_torch_compile_fullgraph_has_no_graph_break(placement: str, memory_effic
         torch.testing.assert_close(plain, model(x))
     assert not torch.allclose(plain, perturbed)
     metaperturb.set_strength(compiled, 0.0)  # a tensor: takes effect without recompiling
+    torch.testing.assert_close(compiled(x), plain)
+    metaperturb.set_strength(compiled, 1.0)
+    sites = metaperturb.get_controller(compiled).site_names
+    metaperturb.exclude_sites(compiled, sites)  # switched off at full strength: recompiles once
     torch.testing.assert_close(compiled(x), plain)
 
 
