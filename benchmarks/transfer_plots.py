@@ -33,11 +33,13 @@ COLOURS = {
     "base": "0.35",
     "metaperturb[phi-star]": "C3",
     "metaperturb[phi-star,without-site]": "C7",  # exclude=[...]: sites left without phi
+    "metaperturb[phi-star,exclude-closed]": "C8",  # sites switched off as they closed
     "metaperturb[authors]": "C1",
     "dropblock": "C2",
     "mixup": "C4",
     "finetune": "C5",
     "finetune+metaperturb[phi-star]": "C6",
+    "finetune+metaperturb[phi-star,exclude-closed]": "C9",
 }
 #: The methods whose learned scales are drawn (a panel each).
 SCALED = ("metaperturb[phi-star]", "metaperturb[authors]")

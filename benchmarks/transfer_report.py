@@ -234,6 +234,25 @@ def scales_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def switched_off_table(results: list[dict[str, Any]]) -> list[str]:
+    """Each run with ``on_closed_site="exclude"``: the sites its scheduler switched off for
+    closing, with the step (none: phi ran at every site), beside its accuracy."""
+    runs = [r for r in results if r.get("config", {}).get("on_closed_site") == "exclude"]
+    rows = [
+        [
+            r["target"],
+            f"{r['model']}, {r['method']}",
+            str(r["seed"]),
+            ", ".join(f"`{s}` at step {k:,}" for s, k in (r.get("excluded_sites") or {}).items())
+            or "none",
+            f"{100 * r['accuracy']:.2f}",
+        ]
+        for r in sorted(runs, key=lambda r: (_rank(r["target"]), r["method"], r["seed"]))
+    ]
+    header = ["target", "network, method", "seed", "switched off", "accuracy %"]
+    return table(header, rows) if rows else []
+
+
 def _is_tuning(run: dict[str, Any]) -> bool:
     """A `tune` run: its target is the CIFAR-10 validation slice (train images 500-999 of each
     class), not a named target, nor the Tiny ImageNet `pretrain` run (also a slice spec)."""
@@ -327,6 +346,13 @@ def main() -> None:
         "### phi's learned scale per block (the scales figure)",
         "",
         *scales_table(results),
+        '### Sites switched off as they closed (`on_closed_site="exclude"`)',
+        "",
+        *(
+            switched_off_table(results)
+            or ["No run yet: `python benchmarks/transfer.py closed-site`."]
+        ),
+        "",
         "### Tuning (DropBlock rate and block size, Mixup alpha)",
         "",
         (

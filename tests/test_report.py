@@ -210,3 +210,26 @@ def test_runs_without_sites_are_drawn_in_their_own_colour_other_placements_are_n
     assert plots.plotted(kept)
     assert plots.COLOURS[plots._family(kept["method"])] != plots.COLOURS["metaperturb[phi-star]"]
     assert not plots.plotted(_run("metaperturb[phi-star,pre-act]", "s-cifar10", 0.7))
+
+
+def test_the_switched_off_table_lists_each_guarded_run_with_its_sites_and_steps() -> None:
+    load("transfer_plots")
+    report = load("transfer_report")
+    guarded = "metaperturb[phi-star,exclude-closed]"
+    runs = [
+        _run(guarded, "omniglot-100", 0.912)
+        | {
+            "seed": 1,
+            "config": {"on_closed_site": "exclude"},
+            "excluded_sites": {"stages.2.2": 300},
+        },
+        _run(guarded, "s-cifar10", 0.71)
+        | {"seed": 0, "config": {"on_closed_site": "exclude"}, "excluded_sites": {}},
+        _run("metaperturb[phi-star]", "omniglot-100", 0.67) | {"seed": 0, "config": {}},
+    ]
+    assert report.switched_off_table(runs)[2:] == [
+        f"| s-cifar10 | cifar_resnet20, {guarded} | 0 | none | 71.00 |",
+        f"| omniglot-100 | cifar_resnet20, {guarded} | 1 | `stages.2.2` at step 300 | 91.20 |",
+    ]
+    assert report.switched_off_table(runs[2:]) == []
+    assert load("transfer_plots").plotted(runs[0])
