@@ -568,6 +568,11 @@ def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "__conv4__metaperturb[x,without-blocks.3.act]__" in capsys.readouterr().out
     assert main([*phi, "--exclude", "fc"]) == 1
     assert "Its sites: ['blocks.0.act'" in capsys.readouterr().err
+    assert main([*phi, "--on-closed-site", "exclude"]) == 0
+    guarded = json.loads(capsys.readouterr().out)
+    assert "__conv4__metaperturb[x,exclude-closed]__" in guarded["id"]
+    result = json.loads((tmp_path / f"{guarded['id']}.json").read_text())
+    assert result["excluded_sites"] == {}  # 2 steps: no check ran
 
 
 @needs_mnist

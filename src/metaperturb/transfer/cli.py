@@ -70,6 +70,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="leave these sites without phi (names as `metaperturb inspect` lists them), e.g. "
         "one that a ClosedSiteWarning names",
     )
+    add(
+        "--on-closed-site",
+        choices=["warn", "exclude"],
+        default="warn",
+        help="what the strength scheduler does about a site whose channel scale closes during "
+        "training: warn, or also switch phi off there (run id: exclude-closed)",
+    )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
         "--channels-last",
@@ -110,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         placement=args.placement,
         ramp_fraction=args.ramp_fraction,
         exclude=list(args.exclude),
+        on_closed_site=args.on_closed_site,
         dropblock_rate=args.dropblock_rate,
         dropblock_size=args.dropblock_size,
         mixup_alpha=args.mixup_alpha,
