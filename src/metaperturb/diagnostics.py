@@ -48,7 +48,9 @@ def channel_scales(model: nn.Module) -> dict[str, Tensor]:
     around these).
 
     The spatial descriptor uses the site's height over the input height of the plan ``wrap``
-    made, or phi's ``spatial_norm`` when it has one, as the sites do.
+    made, or phi's ``spatial_norm`` when it has one, as the sites do. A site switched off
+    (:func:`~metaperturb.exclude_sites`) no longer updates its statistics: its s stays what it
+    was then.
     """
     controller = get_controller(model)
     phi, plan = controller.phi, controller.plan
