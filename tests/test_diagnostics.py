@@ -74,7 +74,7 @@ def _close_last_site(model: nn.Module) -> str:
 def test_the_scheduler_warns_once_about_a_closed_site() -> None:
     model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
     assert not metaperturb.diagnostics.closed_sites(model)  # phi* on fresh statistics
-    scheduler = StrengthScheduler(model, total_steps=100, check_every=5)
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=5, on_closed_site="warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):
@@ -122,7 +122,8 @@ def test_exclude_mode_switches_a_closing_site_off_and_only_it() -> None:
     others still perturb; the scheduler records the step and resumes it."""
     model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
     controller = metaperturb.get_controller(model)
-    scheduler = StrengthScheduler(model, total_steps=100, check_every=5, on_closed_site="exclude")
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=5)  # the default
+    assert scheduler.on_closed_site == "exclude"
     name = _close_last_site(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

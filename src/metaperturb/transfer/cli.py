@@ -75,7 +75,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         choices=["warn", "exclude"],
         default="warn",
         help="what the strength scheduler does about a site whose channel scale closes during "
-        "training: warn, or also switch phi off there (run id: exclude-closed)",
+        "training: warn (default here: the method as published, as the README's runs did), or "
+        "switch phi off there, the library's default (run id: exclude-closed)",
     )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(

@@ -83,8 +83,9 @@ class TransferConfig:
     #: scale closes (:class:`~metaperturb.ClosedSiteWarning`). Named in the run id.
     exclude: list[str] = field(default_factory=list)
     #: What the strength scheduler does about a site whose channel scale closes during training
-    #: (:class:`~metaperturb.StrengthScheduler`): ``"warn"``, or ``"exclude"`` it from then on
-    #: (named in the run id as ``exclude-closed``).
+    #: (:class:`~metaperturb.StrengthScheduler`): ``"warn"``, the method as published and what
+    #: every run before this setting did, or ``"exclude"`` it from then on, the library's
+    #: default since (named in the run id as ``exclude-closed``).
     on_closed_site: str = "warn"
     #: DropBlock rate and block size (rate 0: not used).
     dropblock_rate: float = 0.0
