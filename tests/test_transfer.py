@@ -777,17 +777,22 @@ def test_the_placement_is_part_of_the_method_and_the_run_id() -> None:
     assert TransferConfig(**common).method == "metaperturb[x]"
 
 
+def _phi_star_settings(steps: int) -> dict[str, Any]:
+    """A ResNet-20 with phi* (labelled ``x``) on the tiny target, for the run-id and setup tests."""
+    return {
+        "target": tiny_target(),
+        "phi": "default",
+        "phi_name": "x",
+        "steps": steps,
+        "model": "cifar_resnet20",
+    }
+
+
 @needs_mnist
 def test_exclude_names_the_run_and_leaves_those_sites_without_phi(tmp_path: Path) -> None:
     """The remedy for a site whose s closes (README, Omniglot-100): every other site is wrapped,
     and the method says which was left out."""
-    common: dict[str, Any] = {
-        "target": tiny_target(),
-        "phi": "default",
-        "phi_name": "x",
-        "steps": 2,
-        "model": "cifar_resnet20",
-    }
+    common = _phi_star_settings(steps=2)
     every = run_module.TransferRun(TransferConfig(**common), tmp_path).model
     sites = get_controller(every).site_names
     trimmed = TransferConfig(exclude=[sites[-1]], **common)
@@ -804,13 +809,7 @@ def test_exclude_closed_names_the_run_and_a_resumed_run_keeps_the_sites_it_switc
     """The remedy that needs no knowledge of the site: the scheduler switches a closing site
     off; a run stopped after that resumes with the same site off (the model's state) and the
     step it happened (the scheduler's)."""
-    common: dict[str, Any] = {
-        "target": tiny_target(),
-        "phi": "default",
-        "phi_name": "x",
-        "steps": 2,
-        "model": "cifar_resnet20",
-    }
+    common = _phi_star_settings(steps=2)
     config = TransferConfig(on_closed_site="exclude", **common)
     assert config.method == "metaperturb[x,exclude-closed]"
     assert run_id(config) != run_id(TransferConfig(**common))
@@ -833,13 +832,7 @@ def test_exclude_closed_names_the_run_and_a_resumed_run_keeps_the_sites_it_switc
 def test_the_ramp_fraction_names_the_run_and_sets_the_strength_schedule(tmp_path: Path) -> None:
     """The annealing ablation: ``ramp_fraction=0`` trains at full strength from the first step;
     the default (0.4, METHOD.md) keeps the method and run id every earlier result has."""
-    common: dict[str, Any] = {
-        "target": tiny_target(),
-        "phi": "default",
-        "phi_name": "x",
-        "steps": 10,
-        "model": "cifar_resnet20",
-    }
+    common = _phi_star_settings(steps=10)
     assert TransferConfig(**common).method == "metaperturb[x]"
     none = TransferConfig(ramp_fraction=0.0, **common)
     assert none.method == "metaperturb[x,ramp0]" and run_id(none) != run_id(
