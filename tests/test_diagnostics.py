@@ -133,6 +133,9 @@ def test_exclude_mode_switches_a_closing_site_off_and_only_it() -> None:
     assert "step 5" in str(caught[0].message) and "switched off there" in str(caught[0].message)
     assert scheduler.excluded == {name: 5}
     assert controller.excluded_sites == {len(controller.site_names) - 1}
+    # Its frozen s is still ~0, but a site that passes its features whole is not closed.
+    assert metaperturb.diagnostics.mean_channel_scales(model)[name] < 0.01
+    assert not metaperturb.diagnostics.closed_sites(model)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for site in controller.site_names:
         module = model.get_submodule(site)

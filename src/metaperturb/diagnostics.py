@@ -83,8 +83,15 @@ def mean_channel_scales(model: nn.Module) -> dict[str, float]:
 
 
 def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, float]:
-    """The sites whose mean channel scale s is below ``below``, with that mean."""
-    return closed_among(mean_channel_scales(model), below)
+    """The sites whose mean channel scale s is below ``below``, with that mean. A site switched
+    off (:func:`~metaperturb.exclude_sites`) passes its features whole, so it is not one."""
+    controller = get_controller(model)
+    off = {controller.site_names[i] for i in controller.excluded_sites}
+    return {
+        name: s
+        for name, s in closed_among(mean_channel_scales(model), below).items()
+        if name not in off
+    }
 
 
 def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
@@ -96,19 +103,15 @@ def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
     replicas stay the same network: one small all-reduce, which every rank must reach.
     """
     controller = get_controller(model)
-    on = [
-        controller.site_names[i]
-        for i in range(len(controller.sites))
-        if i not in controller.excluded_sites
-    ]
-    closed = set(closed_sites(model)) & set(on)
+    sites = controller.site_names
+    closed = set(closed_sites(model))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flags = torch.tensor(
-            [name in closed for name in on], dtype=torch.int32, device=controller.strength.device
+            [name in closed for name in sites], dtype=torch.int32, device=controller.strength.device
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        closed = {name for name, flag in zip(on, flags.tolist(), strict=True) if flag}
-    names = [name for name in on if name in closed]
+        closed = {name for name, flag in zip(sites, flags.tolist(), strict=True) if flag}
+    names = [name for name in sites if name in closed]
     if not names:
         return []
     exclude_sites(model, names)
