@@ -140,25 +140,13 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                         )  # type: ignore[arg-type]
                     )
     elif name == "datasets":
-        pretrained = RESULTS / f"{_pretrain_id(steps)}.safetensors"
         methods = _phi_methods()
         methods += _tuned(steps)
-        if pretrained.is_file():
-            methods.append({"init": str(pretrained), "init_name": PRETRAINED})
+        finetune = _finetune(steps)
+        if finetune is not None:
+            methods.append(finetune)
             if (PHI_STAR / "model.safetensors").is_file():
-                methods.append(
-                    {
-                        "init": str(pretrained),
-                        "init_name": PRETRAINED,
-                        "phi": "default",
-                        "phi_name": "phi-star",
-                    }
-                )
-        else:
-            print(
-                f"note: {pretrained.name} missing: run `pretrain` for the fine-tuning rows",
-                file=sys.stderr,
-            )
+                methods.append({**finetune, "phi": "default", "phi_name": "phi-star"})
         for target in ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100"):
             for method in methods:
                 for seed in seeds:
@@ -205,10 +193,9 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
         # the remedy that needs no such knowledge: the scheduler switches phi off at a site
         # once its s closes (on_closed_site="exclude"), from scratch and when fine-tuning.
         phi_star = {"phi": "default", "phi_name": "phi-star"}
-        pretrained = RESULTS / f"{_pretrain_id(steps)}.safetensors"
-        finetune = {"init": str(pretrained), "init_name": PRETRAINED}
+        finetune = _finetune(steps)
         guarded = [{"on_closed_site": "exclude"}]
-        guarded += [{"on_closed_site": "exclude", **finetune}] if pretrained.is_file() else []
+        guarded += [{"on_closed_site": "exclude", **finetune}] if finetune is not None else []
         for target in ("omniglot-100", "s-cifar10"):
             for method in [{"exclude": ["stages.2.2"]}, *guarded]:
                 for seed in seeds:
@@ -274,6 +261,19 @@ def _pretrain_config(steps: int) -> TransferConfig:
 
 def _pretrain_id(steps: int) -> str:
     return run_id(_pretrain_config(steps))
+
+
+def _finetune(steps: int) -> dict[str, str] | None:
+    """The settings that start a run from the `pretrain` network, or None (with a note) before
+    that network exists."""
+    pretrained = RESULTS / f"{_pretrain_id(steps)}.safetensors"
+    if not pretrained.is_file():
+        print(
+            f"note: {pretrained.name} missing: run `pretrain` for the fine-tuning runs",
+            file=sys.stderr,
+        )
+        return None
+    return {"init": str(pretrained), "init_name": PRETRAINED}
 
 
 def main() -> None:
