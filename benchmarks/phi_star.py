@@ -56,6 +56,19 @@ def _finished(run: Path) -> bool:
     return (run / "phi" / "model.safetensors").is_file()
 
 
+def _run_name(seed: int, placement: str) -> str:
+    """A run's folder name: ``seed-<k>``, or ``preact-seed-<k>`` for ``before_activation``."""
+    return f"{'preact-' if placement == 'before_activation' else ''}seed-{seed}"
+
+
+def _parse_run_name(name: str) -> tuple[int, str] | None:
+    """The seed and placement a run folder's name stands for (the inverse of ``_run_name``)."""
+    match = re.fullmatch(r"(preact-)?seed-(\d+)", name)
+    if match is None:
+        return None
+    return int(match[2]), "before_activation" if match[1] else "output"
+
+
 def _runs(runs_dir: Path) -> list[Path]:
     """Every run folder: ``seed-<k>`` (phi on block outputs) and ``preact-seed-<k>`` (phi
     before the blocks' last ReLU, ``--placement before_activation``)."""
@@ -64,9 +77,8 @@ def _runs(runs_dir: Path) -> list[Path]:
 
 def train(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else list(range(args.runs))
-    prefix = "preact-" if args.placement == "before_activation" else ""
     for seed in seeds:
-        run = args.runs_dir / f"{prefix}seed-{seed}"
+        run = args.runs_dir / _run_name(seed, args.placement)
         if _finished(run):
             print(f"{run.name}: finished, skipped")
             continue
@@ -141,14 +153,15 @@ def reproduce_commands(report: dict) -> list[str]:
     """The commands that made this selection, as the report recorded it: the seeds each
     placement was meta-trained with and ``select``'s own settings, not today's defaults (phi*'s
     first selection, 2,000 steps on CIFAR-10 alone, is not what a bare ``select`` runs now)."""
-    seeds: dict[str, list[int]] = {"": [], " --placement before_activation": []}
+    seeds: dict[str, list[int]] = {"output": [], "before_activation": []}
     for name in report["scores"]:
-        match = re.fullmatch(r"(preact-)?seed-(\d+)", Path(name).name)
-        if match:
-            seeds[" --placement before_activation" if match[1] else ""].append(int(match[2]))
+        parsed = _parse_run_name(Path(name).name)
+        if parsed is not None:
+            seeds[parsed[1]].append(parsed[0])
     script = "python benchmarks/phi_star.py"
     lines = [
-        f"{script} train --seeds {' '.join(str(s) for s in sorted(chosen))}{placement}"
+        f"{script} train --seeds {' '.join(str(s) for s in sorted(chosen))}"
+        + ("" if placement == "output" else f" --placement {placement}")
         for placement, chosen in seeds.items()
         if chosen
     ]

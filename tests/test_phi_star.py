@@ -40,6 +40,14 @@ def test_the_first_selection_reproduces_with_its_own_settings_not_todays_default
     ]
 
 
+@pytest.mark.parametrize("placement", ["output", "before_activation"])
+def test_a_run_folder_name_reads_back_as_its_seed_and_placement(placement: str) -> None:
+    """``train`` names the folders, ``reproduce_commands`` reads them: one spelling for both."""
+    name = phi_star._run_name(3, placement)
+    assert phi_star._parse_run_name(name) == (3, placement)
+    assert phi_star._parse_run_name("selection") is None
+
+
 def test_a_selection_with_the_defaults_names_its_runs_and_the_full_schedule() -> None:
     """The installed phi* competing is no run to meta-train; two seeds a candidate is said."""
     report = _report(
