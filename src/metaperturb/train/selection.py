@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -36,10 +36,8 @@ from .._atomic import atomic_write
 from .._serialization import write_folder
 from ..diagnostics import closed_among
 from ..hub import load_phi
+from ..transfer.config import TransferConfig
 from ..transfer.targets import Target
-
-if TYPE_CHECKING:
-    from ..transfer.run import TransferConfig
 
 __all__ = ["SelectConfig", "choose_best", "select"]
 
@@ -158,9 +156,6 @@ class SelectConfig:
     ) -> TransferConfig:
         """The evaluation run that scores ``phi`` (``None``: the plain network) on ``task``
         (default: the first), placed where it was meta-trained (``placement``)."""
-        # Imported here: the evaluation harness builds on this package's task networks.
-        from ..transfer.run import TransferConfig
-
         return TransferConfig(
             target=asdict(task or self.target()),
             model=self.model,
@@ -217,6 +212,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         >>> report["best"]  # doctest: +SKIP
         'runs/phi-1'
     """
+    # Imported here: the evaluation harness builds on this package's task networks.
     from ..transfer.run import phi_label, run_transfer
 
     if config.threads is not None:

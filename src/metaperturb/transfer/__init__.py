@@ -4,8 +4,10 @@ other regularizers, and record what each is worth (``metaperturb eval``,
 
 from ..stopping import stop_on_signals
 from .calibration import calibration
+from .config import TransferConfig, run_id
 from .regularizers import DropBlock, ManifoldMixup
-from .run import TransferConfig, TransferRun, find_equivalent_result, run_id, run_transfer
+from .reuse import find_equivalent_result
+from .run import TransferRun, run_transfer
 from .targets import PRESETS, Target, load_target, resolve_target
 
 __all__ = [

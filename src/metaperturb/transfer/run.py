@@ -8,15 +8,13 @@ and its strength ramps from 0 to 1 over the first 40% of the steps. A run checkp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
-import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -32,12 +30,14 @@ from ..diagnostics import mean_channel_scales
 from ..discovery import Placement
 from ..errors import TrainingStoppedError
 from ..evaluation import mc_predict, update_bn
-from ..hub import load_default_phi, load_phi
+from ..hub import load_phi
 from ..train.learner import create_task_network
 from ..train.sampling import TaskStream, derive_seed
 from ..wrapper import get_controller, set_eval_mode, wrap
 from .calibration import calibration
+from .config import TransferConfig, phi_label, run_id
 from .regularizers import DropBlock, ManifoldMixup
+from .reuse import check_same_phi, check_same_settings, current_fingerprint, find_equivalent_result
 from .targets import Target, load_target, resolve_target
 
 __all__ = [
@@ -55,116 +55,6 @@ _SETTLE_EVERY = 50
 #: Training batches over which the ``update_bn`` evaluation recomputes BatchNorm statistics.
 UPDATE_BN_BATCHES = 50
 _INIT_KEY = 1
-
-
-@dataclass
-class TransferConfig:
-    """Everything that defines one run; its :func:`run_id` names the result file."""
-
-    #: A preset name (``s-cifar10``, ``s-fashion-mnist``, ``mnist-10k``, ``omniglot-100``) or a
-    #: :class:`~.targets.Target` as a dict.
-    target: str | dict[str, Any]
-    #: Folder holding the presets' datasets (``../shared/data`` here).
-    data_root: str | None = None
-    #: The network (a timm name; the project's cifar_resnet20 & co. included).
-    model: str = "cifar_resnet20"
-    #: MetaPerturb's phi: ``None`` (not used), ``"default"`` (the bundled phi*), a folder, a
-    #: ``.safetensors`` file or a Hub id.
-    phi: str | None = None
-    #: A label for ``phi`` in the run id and tables (default: derived from the path).
-    phi_name: str | None = None
-    #: What phi perturbs (:func:`metaperturb.wrap`'s ``placement``): ``"output"`` or
-    #: ``"before_activation"``.
-    placement: str = "output"
-    #: phi's strength ramps from 0 to 1 over this fraction of the steps (METHOD.md: 0.4, the
-    #: authors' code; 0: full strength from the first step). Named in the run id when not 0.4.
-    ramp_fraction: float = 0.4
-    #: Sites left without phi (:func:`metaperturb.wrap`'s ``exclude``): e.g. one whose channel
-    #: scale closes (:class:`~metaperturb.ClosedSiteWarning`). Named in the run id.
-    exclude: list[str] = field(default_factory=list)
-    #: What the strength scheduler does about a site whose channel scale closes during training
-    #: (:class:`~metaperturb.StrengthScheduler`): ``"warn"``, the method as published and what
-    #: every run before this setting did, or ``"exclude"`` it from then on, the library's
-    #: default since (named in the run id as ``exclude-closed``).
-    on_closed_site: str = "warn"
-    #: DropBlock rate and block size (rate 0: not used).
-    dropblock_rate: float = 0.0
-    dropblock_size: int = 3
-    #: Manifold Mixup's alpha (0: not used).
-    mixup_alpha: float = 0.0
-    #: Start from these weights (a ``.safetensors`` or ``weights_only`` torch file of the same
-    #: architecture; the head is re-initialised when the class count differs): fine-tuning.
-    init: str | None = None
-    init_name: str | None = None
-    steps: int = 10_000
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    padding: int = 4
-    flip: bool = True
-    seed: int = 0
-    #: Test accuracy on ``curve_images`` test images every ``curve_every`` steps (0: never).
-    curve_every: int = 1000
-    curve_images: int = 2000
-    #: Monte-Carlo sample counts evaluated at the end, besides the default eval (MetaPerturb).
-    mc_samples: list[int] = field(default_factory=list)
-    #: Also evaluate phi's ``sample`` (one draw) and ``off`` eval modes (MetaPerturb).
-    eval_modes: bool = True
-    checkpoint_every: int = 1000
-    device: str = "auto"
-    #: Network and batches in channels_last. ``None``: on a CPU only, where it made the ResNet-20
-    #: runs 1.2x (MetaPerturb) to 1.4x (Base) faster (one thread, this project's machine); phi's
-    #: depthwise convolutions measured slower that way on a GPU. The same function, so a result
-    #: is reused across layouts, but the noise is drawn in memory order: a run in another layout
-    #: is another draw of the same seed.
-    channels_last: bool | None = None
-    #: Also write the trained network's weights (``<run id>.safetensors``, wrapper state left
-    #: out), e.g. a source network for fine-tuning runs.
-    save_weights: bool = False
-
-    @property
-    def method(self) -> str:
-        """The method's name in run ids and tables, e.g. ``metaperturb[phi-star,pre-act]``."""
-        parts = []
-        if self.init is not None:
-            parts.append(f"finetune[{self.init_name or Path(self.init).stem}]")
-        if self.phi is not None:
-            where = ",pre-act" if self.placement == "before_activation" else ""
-            if self.ramp_fraction != 0.4:
-                where += f",ramp{self.ramp_fraction:g}"
-            where += "".join(f",without-{name}" for name in self.exclude)
-            if self.on_closed_site == "exclude":
-                where += ",exclude-closed"
-            parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
-        if self.dropblock_rate > 0:
-            parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
-        if self.mixup_alpha > 0:
-            parts.append(f"mixup[{self.mixup_alpha:g}]")
-        return "+".join(parts) or "base"
-
-
-def phi_label(source: str) -> str:
-    """A phi's short name for run ids and tables: its folder's name, or the run folder's for a
-    ``run/phi`` or ``selection/best`` folder."""
-    path = Path(source)
-    return path.name if path.name not in ("phi", "best", "") else path.parent.name
-
-
-def run_id(config: TransferConfig) -> str:
-    """A file-name-safe id from the settings that change results.
-
-    A preset target is named by the preset; any other by its dataset's folder name and a short
-    hash of the whole slice definition, so two slices of one dataset never share an id.
-    """
-    if isinstance(config.target, str):
-        target = config.target
-    else:
-        # The folder's name, not its path: the same slice gets the same id on every machine.
-        name = Path(str(config.target["data"])).name
-        spec = json.dumps({**config.target, "data": name}, sort_keys=True)
-        target = f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
-    text = f"{target}__{config.model}__{config.method}__{config.steps}steps__seed{config.seed}"
-    return re.sub(r"[^A-Za-z0-9_.,+\-\[\]]", "-", text)
 
 
 def _device(name: str) -> torch.device:
@@ -329,13 +219,13 @@ class TransferRun:
                 f"{self.checkpoint_path} belongs to run {state.get('id')!r}, not {self.id!r}: "
                 "delete it or use another output folder."
             )
-        _check_same_settings(
+        check_same_settings(
             json.loads(state.get("config", "{}")),
             self.config,
             self.checkpoint_path,
             training_only=True,
         )
-        _check_same_phi(state.get("phi_fingerprint"), self.phi_fingerprint(), self.checkpoint_path)
+        check_same_phi(state.get("phi_fingerprint"), self.phi_fingerprint(), self.checkpoint_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -540,130 +430,6 @@ class TransferRun:
         return mean_channel_scales(self.model)
 
 
-#: Settings that do not change what a run computes: they may differ when a result is reused.
-_NEUTRAL_SETTINGS = frozenset({"device", "checkpoint_every", "data_root", "channels_last"})
-
-
-def _portable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Paths by their last part, as the run id has them: a custom target's data folder, phi's
-    folder and the fine-tuning weights (paths differ between machines; phi itself is compared by
-    its fingerprint). A setting the file predates (added to :class:`TransferConfig` later)
-    counts as its default, which is what that run used."""
-    defaults = {
-        f.name: json.loads(
-            json.dumps(f.default if f.default_factory is MISSING else f.default_factory())
-        )
-        for f in fields(TransferConfig)
-        if f.default is not MISSING or f.default_factory is not MISSING
-    }
-    settings = {**defaults, **settings}
-    target = settings.get("target")
-    if isinstance(target, dict) and "data" in target:
-        settings = {**settings, "target": {**target, "data": Path(str(target["data"])).name}}
-    for key in ("phi", "init"):
-        if settings.get(key) is not None:
-            settings = {**settings, key: Path(str(settings[key])).name}
-    return settings
-
-
-def _current_fingerprint(config: TransferConfig) -> str | None:
-    """The fingerprint of the phi ``config.phi`` names now (``None``: no phi)."""
-    if config.phi is None:
-        return None
-    phi = load_default_phi() if config.phi == "default" else load_phi(config.phi)
-    return phi.fingerprint()
-
-
-def _check_same_phi(saved: str | None, current: str | None, path: Path) -> None:
-    """Refuse a result or checkpoint made with other phi numbers than the run's phi has now
-    (the bundled phi* or a folder replaced since)."""
-    if saved is not None and current is not None and saved != current:
-        raise ValueError(
-            f"{path} was made with another phi than this run's (phi fingerprint {saved[:12]}..., "
-            f"now {current[:12]}...). Delete the file to redo the run with this phi, or use "
-            "another --output-dir."
-        )
-
-
-#: Settings read only after training: a checkpoint of the training serves any of them.
-_EVALUATION_SETTINGS = frozenset({"mc_samples", "eval_modes", "save_weights"})
-
-
-def _evaluation_covered(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a result made with ``saved`` settings already holds every evaluation that
-    ``current`` asks for: the same training scored more ways (say MC-100 besides the default)
-    answers a run that asks for fewer, so a sweep does not train that network again."""
-    return (
-        set(current.get("mc_samples") or []) <= set(saved.get("mc_samples") or [])
-        and bool(saved.get("eval_modes")) >= bool(current.get("eval_modes"))
-        and bool(saved.get("save_weights")) >= bool(current.get("save_weights"))
-    )
-
-
-def _setting_differences(
-    saved: dict[str, Any],
-    current: dict[str, Any],
-    *,
-    skip: frozenset[str] = frozenset(),
-    evaluations: bool = True,
-) -> list[str]:
-    """What keeps a result or checkpoint with ``saved`` settings from answering ``current``
-    (both portable dicts): a differing training setting other than those in ``skip``, and, with
-    ``evaluations``, an evaluation the result lacks."""
-    ignored = _NEUTRAL_SETTINGS | _EVALUATION_SETTINGS | skip
-    differences = [
-        f"{key}: file has {saved.get(key)!r}, asked {value!r}"
-        for key, value in current.items()
-        if key not in ignored and key in saved and saved[key] != value
-    ]
-    if evaluations and not _evaluation_covered(saved, current):
-        differences += [
-            f"{key}: file has {saved.get(key)!r}, asked {current.get(key)!r}"
-            for key in sorted(_EVALUATION_SETTINGS)
-            if saved.get(key) != current.get(key)
-        ]
-    return differences
-
-
-def _check_same_settings(
-    saved: dict[str, Any], config: TransferConfig, path: Path, *, training_only: bool = False
-) -> None:
-    """Refuse to reuse a result or checkpoint made with other settings under the same run id
-    (the id names the main settings only; lr, batch size and the rest live in the file).
-    ``training_only``: a checkpoint, which the evaluation settings do not concern."""
-    current = _portable(json.loads(json.dumps(asdict(config))))  # as the file holds them
-    differences = _setting_differences(_portable(saved), current, evaluations=not training_only)
-    if differences:
-        raise ValueError(
-            f"{path} was made with other settings ({'; '.join(differences)}). Use another "
-            "--output-dir for these settings, or delete the file to redo the run."
-        )
-
-
-def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:
-    """A result in ``output_dir`` that answers ``config`` under another phi name: same training
-    settings, same phi numbers (fingerprint), and at least the evaluations ``config`` asks for.
-    E.g. a phi* candidate evaluated before `select` installed it as the bundled phi*: the
-    ``phi="default"`` run is that result, not a new one."""
-    if config.phi is None:
-        return None
-    wanted = _portable(json.loads(json.dumps(asdict(config))))
-    fingerprint = _current_fingerprint(config)
-    for path in sorted(Path(output_dir).glob("*.json")):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(result, dict) or result.get("phi_fingerprint") != fingerprint:
-            continue
-        saved = result.get("config")
-        if isinstance(saved, dict) and not _setting_differences(
-            _portable(saved), wanted, skip=frozenset({"phi", "phi_name"})
-        ):
-            return path
-    return None
-
-
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 where the device has it, as the host's Python float sum was (MPS has none)."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -699,8 +465,8 @@ def run_transfer(
                 f"{result_path} is not a readable run result ({error}); results are written "
                 "whole, so another program changed it: delete it to run again."
             ) from error
-        _check_same_settings(result.get("config", {}), config, result_path)
-        _check_same_phi(result.get("phi_fingerprint"), _current_fingerprint(config), result_path)
+        check_same_settings(result.get("config", {}), config, result_path)
+        check_same_phi(result.get("phi_fingerprint"), current_fingerprint(config), result_path)
         return result
     same = find_equivalent_result(config, output)
     if same is not None:

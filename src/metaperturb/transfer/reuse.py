@@ -1,0 +1,138 @@
+"""Whether a saved result or checkpoint answers a run's settings: a sweep reuses what it may and
+refuses, with the fix, what was made with other settings or other phi numbers under the same id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
+from typing import Any
+
+from ..hub import load_default_phi, load_phi
+from .config import TransferConfig
+
+__all__ = ["check_same_phi", "check_same_settings", "current_fingerprint", "find_equivalent_result"]
+
+
+#: Settings that do not change what a run computes: they may differ when a result is reused.
+_NEUTRAL_SETTINGS = frozenset({"device", "checkpoint_every", "data_root", "channels_last"})
+
+
+def _portable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Paths by their last part, as the run id has them: a custom target's data folder, phi's
+    folder and the fine-tuning weights (paths differ between machines; phi itself is compared by
+    its fingerprint). A setting the file predates (added to :class:`TransferConfig` later)
+    counts as its default, which is what that run used."""
+    defaults = {
+        f.name: json.loads(
+            json.dumps(f.default if f.default_factory is MISSING else f.default_factory())
+        )
+        for f in fields(TransferConfig)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+    settings = {**defaults, **settings}
+    target = settings.get("target")
+    if isinstance(target, dict) and "data" in target:
+        settings = {**settings, "target": {**target, "data": Path(str(target["data"])).name}}
+    for key in ("phi", "init"):
+        if settings.get(key) is not None:
+            settings = {**settings, key: Path(str(settings[key])).name}
+    return settings
+
+
+def current_fingerprint(config: TransferConfig) -> str | None:
+    """The fingerprint of the phi ``config.phi`` names now (``None``: no phi)."""
+    if config.phi is None:
+        return None
+    phi = load_default_phi() if config.phi == "default" else load_phi(config.phi)
+    return phi.fingerprint()
+
+
+def check_same_phi(saved: str | None, current: str | None, path: Path) -> None:
+    """Refuse a result or checkpoint made with other phi numbers than the run's phi has now
+    (the bundled phi* or a folder replaced since)."""
+    if saved is not None and current is not None and saved != current:
+        raise ValueError(
+            f"{path} was made with another phi than this run's (phi fingerprint {saved[:12]}..., "
+            f"now {current[:12]}...). Delete the file to redo the run with this phi, or use "
+            "another --output-dir."
+        )
+
+
+#: Settings read only after training: a checkpoint of the training serves any of them.
+_EVALUATION_SETTINGS = frozenset({"mc_samples", "eval_modes", "save_weights"})
+
+
+def _evaluation_covered(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a result made with ``saved`` settings already holds every evaluation that
+    ``current`` asks for: the same training scored more ways (say MC-100 besides the default)
+    answers a run that asks for fewer, so a sweep does not train that network again."""
+    return (
+        set(current.get("mc_samples") or []) <= set(saved.get("mc_samples") or [])
+        and bool(saved.get("eval_modes")) >= bool(current.get("eval_modes"))
+        and bool(saved.get("save_weights")) >= bool(current.get("save_weights"))
+    )
+
+
+def _setting_differences(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    skip: frozenset[str] = frozenset(),
+    evaluations: bool = True,
+) -> list[str]:
+    """What keeps a result or checkpoint with ``saved`` settings from answering ``current``
+    (both portable dicts): a differing training setting other than those in ``skip``, and, with
+    ``evaluations``, an evaluation the result lacks."""
+    ignored = _NEUTRAL_SETTINGS | _EVALUATION_SETTINGS | skip
+    differences = [
+        f"{key}: file has {saved.get(key)!r}, asked {value!r}"
+        for key, value in current.items()
+        if key not in ignored and key in saved and saved[key] != value
+    ]
+    if evaluations and not _evaluation_covered(saved, current):
+        differences += [
+            f"{key}: file has {saved.get(key)!r}, asked {current.get(key)!r}"
+            for key in sorted(_EVALUATION_SETTINGS)
+            if saved.get(key) != current.get(key)
+        ]
+    return differences
+
+
+def check_same_settings(
+    saved: dict[str, Any], config: TransferConfig, path: Path, *, training_only: bool = False
+) -> None:
+    """Refuse to reuse a result or checkpoint made with other settings under the same run id
+    (the id names the main settings only; lr, batch size and the rest live in the file).
+    ``training_only``: a checkpoint, which the evaluation settings do not concern."""
+    current = _portable(json.loads(json.dumps(asdict(config))))  # as the file holds them
+    differences = _setting_differences(_portable(saved), current, evaluations=not training_only)
+    if differences:
+        raise ValueError(
+            f"{path} was made with other settings ({'; '.join(differences)}). Use another "
+            "--output-dir for these settings, or delete the file to redo the run."
+        )
+
+
+def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:
+    """A result in ``output_dir`` that answers ``config`` under another phi name: same training
+    settings, same phi numbers (fingerprint), and at least the evaluations ``config`` asks for.
+    E.g. a phi* candidate evaluated before `select` installed it as the bundled phi*: the
+    ``phi="default"`` run is that result, not a new one."""
+    if config.phi is None:
+        return None
+    wanted = _portable(json.loads(json.dumps(asdict(config))))
+    fingerprint = current_fingerprint(config)
+    for path in sorted(Path(output_dir).glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(result, dict) or result.get("phi_fingerprint") != fingerprint:
+            continue
+        saved = result.get("config")
+        if isinstance(saved, dict) and not _setting_differences(
+            _portable(saved), wanted, skip=frozenset({"phi", "phi_name"})
+        ):
+            return path
+    return None
