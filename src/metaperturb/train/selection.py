@@ -36,7 +36,7 @@ from .._atomic import atomic_write
 from .._serialization import write_folder
 from ..diagnostics import closed_among
 from ..hub import load_phi
-from ..transfer.config import TransferConfig
+from ..transfer.config import TransferConfig, phi_label
 from ..transfer.targets import Target
 
 __all__ = ["SelectConfig", "choose_best", "select"]
@@ -213,7 +213,7 @@ def select(config: SelectConfig) -> dict[str, Any]:
         'runs/phi-1'
     """
     # Imported here: the evaluation harness builds on this package's task networks.
-    from ..transfer.run import phi_label, run_transfer
+    from ..transfer.run import run_transfer
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
