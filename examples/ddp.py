@@ -31,7 +31,16 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from quickstart import DEFAULT_DATA, INPUT_SIZE, augment, evaluate, load_split, training_batches
+from quickstart import (
+    DEFAULT_DATA,
+    INPUT_SIZE,
+    augment,
+    evaluate,
+    load_split,
+    optimization,
+    require_positive,
+    training_batches,
+)
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -76,10 +85,7 @@ def train(
     order_generator = torch.Generator().manual_seed(args.seed)  # the same order in every process
     augment_generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
     steps = args.epochs * math.ceil(len(images) / args.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]  # phi is frozen
-    optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=5e-4)
-    milestones = sorted({max(1, int(steps * f)) for f in (0.4, 0.7, 0.9)})
-    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.3)
+    optimizer, lr_schedule = optimization(model, steps)
     strength = metaperturb.StrengthScheduler(model, steps)
     mean, std = normalize
     ddp.train()
@@ -122,10 +128,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # for tests
     args = parser.parse_args()
-    for flag in ("epochs", "batch_size", "threads", "limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    require_positive(parser, args, ("epochs", "batch_size", "threads", "limit"))
     return args
 
 
@@ -146,7 +149,11 @@ def main() -> None:
         strength = train(
             model, data["train_x"], data["train_y"], args, rank, world, device, normalize
         )
-        mine = (fingerprint(model).tolist(), sorted(strength.excluded))
+        # The sites switched off live in the model (its state_dict), not in the scheduler.
+        mine = (
+            fingerprint(model).tolist(),
+            sorted(metaperturb.get_controller(model).excluded_sites),
+        )
         every: list[object] = [mine]
         if world > 1:
             every = [None] * world
