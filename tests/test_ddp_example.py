@@ -1,5 +1,5 @@
 """``examples/ddp.py`` under ``torchrun`` with two processes (gloo): the replicas end as one
-network, and the example's layout fix keeps DDP's gradient-layout warning away."""
+network, and the example's layout keeps DDP's gradient-layout warning away."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_two_processes_train_one_network_and_print_its_accuracy() -> None:
     assert "replicas identical: yes (2 processes)" in printed
     match = re.search(r"MetaPerturb: test accuracy (\d+\.\d+)% on 128 images", printed)
     assert match and 0.0 <= float(match[1]) <= 100.0, printed
-    # The crop's ambiguous strides would make 1x1 convolutions' gradients channels_last.
+    # The network in channels_last like its batches: 1x1 convolutions' gradients fit DDP's buckets.
     assert "bucket view" not in printed
 
 
