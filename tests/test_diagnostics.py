@@ -87,6 +87,15 @@ def test_the_scheduler_warns_once_about_a_closed_site() -> None:
     message = str(caught[0].message)
     assert "step 10" in message and f"exclude={[name]!r}" in message
     assert metaperturb.diagnostics.closed_sites(model).keys() == {name}
+    assert scheduler.closed == {name: 10} and scheduler.excluded == {}
+    # A resumed run remembers the site it warned about, and when.
+    resumed = StrengthScheduler(model, total_steps=100, check_every=5, on_closed_site="warn")
+    resumed.load_state_dict(scheduler.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):  # a check at step 30: the site is still closed
+            resumed.step()
+    assert resumed.closed == {name: 10}
 
 
 def test_the_check_can_be_turned_off_and_rejects_a_negative_period() -> None:
@@ -131,7 +140,7 @@ def test_exclude_mode_switches_a_closing_site_off_and_only_it() -> None:
             scheduler.step()
     assert [w.category for w in caught] == [ClosedSiteWarning]
     assert "step 5" in str(caught[0].message) and "switched off there" in str(caught[0].message)
-    assert scheduler.excluded == {name: 5}
+    assert scheduler.excluded == scheduler.closed == {name: 5}
     assert controller.excluded_sites == {len(controller.site_names) - 1}
     # Its frozen s is still ~0, but a site that passes its features whole is not closed.
     assert metaperturb.diagnostics.mean_channel_scales(model)[name] < 0.01

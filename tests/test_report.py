@@ -233,3 +233,40 @@ def test_the_switched_off_table_lists_each_guarded_run_with_its_sites_and_steps(
     ]
     assert report.switched_off_table(runs[2:]) == []
     assert load("transfer_plots").plotted(runs[0])
+
+
+def test_a_run_in_which_no_site_closed_fills_both_closed_site_rows_once(tmp_path: Path) -> None:
+    """Such a run trained the network of either ``on_closed_site`` setting; one in which a site
+    closed is its own setting's alone, and a run made under the other setting is not doubled."""
+    import json
+
+    load("transfer_plots")
+    report = load("transfer_report")
+    fingerprint = report._phi_star_fingerprint()
+
+    def phi_star(target: str, seed: int, accuracy: float, setting: str, closed: Any) -> None:
+        config = {"target": target, "phi": "default", "phi_name": "phi-star", "seed": seed}
+        config["on_closed_site"] = setting
+        suffix = ",exclude-closed" if setting == "exclude" else ""
+        run = _run(f"metaperturb[phi-star{suffix}]", target, accuracy)
+        run |= {"seed": seed, "steps": 10_000, "config": config, "closed_sites": closed}
+        run |= {"phi_fingerprint": fingerprint, "id": f"{target}-{seed}-{setting}"}
+        (tmp_path / f"{run['id']}.json").write_text(json.dumps(run))
+
+    phi_star("s-cifar10", 0, 0.71, "warn", {})
+    phi_star("s-cifar10", 1, 0.72, "warn", {})
+    phi_star("s-cifar10", 1, 0.73, "exclude", {})  # made under its own setting as well
+    phi_star("omniglot-100", 0, 0.67, "warn", {"stages.2.2": 300})
+    phi_star("omniglot-100", 0, 0.91, "exclude", {"stages.2.2": 300})
+    cells = {
+        (r["target"], r["method"], r["seed"]): r["accuracy"]
+        for r in report.load_results(tmp_path, 10_000)
+    }
+    assert cells == {
+        ("s-cifar10", "metaperturb[phi-star]", 0): 0.71,
+        ("s-cifar10", "metaperturb[phi-star]", 1): 0.72,
+        ("s-cifar10", "metaperturb[phi-star,exclude-closed]", 0): 0.71,
+        ("s-cifar10", "metaperturb[phi-star,exclude-closed]", 1): 0.73,
+        ("omniglot-100", "metaperturb[phi-star]", 0): 0.67,
+        ("omniglot-100", "metaperturb[phi-star,exclude-closed]", 0): 0.91,
+    }

@@ -829,6 +829,38 @@ def test_exclude_closed_names_the_run_and_a_resumed_run_keeps_the_sites_it_switc
 
 
 @needs_mnist
+def test_a_run_in_which_no_site_closed_answers_the_other_closed_site_setting(
+    tmp_path: Path,
+) -> None:
+    """The two settings differ only once a site closes: until then they train the same network
+    (checked every step here), so a result whose run found none closed answers the other
+    setting's run; one in which a site closed does not."""
+    common = {**_phi_star_settings(steps=3), "batch_size": 8, "curve_every": 0}
+    networks = []
+    for setting in ("warn", "exclude"):
+        run = run_module.TransferRun(TransferConfig(on_closed_site=setting, **common), tmp_path)
+        assert run.strength is not None
+        run.strength.check_every = 1
+        run.train(progress=False)
+        assert run.strength.closed == {}
+        networks.append(run.model.state_dict())
+    for key, tensor in networks[0].items():
+        assert torch.equal(tensor, networks[1][key]), key
+
+    results = tmp_path / "results"
+    settings = {**two_step_conv4(), "phi": "default", "phi_name": "x"}
+    warned = TransferConfig(**settings)
+    first = run_transfer(warned, results, progress=False)
+    assert first["closed_sites"] == {} and first["excluded_sites"] == {}
+    switching = TransferConfig(on_closed_site="exclude", **settings)
+    assert run_transfer(switching, results, progress=False) == first
+    assert not (results / f"{run_id(switching)}.json").exists()
+    saved = results / f"{run_id(warned)}.json"
+    saved.write_text(json.dumps({**first, "closed_sites": {"blocks.3": 100}}))
+    assert find_equivalent_result(switching, results) is None
+
+
+@needs_mnist
 def test_the_ramp_fraction_names_the_run_and_sets_the_strength_schedule(tmp_path: Path) -> None:
     """The annealing ablation: ``ramp_fraction=0`` trains at full strength from the first step;
     the default (0.4, METHOD.md) keeps the method and run id every earlier result has."""

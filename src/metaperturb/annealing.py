@@ -36,7 +36,9 @@ class StrengthScheduler:
     (:func:`~metaperturb.exclude_sites`) with a :class:`~metaperturb.diagnostics.ClosedSiteWarning`,
     and :attr:`excluded` records the step: on phi*'s Omniglot-100 run that kept the network from
     collapsing, and on the other targets measured no site closes, so nothing changes there.
-    ``"warn"`` only warns, once per site: the method as published.
+    ``"warn"`` only warns, once per site: the method as published. Either way :attr:`closed`
+    records each site found closed and the step: while it is empty the two settings have
+    trained the same network (the checks read the statistics and draw no random numbers).
 
     Example:
         >>> scheduler = StrengthScheduler(model, total_steps=10_000)  # doctest: +SKIP
@@ -61,12 +63,13 @@ class StrengthScheduler:
         self.on_closed_site = on_closed_site
         #: The sites switched off for closing (``on_closed_site="exclude"``), with the step.
         self.excluded: dict[str, int] = {}
+        #: Every site found closed at a check, with the step it was first found (either setting).
+        self.closed: dict[str, int] = {}
         self.model = model
         self.total_steps = total_steps
         self.ramp_fraction = ramp_fraction
         self.check_every = check_every
         self.last_step = 0
-        self._warned: set[str] = set()
         set_strength(model, self.strength)
 
     @property
@@ -85,10 +88,12 @@ class StrengthScheduler:
         set_strength(self.model, self.strength)
         if self.check_every and self.last_step % self.check_every == 0:
             if self.on_closed_site == "exclude":
-                for name in exclude_closed_sites(self.model, self.last_step):
-                    self.excluded[name] = self.last_step
+                found = exclude_closed_sites(self.model, self.last_step)
+                self.excluded.update(dict.fromkeys(found, self.last_step))
             else:
-                warn_closed_sites(self.model, self.last_step, self._warned)
+                found = warn_closed_sites(self.model, self.last_step, self.closed)
+            for name in found:
+                self.closed.setdefault(name, self.last_step)
         return self.strength
 
     def state_dict(self) -> dict[str, Any]:
@@ -98,6 +103,7 @@ class StrengthScheduler:
             "total_steps": self.total_steps,
             "ramp_fraction": self.ramp_fraction,
             "excluded": dict(self.excluded),
+            "closed": dict(self.closed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,5 +111,7 @@ class StrengthScheduler:
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
         self.ramp_fraction = float(state["ramp_fraction"])
-        self.excluded = dict(state.get("excluded", {}))  # absent from schedulers saved before it
+        # Absent from schedulers saved before them; an older one's excluded sites had closed.
+        self.excluded = dict(state.get("excluded", {}))
+        self.closed = dict(state.get("closed", self.excluded))
         set_strength(self.model, self.strength)

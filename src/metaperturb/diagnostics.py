@@ -11,6 +11,7 @@ closing gate, which kept s at 0, and at c = 1 its predictions stopped depending 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from typing import cast
 
 import torch
@@ -122,15 +123,15 @@ def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
         ClosedSiteWarning,
         stacklevel=3,
     )
+    return list(closed)
     return names
 
 
-def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
-    """Warn once per site (``already`` holds those warned about) about each closed site."""
+def warn_closed_sites(model: nn.Module, step: int, already: Collection[str] = ()) -> list[str]:
+    """Warn once about the closed sites not in ``already`` (those warned about); returns them."""
     closed = {name: mean for name, mean in closed_sites(model).items() if name not in already}
     if not closed:
-        return
-    already.update(closed)
+        return []
     listed = ", ".join(f"{name!r} (mean s {mean:.4f})" for name, mean in closed.items())
     warnings.warn(
         f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
@@ -142,3 +143,4 @@ def warn_closed_sites(model: nn.Module, step: int, already: set[str]) -> None:
         ClosedSiteWarning,
         stacklevel=3,
     )
+    return list(closed)

@@ -4,14 +4,21 @@ refuses, with the fix, what was made with other settings or other phi numbers un
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..hub import load_default_phi, load_phi
-from .config import TransferConfig
+from .config import TransferConfig, run_id
 
-__all__ = ["check_same_phi", "check_same_settings", "current_fingerprint", "find_equivalent_result"]
+__all__ = [
+    "check_same_phi",
+    "check_same_settings",
+    "closed_site_setting_moot",
+    "closed_site_twin",
+    "current_fingerprint",
+    "find_equivalent_result",
+]
 
 
 #: Settings that do not change what a run computes: they may differ when a result is reused.
@@ -114,11 +121,43 @@ def check_same_settings(
         )
 
 
+def closed_site_setting_moot(result: dict[str, Any]) -> bool:
+    """Whether the run of ``result`` found no closed site at any check, so its
+    ``on_closed_site`` changed nothing: the two settings differ only in what they do about a
+    closed site, and the checks draw no random numbers, so that run trained the very network
+    the other setting would have. Results older than ``closed_sites`` tell it only when they
+    switched sites off for closing: then ``excluded_sites`` lists every one that closed."""
+    if result.get("closed_sites") is not None:
+        return result["closed_sites"] == {}
+    config = result.get("config") or {}
+    return config.get("on_closed_site") == "exclude" and result.get("excluded_sites") == {}
+
+
+def closed_site_twin(result: dict[str, Any]) -> dict[str, Any] | None:
+    """``result`` named as the run of the other ``on_closed_site`` setting (its method, id and
+    config), where :func:`closed_site_setting_moot` says it is that run too; else ``None``."""
+    saved = result.get("config")
+    if (
+        not isinstance(saved, dict)
+        or saved.get("phi") is None
+        or not closed_site_setting_moot(result)
+    ):
+        return None
+    known = {f.name for f in fields(TransferConfig)}
+    other = "warn" if saved.get("on_closed_site", "warn") == "exclude" else "exclude"
+    config = TransferConfig(**{k: v for k, v in saved.items() if k in known})
+    config = replace(config, on_closed_site=other)
+    twin_config = {**saved, "on_closed_site": other}
+    return {**result, "id": run_id(config), "method": config.method, "config": twin_config}
+
+
 def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:
-    """A result in ``output_dir`` that answers ``config`` under another phi name: same training
-    settings, same phi numbers (fingerprint), and at least the evaluations ``config`` asks for.
-    E.g. a phi* candidate evaluated before `select` installed it as the bundled phi*: the
-    ``phi="default"`` run is that result, not a new one."""
+    """A result in ``output_dir`` that answers ``config`` under another phi name or
+    ``on_closed_site`` setting: same training settings, same phi numbers (fingerprint), and at
+    least the evaluations ``config`` asks for. E.g. a phi* candidate evaluated before `select`
+    installed it as the bundled phi*: the ``phi="default"`` run is that result, not a new one;
+    and a run in which no site closed is the run of both settings
+    (:func:`closed_site_setting_moot`)."""
     if config.phi is None:
         return None
     wanted = _portable(json.loads(json.dumps(asdict(config))))
@@ -131,8 +170,11 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
         if not isinstance(result, dict) or result.get("phi_fingerprint") != fingerprint:
             continue
         saved = result.get("config")
+        skip = {"phi", "phi_name"} | (
+            {"on_closed_site"} if closed_site_setting_moot(result) else set()
+        )
         if isinstance(saved, dict) and not _setting_differences(
-            _portable(saved), wanted, skip=frozenset({"phi", "phi_name"})
+            _portable(saved), wanted, skip=frozenset(skip)
         ):
             return path
     return None

@@ -506,6 +506,9 @@ def _train_and_record(
         "scales_at_full_strength": run.full_strength_scales,
         # on_closed_site="exclude": each site switched off for closing, with the step.
         "excluded_sites": None if run.strength is None else run.strength.excluded,
+        # Each site found closed, with the step, under either setting ({}: the setting changed
+        # nothing, so this result answers the other one too: reuse.find_equivalent_result).
+        "closed_sites": None if run.strength is None else run.strength.closed,
         "full_strength_step": run.full_strength_step,
         "train_seconds": run.train_seconds,
         "resumed": resumed,
