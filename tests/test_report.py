@@ -98,6 +98,15 @@ def test_goals_table_measures_each_goal_on_the_targets_both_ran() -> None:
     ]
     base = _goal_rows(behind)["phi\\* ahead of Base on every target, by 2 points on average"]
     assert base[-3:] == ["-0.10", "+4.95 (2)", "no"]
+    # The library's default (the closed-site switch) is measured on its own runs.
+    switched = [*behind, _run("metaperturb[phi-star,exclude-closed]", "omniglot-100", 0.93)]
+    rows = _goal_rows(switched)
+    assert rows["the same with the closed-site switch (`wrap`'s default)"][-3:] == [
+        "+3.00",
+        "+3.00 (1)",
+        "so far (1 of 4 targets)",
+    ]
+    assert rows["the same with the closed-site switch"][-1] == "not run yet"  # fine-tuning
 
 
 def test_a_tie_is_level_but_not_ahead() -> None:
