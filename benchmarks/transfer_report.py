@@ -22,7 +22,6 @@ from transfer_readme import TARGETS as PRESETS
 from transfer_readme import cell, grouped, table, update_readme
 
 from metaperturb._atomic import atomic_write
-from metaperturb.transfer.reuse import closed_site_twin
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
@@ -46,10 +45,6 @@ def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
     if stale:
         print(f"note: left out {len(stale)} phi* runs made with another phi* than weights/phi-star")
     results = [r for r in results if r not in stale]
-    # A run in which no site closed is the run of the other on_closed_site setting too (the
-    # same network; `metaperturb eval` reuses it so): it fills that row as well, after the
-    # runs made with that setting.
-    results += [twin for r in results if (twin := closed_site_twin(r)) is not None]
     # A phi evaluated under another name (a phi* candidate before `select` chose it) with the
     # numbers of the installed phi* is phi*: one row, named so (a ",pre-act" placement kept).
     for result in results:

@@ -95,7 +95,17 @@ def test_the_scheduler_warns_once_about_a_closed_site() -> None:
         warnings.simplefilter("error")
         for _ in range(5):  # a check at step 30: the site is still closed
             resumed.step()
-    assert resumed.closed == {name: 10}
+    assert resumed.closed == {name: 10} and resumed.closed_complete
+    # One saved before the record existed cannot say what closed before it was saved.
+    older = {
+        k: v for k, v in scheduler.state_dict().items() if k not in ("closed", "closed_complete")
+    }
+    resumed.load_state_dict(older)
+    assert resumed.closed == {} and not resumed.closed_complete
+    # In "exclude" mode it can: every site that closed was switched off, and is in `excluded`.
+    excluding = StrengthScheduler(model, total_steps=100, check_every=5)
+    excluding.load_state_dict({**older, "excluded": {name: 10}})
+    assert excluding.closed == {name: 10} and excluding.closed_complete
 
 
 def test_the_check_can_be_turned_off_and_rejects_a_negative_period() -> None:
@@ -204,8 +214,11 @@ def _rank_excludes(rank: int, world: int, store: str, out: str) -> None:
             _close_last_site(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ClosedSiteWarning)
+            # Warned about on every rank as well: the two settings see the same closed sites.
+            warned = metaperturb.diagnostics.warn_closed_sites(model, step=5)
             names = metaperturb.diagnostics.exclude_closed_sites(model, step=5)
         Path(out, f"rank{rank}").write_text(",".join(names))
+        Path(out, f"warned{rank}").write_text(",".join(warned))
     finally:
         dist.destroy_process_group()
 
@@ -213,12 +226,14 @@ def _rank_excludes(rank: int, world: int, store: str, out: str) -> None:
 def test_under_distributed_a_site_closed_on_one_rank_is_switched_off_on_every_rank(
     tmp_path: Path,
 ) -> None:
-    """Otherwise the replicas would become different networks."""
+    """Otherwise the replicas would become different networks (and, in warn mode, an empty
+    record of closed sites on one rank would not mean that none closed)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_rank_excludes, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     last = metaperturb.get_controller(
         metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
     ).site_names[-1]
-    assert (tmp_path / "rank0").read_text() == last
-    assert (tmp_path / "rank1").read_text() == last
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == last
+        assert (tmp_path / f"warned{rank}").read_text() == last

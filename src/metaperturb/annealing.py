@@ -65,6 +65,9 @@ class StrengthScheduler:
         self.excluded: dict[str, int] = {}
         #: Every site found closed at a check, with the step it was first found (either setting).
         self.closed: dict[str, int] = {}
+        #: False when :attr:`closed` may lack sites: resumed in "warn" mode, past a check, from a
+        #: scheduler saved before it recorded them.
+        self.closed_complete = True
         self.model = model
         self.total_steps = total_steps
         self.ramp_fraction = ramp_fraction
@@ -104,6 +107,7 @@ class StrengthScheduler:
             "ramp_fraction": self.ramp_fraction,
             "excluded": dict(self.excluded),
             "closed": dict(self.closed),
+            "closed_complete": self.closed_complete,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -111,7 +115,11 @@ class StrengthScheduler:
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
         self.ramp_fraction = float(state["ramp_fraction"])
-        # Absent from schedulers saved before them; an older one's excluded sites had closed.
+        # Absent from schedulers saved before them. An older one's excluded sites are all that
+        # closed in "exclude" mode; in "warn" mode it kept no record past its first check.
         self.excluded = dict(state.get("excluded", {}))
         self.closed = dict(state.get("closed", self.excluded))
+        checked = self.check_every and self.last_step >= self.check_every
+        unrecorded = "closed" not in state and self.on_closed_site == "warn" and checked
+        self.closed_complete = bool(state.get("closed_complete", True)) and not unrecorded
         set_strength(self.model, self.strength)

@@ -95,24 +95,28 @@ def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, flo
     }
 
 
+def _closed_on_any_rank(model: nn.Module, closed: Collection[str]) -> list[str]:
+    """``closed`` joined over the ranks of ``torch.distributed``, in site order: each rank's
+    running statistics have seen only its own batches since the last broadcast, so without this
+    the replicas could disagree. One small all-reduce, which every rank must reach."""
+    controller = get_controller(model)
+    sites = controller.site_names
+    flags = [name in closed for name in sites]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        joined = torch.tensor(flags, dtype=torch.int32, device=controller.strength.device)
+        dist.all_reduce(joined, op=dist.ReduceOp.MAX)
+        flags = [bool(flag) for flag in joined.tolist()]
+    return [name for name, flag in zip(sites, flags, strict=True) if flag]
+
+
 def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
     """Switch phi off (:func:`~metaperturb.exclude_sites`) at each site still on whose mean
     channel scale is below :data:`CLOSED_BELOW`, with a warning naming them; returns them.
 
-    Under ``torch.distributed`` a site closed on any rank is switched off on every rank (each
-    rank's running statistics have seen only its own batches since the last broadcast), so the
-    replicas stay the same network: one small all-reduce, which every rank must reach.
+    Under ``torch.distributed`` a site closed on any rank is switched off on every rank, so the
+    replicas stay the same network.
     """
-    controller = get_controller(model)
-    sites = controller.site_names
-    closed = set(closed_sites(model))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flags = torch.tensor(
-            [name in closed for name in sites], dtype=torch.int32, device=controller.strength.device
-        )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        closed = {name for name, flag in zip(sites, flags.tolist(), strict=True) if flag}
-    names = [name for name in sites if name in closed]
+    names = _closed_on_any_rank(model, closed_sites(model))
     if not names:
         return []
     exclude_sites(model, names)
@@ -123,24 +127,29 @@ def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
         ClosedSiteWarning,
         stacklevel=3,
     )
-    return list(closed)
     return names
 
 
 def warn_closed_sites(model: nn.Module, step: int, already: Collection[str] = ()) -> list[str]:
-    """Warn once about the closed sites not in ``already`` (those warned about); returns them."""
-    closed = {name: mean for name, mean in closed_sites(model).items() if name not in already}
-    if not closed:
+    """Warn once about the closed sites not in ``already`` (those warned about); returns them.
+    Under ``torch.distributed`` a site closed on any rank counts, as it does for
+    :func:`exclude_closed_sites`, so the two find the same sites."""
+    local = closed_sites(model)
+    names = [name for name in _closed_on_any_rank(model, local) if name not in already]
+    if not names:
         return []
-    listed = ", ".join(f"{name!r} (mean s {mean:.4f})" for name, mean in closed.items())
+    listed = ", ".join(
+        f"{name!r} (mean s {local[name]:.4f})" if name in local else f"{name!r} (on another rank)"
+        for name in names
+    )
     warnings.warn(
         f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
         "1 such a site passes almost nothing, and nothing before it learns through it (on "
         "Omniglot-100 this made phi* collapse the network to chance at the end of the ramp). "
-        f"Leave it out (metaperturb.wrap(model, exclude={sorted(closed)!r}) from the start, or "
+        f"Leave it out (metaperturb.wrap(model, exclude={sorted(names)!r}) from the start, or "
         "StrengthScheduler(..., on_closed_site='exclude') to switch such sites off as they "
         "close) or use another phi; metaperturb.channel_scales(model) shows s at every site.",
         ClosedSiteWarning,
         stacklevel=3,
     )
-    return list(closed)
+    return names

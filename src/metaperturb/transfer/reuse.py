@@ -4,6 +4,7 @@ refuses, with the fix, what was made with other settings or other phi numbers un
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -135,20 +136,25 @@ def closed_site_setting_moot(result: dict[str, Any]) -> bool:
 
 def closed_site_twin(result: dict[str, Any]) -> dict[str, Any] | None:
     """``result`` named as the run of the other ``on_closed_site`` setting (its method, id and
-    config), where :func:`closed_site_setting_moot` says it is that run too; else ``None``."""
+    config), where :func:`closed_site_setting_moot` says it is that run too; else ``None``.
+    The method is renamed in place, so a name a report gave it (phi* for a candidate) stays."""
     saved = result.get("config")
-    if (
-        not isinstance(saved, dict)
-        or saved.get("phi") is None
-        or not closed_site_setting_moot(result)
-    ):
+    if not isinstance(saved, dict) or saved.get("phi") is None:
+        return None
+    if not closed_site_setting_moot(result):
         return None
     known = {f.name for f in fields(TransferConfig)}
     other = "warn" if saved.get("on_closed_site", "warn") == "exclude" else "exclude"
-    config = TransferConfig(**{k: v for k, v in saved.items() if k in known})
-    config = replace(config, on_closed_site=other)
+    config = replace(
+        TransferConfig(**{k: v for k, v in saved.items() if k in known}), on_closed_site=other
+    )
+    method = str(result.get("method", config.method))
+    if other == "warn":
+        method = method.replace(",exclude-closed]", "]", 1)
+    else:  # the setting is the last of phi's in a method id (TransferConfig.method)
+        method = re.sub(r"(metaperturb\[[^]]*)\]", r"\1,exclude-closed]", method, count=1)
     twin_config = {**saved, "on_closed_site": other}
-    return {**result, "id": run_id(config), "method": config.method, "config": twin_config}
+    return {**result, "id": run_id(config), "method": method, "config": twin_config}
 
 
 def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:

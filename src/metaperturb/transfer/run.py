@@ -508,7 +508,12 @@ def _train_and_record(
         "excluded_sites": None if run.strength is None else run.strength.excluded,
         # Each site found closed, with the step, under either setting ({}: the setting changed
         # nothing, so this result answers the other one too: reuse.find_equivalent_result).
-        "closed_sites": None if run.strength is None else run.strength.closed,
+        # None: not known (no phi, or resumed from a checkpoint older than the record).
+        "closed_sites": (
+            run.strength.closed
+            if run.strength is not None and run.strength.closed_complete
+            else None
+        ),
         "full_strength_step": run.full_strength_step,
         "train_seconds": run.train_seconds,
         "resumed": resumed,
