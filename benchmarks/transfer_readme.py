@@ -32,7 +32,7 @@ TARGETS = {
 # (method id pattern, README label, label of the row before it has runs); in row order.
 METHODS = [
     (r"base", "Base", "Base"),
-    (r"metaperturb\[phi-star\]", "MetaPerturb, phi\\* (shipped)", ""),
+    (r"metaperturb\[phi-star\]", "MetaPerturb, phi\\* (shipped), as published", ""),
     (
         r"metaperturb\[phi-star,without-([^],]+)\]",
         r"MetaPerturb, phi\\* without the site at `\1`",
@@ -40,7 +40,7 @@ METHODS = [
     ),
     (
         r"metaperturb\[phi-star,exclude-closed\]",
-        "MetaPerturb, phi\\* switching off a site that closes",
+        "MetaPerturb, phi\\* switching off a site that closes (the library's default)",
         "",
     ),
     (r"metaperturb\[authors\]", "MetaPerturb, the authors' phi (comparison only)", ""),
@@ -250,11 +250,11 @@ GOALS = [
         ties_meet=True,
         every_target=True,
     ),
-    # The goals with phi* also measured with the closed-site switch, `wrap`'s default since the
-    # Omniglot-100 collapse: what a user of the library gets (a run in which no site closed
-    # counts for both settings: transfer_report.load_results).
+    # The goals with phi* also measured with the closed-site switch, StrengthScheduler's default
+    # since the Omniglot-100 collapse: what a user of the library gets (a run in which no site
+    # closed counts for both settings: with_closed_site_twins).
     Goal(
-        "the same with the closed-site switch (`wrap`'s default)",
+        "the same with the closed-site switch (the library's default)",
         r"metaperturb\[phi-star,exclude-closed\]",
         r"base",
         2.0,
