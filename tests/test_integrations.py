@@ -165,6 +165,18 @@ def test_torch_export_in_eval_mode() -> None:
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
+def test_data_parallel_copies_are_refused_with_the_fix() -> None:
+    """nn.DataParallel's per-GPU copies share the original's hooks, so phi would run the
+    original's modules and statistics on every copy: refused, naming DDP. Its copies are made
+    here as DataParallel makes them (no second GPU needed); one device runs the model itself."""
+    model = resnet20()
+    x = torch.randn(2, 3, 16, 16)
+    replica = model._replicate_for_data_parallel()
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        replica(x)
+    assert nn.DataParallel(model, device_ids=[])(x).shape == (2, 10)  # no copy: runs as is
+
+
 def _ddp_worker(rank: int, world: int, store_path: str, out_dir: str, trainable: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:

@@ -109,6 +109,15 @@ class _CheckSitesHook:
         self.controller = controller
 
     def __call__(self, module: nn.Module, args: Any) -> None:
+        if getattr(module, "_is_replica", False):
+            # nn.DataParallel's copy for another GPU: it shares the original's hooks, so phi
+            # would run the original controller (its device, its statistics) on the copy.
+            raise TypeError(
+                "a MetaPerturb-wrapped model does not run under nn.DataParallel with several "
+                "GPUs: its per-GPU copies share the original's hooks, so phi would run on the "
+                "first GPU's modules and statistics. Use DistributedDataParallel (one process "
+                "per GPU, e.g. torchrun; see examples/ddp.py), which MetaPerturb supports."
+            )
         self.controller.check_sites(module)
 
 
@@ -409,7 +418,7 @@ def wrap(
         >>> model = timm.create_model("resnet18", num_classes=10)
         >>> model = metaperturb.wrap(model, phi=metaperturb.Perturbation())  # doctest: +SKIP
     """
-    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel
+    inner = getattr(model, "module", None)  # DistributedDataParallel, DataParallel
     if is_wrapped(model) or (isinstance(inner, nn.Module) and is_wrapped(inner)):
         raise AlreadyWrappedError(
             f"{type(model).__name__} is already wrapped by MetaPerturb; call metaperturb.unwrap(model) first."
