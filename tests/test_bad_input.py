@@ -244,6 +244,13 @@ def test_wrap_after_torch_compile_is_an_error_unwrap_through_it_works() -> None:
     metaperturb.unwrap(compiled)  # the compiled module forwards attributes to the model
     assert not metaperturb.is_wrapped(model)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    # An nn.Sequential host gets its own class back through the compiled module too.
+    sequential = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    metaperturb.wrap(sequential, phi=Perturbation(), input_size=(3, 16, 16))
+    assert type(sequential) is not nn.Sequential  # while wrapped
+    compiled = torch.compile(sequential)
+    assert metaperturb.unwrap(compiled) is compiled
+    assert type(sequential) is nn.Sequential
 
 
 def test_fx_symbolic_tracing_of_a_wrapped_model_says_what_to_do_instead() -> None:

@@ -482,6 +482,10 @@ def wrap(
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Remove every hook and module ``wrap`` added; returns the same model, as it was."""
+    given = model
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's module: undo the model in it
+    if isinstance(inner, nn.Module):
+        model = inner
     controller = get_controller(model)
     if not is_wrapped(model):
         raise NotWrappedError(
@@ -500,7 +504,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     _ATTACHED.discard(controller)
     delattr(model, ATTRIBUTE)
     _sequential_host.release(model)
-    return model
+    return given
 
 
 def inspect(
