@@ -61,6 +61,9 @@ class HubStandIn:
         max_lifetime_s: float = 120.0,
     ) -> None:
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
+        #: Every commit ever added, by (repo id, sha): an old commit stays resolvable after its
+        #: branch moves on, as on the Hub.
+        self.commits: dict[tuple[str, str], dict[str, bytes]] = {}
         self.requests: list[Request] = []
         self.lfs_suffixes = lfs_suffixes
         self.cdn_host = cdn_host
@@ -118,15 +121,21 @@ class HubStandIn:
         self.stop()
 
     def add(self, repo_id: str, revision: str, files: dict[str, bytes]) -> str:
-        """Add (or replace) a revision's files; return its commit sha."""
+        """Add (or replace) a revision's files, a new commit; return its sha."""
+        sha = self.commit(repo_id, revision, files)
         with self._lock:
             self.repos.setdefault(repo_id, {})[revision] = dict(files)
-        return self.commit(repo_id, revision)
+            self.commits[repo_id, sha] = dict(files)
+        return sha
 
     @staticmethod
-    def commit(repo_id: str, revision: str) -> str:
-        """The 40-hex commit sha the stand-in gives ``revision`` of ``repo_id``."""
-        return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    def commit(repo_id: str, revision: str, files: dict[str, bytes]) -> str:
+        """The 40-hex commit sha the stand-in gives these files as ``revision`` of ``repo_id``:
+        other content, another commit."""
+        content = "".join(
+            f"{name}:{hashlib.sha256(files[name]).hexdigest()}" for name in sorted(files)
+        )
+        return hashlib.sha1(f"{repo_id}@{revision}:{content}".encode()).hexdigest()
 
     def count(self, method: str | None = None, filename: str | None = None) -> int:
         """How many requests matched ``method`` and ended in ``filename``."""
@@ -142,11 +151,12 @@ class HubStandIn:
     def _resolve(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
         revisions = self.repos[repo_id]
         if revision in revisions:
-            return self.commit(repo_id, revision), revisions[revision]
-        for name, files in revisions.items():
-            if self.commit(repo_id, name) == revision:
-                return revision, files
-        return None
+            return self.commit(repo_id, revision, revisions[revision]), revisions[revision]
+        return (
+            (revision, self.commits[repo_id, revision])
+            if (repo_id, revision) in self.commits
+            else None
+        )
 
     def _blob(self, sha256: str) -> bytes | None:
         for revisions in self.repos.values():

@@ -234,6 +234,11 @@ def test_non_finite_features_are_not_hidden(bad: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_revision_without_a_hub_phi_is_named_as_ignored() -> None:
+    with pytest.warns(UserWarning, match=r"revision='v2' only applies to a Hub repository"):
+        metaperturb.wrap(MyResNet(), phi=Perturbation(), revision="v2", input_size=(3, 16, 16))
+
+
 def test_wrap_after_torch_compile_is_an_error_unwrap_through_it_works() -> None:
     with pytest.raises(TypeError, match="wrap the plain model first"):
         metaperturb.wrap(torch.compile(MyResNet()), phi=Perturbation(), input_size=(3, 16, 16))

@@ -598,6 +598,35 @@ def test_hub_pinned_revision(server: HubStandIn, cache: Path, tmp_path: Path) ->
     assert_same_phi(old, hub_load(server.url, cache, revision=commit))
 
 
+def test_weights_and_config_come_from_one_commit(
+    server: HubStandIn, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push between the two downloads must not pair the old weights with the new config
+    (the config wins over the weights' header, so the mismatch would pass silently)."""
+    old, new = make_phi(10), make_phi(11, source_dataset="elsewhere")
+    new.config = PerturbationConfig(channel_norm=8.0, spatial_norm=4.0, metadata={})
+    server.add(REPO, "main", folder_bytes(old, tmp_path, "old"))
+    download = hub.hf_hub_download
+
+    def push_after_the_weights(repo_id: str, filename: str, **kwargs: Any) -> str:
+        path = download(repo_id, filename, **kwargs)
+        if filename == "model.safetensors":
+            server.add(REPO, "main", folder_bytes(new, tmp_path, "new"))
+        return path
+
+    monkeypatch.setattr(hub, "hf_hub_download", push_after_the_weights)
+    assert_same_phi(old, hub_load(server.url, cache))
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    assert_same_phi(new, hub_load(server.url, cache))  # the next load sees the push whole
+
+
+def test_a_card_pushed_to_a_branch_loads_that_branch(tmp_path: Path) -> None:
+    card = save_pretrained(make_phi(), tmp_path, repo_id=REPO, revision="v2") / "README.md"
+    assert f'phi="{REPO}", revision="v2")' in card.read_text()
+    card = save_pretrained(make_phi(), tmp_path, repo_id=REPO, revision="main") / "README.md"
+    assert f'phi="{REPO}")' in card.read_text()
+
+
 def test_hub_repo_without_config(server: HubStandIn, cache: Path, tmp_path: Path) -> None:
     phi = make_phi(3, source_dataset="tiny-imagenet")
     files = folder_bytes(phi, tmp_path)
@@ -697,5 +726,5 @@ def test_push_to_hub_uploads_a_saved_folder(monkeypatch: pytest.MonkeyPatch) -> 
     assert calls[1][1]["branch"] == "v1"
     assert calls[2][1]["revision"] == "v1" and calls[2][1]["commit_message"] == "phi*"
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
-    assert f'phi="{REPO}"' in uploaded["README.md"].decode()
+    assert f'phi="{REPO}", revision="v1")' in uploaded["README.md"].decode()
     assert not Path(calls[2][1]["folder_path"]).exists()  # the temporary folder is gone

@@ -28,7 +28,13 @@ _CITATION = [
 ]
 
 
-def model_card(phi: Perturbation, repo_id: str | None, provenance: str | None, license: str) -> str:
+def model_card(
+    phi: Perturbation,
+    repo_id: str | None,
+    provenance: str | None,
+    license: str,
+    revision: str | None = None,
+) -> str:
     """The model card: YAML front matter for the Hub, usage, files, provenance and citation.
 
     Args:
@@ -36,6 +42,8 @@ def model_card(phi: Perturbation, repo_id: str | None, provenance: str | None, l
         repo_id: The Hub repository the card is meant for, used in the usage example.
         provenance: Free text appended to the provenance section.
         license: The licence in the front matter.
+        revision: The branch the card's folder is pushed to, in the usage example (``main``:
+            none).
     """
     metadata = phi.config.metadata
     dataset = metadata.get("source_dataset", UNKNOWN)
@@ -47,6 +55,7 @@ def model_card(phi: Perturbation, repo_id: str | None, provenance: str | None, l
     front.append("---")
 
     target = repo_id if repo_id is not None else "<org>/<name>"
+    pinned = f', revision="{revision}"' if revision not in (None, "main") else ""
     config = {k: v for k, v in phi.config.to_dict().items() if k != "metadata"}
     rows = [("Source dataset", dataset), ("Source architecture", architecture)]
     rows += [(key, value) for key, value in sorted(metadata.items()) if key not in PROVENANCE_KEYS]
@@ -69,7 +78,7 @@ def model_card(phi: Perturbation, repo_id: str | None, provenance: str | None, l
         "```python",
         "import metaperturb",
         "",
-        f'model = metaperturb.wrap(model, phi="{target}")',
+        f'model = metaperturb.wrap(model, phi="{target}"{pinned})',
         "```",
         "",
         'A local copy of this folder works too: `metaperturb.wrap(model, phi="path/to/folder")`.',

@@ -77,6 +77,7 @@ def save_pretrained(
     save_directory: str | os.PathLike[str],
     *,
     repo_id: str | None = None,
+    revision: str | None = None,
     provenance: str | None = None,
     license: str = "mit",
 ) -> Path:
@@ -89,6 +90,7 @@ def save_pretrained(
         phi: The perturbation function to save.
         save_directory: Target folder, created if needed; existing files are replaced.
         repo_id: The Hub repository the folder is meant for, used in the model card's example.
+        revision: The branch of ``repo_id`` it is meant for, in the example too (``main``: none).
         provenance: Free text for the model card's provenance section (how phi was trained).
         license: The licence in the model card's metadata.
 
@@ -105,7 +107,7 @@ def save_pretrained(
     files = {
         WEIGHTS_NAME: weights_bytes(phi),  # first: it checks config.metadata
         CONFIG_NAME: config_bytes(phi.config),
-        MODEL_CARD_NAME: model_card(phi, repo_id, provenance, license).encode("utf-8"),
+        MODEL_CARD_NAME: model_card(phi, repo_id, provenance, license, revision).encode("utf-8"),
     }
     return write_folder(Path(save_directory), files)
 
@@ -175,8 +177,20 @@ def load_phi(
     }
     with _hub_errors(text, options):
         weights = Path(hf_hub_download(text, WEIGHTS_NAME, **options))
-        config = _download_config(text, options)
+        # config.json of the same commit: a push between the two downloads must not pair the
+        # new config with the old weights (or the reverse); the config wins over the header.
+        commit = _snapshot_commit(weights)
+        config = _download_config(text, {**options, "revision": commit or revision})
     return load_file(weights, config)
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit a file downloaded into the Hub cache belongs to (its snapshot folder's
+    name, ``snapshots/<commit>/<file>``), or ``None`` outside that layout."""
+    folder = path.parent
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return None
 
 
 def _load_local(path: Path) -> Perturbation:
@@ -350,7 +364,7 @@ def push_to_hub(
     """
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="metaperturb-push-") as folder:
-        save_pretrained(phi, folder, repo_id=repo_id, provenance=provenance)
+        save_pretrained(phi, folder, repo_id=repo_id, revision=revision, provenance=provenance)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)

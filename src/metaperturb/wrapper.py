@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -360,6 +361,13 @@ def _ignore_frozen_phi_in_ddp(model: nn.Module, controller: MetaPerturb) -> None
 def _resolve_phi(
     phi: Perturbation | str | os.PathLike[str] | None, revision: str | None
 ) -> Perturbation:
+    if revision is not None and (phi is None or isinstance(phi, Perturbation)):
+        warnings.warn(
+            f"revision={revision!r} only applies to a Hub repository given as phi (phi="
+            '"org/name"); it is ignored for '
+            f"{'the bundled phi*' if phi is None else 'a Perturbation'}.",
+            stacklevel=3,
+        )
     if isinstance(phi, Perturbation):
         return phi
     from . import hub
