@@ -138,8 +138,10 @@ def write_folder(directory: Path, files: Mapping[str, bytes]) -> Path:
     """Write ``files`` into ``directory`` (created if needed), all of them or none.
 
     Every file is written to a temporary sibling first and moved into place with ``os.replace``
-    only once all of them were written, so an error (disk full, interrupt) leaves the previous
-    files intact, no partial file behind, and no folder that did not exist before.
+    only once all of them were written, so an error while writing (disk full, interrupt) leaves
+    the previous files intact, no partial file behind, and no folder that did not exist before.
+    The moves are one ``os.replace`` each, not one for the folder: a crash between two of them,
+    a window of microseconds, would leave some files new and some old.
     """
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
