@@ -52,12 +52,7 @@ def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
             result["method"] = re.sub(
                 r"metaperturb\[[^],]*", "metaperturb[phi-star", result["method"]
             )
-    # One result a run: the first of each (a run made under two names counts once).
-    unique: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for result in results:
-        key = (result["target"], result["model"], result["method"], result["seed"])
-        unique.setdefault(key, result)
-    return list(unique.values())
+    return results
 
 
 def _phi_star_fingerprint() -> str | None:

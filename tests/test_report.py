@@ -254,7 +254,8 @@ def test_a_run_in_which_no_site_closed_fills_both_closed_site_rows_once() -> Non
         config["on_closed_site"] = setting
         suffix = ",exclude-closed" if setting == "exclude" else ""
         run = _run(f"metaperturb[phi-star{suffix}]", target, accuracy)
-        return run | {"seed": seed, "config": config, "closed_sites": closed}
+        run_id = f"{target}__cifar_resnet20__{run['method']}__10000steps__seed{seed}"
+        return run | {"seed": seed, "config": config, "closed_sites": closed, "id": run_id}
 
     runs = [
         phi_star("s-cifar10", 0, 0.71, "warn", {}),
@@ -277,6 +278,14 @@ def test_a_run_in_which_no_site_closed_fills_both_closed_site_rows_once() -> Non
         ("omniglot-100", "metaperturb[phi-star,exclude-closed]", 0): 0.91,
         ("s-cifar10", "base", 0): 0.70,
     }
+    twin = readme.with_closed_site_twins(runs)[-1]  # seed 0's, on s-CIFAR10
+    assert twin["id"] == (
+        "s-cifar10__cifar_resnet20__metaperturb[phi-star,exclude-closed]__10000steps__seed0"
+    )
+    assert (
+        twin["config"]["on_closed_site"] == "exclude"
+        and runs[0]["config"]["on_closed_site"] == "warn"
+    )
     rows = _goal_rows(runs)
     assert rows["the same with the closed-site switch (the library's default)"][0] == "+2.00"
     # A run without a site has its twin too, which is no row of its own.

@@ -61,8 +61,6 @@ class StrengthScheduler:
         if on_closed_site not in ("warn", "exclude"):
             raise ValueError(f"on_closed_site must be 'warn' or 'exclude', got {on_closed_site!r}.")
         self.on_closed_site = on_closed_site
-        #: The sites switched off for closing (``on_closed_site="exclude"``), with the step.
-        self.excluded: dict[str, int] = {}
         #: Every site found closed at a check, with the step it was first found (either setting).
         self.closed: dict[str, int] = {}
         #: False when :attr:`closed` may lack sites: resumed in "warn" mode, past a check, from a
@@ -90,14 +88,17 @@ class StrengthScheduler:
         self.last_step += 1
         set_strength(self.model, self.strength)
         if self.check_every and self.last_step % self.check_every == 0:
-            if self.on_closed_site == "exclude":
+            if self.on_closed_site == "exclude":  # a site switched off is no longer closed
                 found = exclude_closed_sites(self.model, self.last_step)
-                self.excluded.update(dict.fromkeys(found, self.last_step))
             else:
                 found = warn_closed_sites(self.model, self.last_step, self.closed)
-            for name in found:
-                self.closed.setdefault(name, self.last_step)
+            self.closed.update(dict.fromkeys(found, self.last_step))
         return self.strength
+
+    @property
+    def excluded(self) -> dict[str, int]:
+        """The sites switched off for closing, with the step (``on_closed_site="exclude"``)."""
+        return dict(self.closed) if self.on_closed_site == "exclude" else {}
 
     def state_dict(self) -> dict[str, Any]:
         """The step and schedule, for a training checkpoint (as an LR scheduler's)."""
@@ -105,7 +106,6 @@ class StrengthScheduler:
             "last_step": self.last_step,
             "total_steps": self.total_steps,
             "ramp_fraction": self.ramp_fraction,
-            "excluded": dict(self.excluded),
             "closed": dict(self.closed),
             "closed_complete": self.closed_complete,
         }
@@ -115,10 +115,9 @@ class StrengthScheduler:
         self.last_step = int(state["last_step"])
         self.total_steps = int(state["total_steps"])
         self.ramp_fraction = float(state["ramp_fraction"])
-        # Absent from schedulers saved before them. An older one's excluded sites are all that
+        # Absent from schedulers saved before it. An older one's excluded sites are all that
         # closed in "exclude" mode; in "warn" mode it kept no record past its first check.
-        self.excluded = dict(state.get("excluded", {}))
-        self.closed = dict(state.get("closed", self.excluded))
+        self.closed = dict(state.get("closed", state.get("excluded", {})))
         checked = self.check_every and self.last_step >= self.check_every
         unrecorded = "closed" not in state and self.on_closed_site == "warn" and checked
         self.closed_complete = bool(state.get("closed_complete", True)) and not unrecorded

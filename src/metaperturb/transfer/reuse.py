@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import MISSING, asdict, fields, replace
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
 from ..hub import load_default_phi, load_phi
-from .config import TransferConfig, run_id
+from .config import TransferConfig
 
 __all__ = [
     "check_same_phi",
@@ -137,24 +137,27 @@ def closed_site_setting_moot(result: dict[str, Any]) -> bool:
 def closed_site_twin(result: dict[str, Any]) -> dict[str, Any] | None:
     """``result`` named as the run of the other ``on_closed_site`` setting (its method, id and
     config), where :func:`closed_site_setting_moot` says it is that run too; else ``None``.
-    The method is renamed in place, so a name a report gave it (phi* for a candidate) stays."""
+    Method and id are renamed in place, so a name a report gave the run (phi* for a candidate)
+    stays."""
     saved = result.get("config")
     if not isinstance(saved, dict) or saved.get("phi") is None:
         return None
     if not closed_site_setting_moot(result):
         return None
-    known = {f.name for f in fields(TransferConfig)}
-    other = "warn" if saved.get("on_closed_site", "warn") == "exclude" else "exclude"
-    config = replace(
-        TransferConfig(**{k: v for k, v in saved.items() if k in known}), on_closed_site=other
-    )
-    method = str(result.get("method", config.method))
-    if other == "warn":
-        method = method.replace(",exclude-closed]", "]", 1)
-    else:  # the setting is the last of phi's in a method id (TransferConfig.method)
-        method = re.sub(r"(metaperturb\[[^]]*)\]", r"\1,exclude-closed]", method, count=1)
-    twin_config = {**saved, "on_closed_site": other}
-    return {**result, "id": run_id(config), "method": method, "config": twin_config}
+    switching = saved.get("on_closed_site", "warn") != "exclude"  # what the twin does
+
+    def renamed(name: str) -> str:
+        # The setting is the last of phi's in a method (TransferConfig.method) and so in an id.
+        if switching:
+            return re.sub(r"(metaperturb\[[^]]*)\]", r"\1,exclude-closed]", name, count=1)
+        return name.replace(",exclude-closed]", "]", 1)
+
+    return {
+        **result,
+        "id": renamed(str(result.get("id", ""))),
+        "method": renamed(str(result.get("method", ""))),
+        "config": {**saved, "on_closed_site": "exclude" if switching else "warn"},
+    }
 
 
 def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Path | None:
