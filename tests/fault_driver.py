@@ -8,6 +8,7 @@ Usage: ``python tests/fault_driver.py TRAIN-ARGS...`` (also as a ``torchrun`` sc
 - ``sigkill-rank:R:S``: rank R SIGKILLs itself at the start of step S (first attempt only).
 - ``sigterm-rank:R:S``: rank R sends itself SIGTERM in step S's all-reduce (first attempt only);
   the flag of step S is already sent, so the ranks stop together after step S + 1.
+- ``nan-loss:S``: task 0's losses are NaN at step S, in every attempt (a run that diverges).
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def _signal_rank(rank: int, step: int, signum: int = signal.SIGKILL) -> None:
     Collective.all_reduce_sum_ = all_reduce  # type: ignore[method-assign]
 
 
+def _nan_loss(step: int) -> None:
+    from metaperturb.train.learner import TaskLearner
+
+    real = TaskLearner.step
+
+    def nan_step(self: TaskLearner, index: int, grads: Any) -> Any:
+        losses = real(self, index, grads)
+        return losses * float("nan") if index == step - 1 and self.task.index == 0 else losses
+
+    TaskLearner.step = nan_step  # type: ignore[method-assign]
+
+
 def main() -> int:
     kind, _, arguments = os.environ.get("METAPERTURB_FAULT", "").partition(":")
     values = [int(value) for value in arguments.split(":") if value]
@@ -66,6 +79,8 @@ def main() -> int:
         _signal_rank(*values)
     elif kind == "sigterm-rank":
         _signal_rank(*values, signum=signal.SIGTERM)
+    elif kind == "nan-loss":
+        _nan_loss(*values)
     elif kind:
         raise SystemExit(f"unknown METAPERTURB_FAULT {kind!r}")
     from metaperturb.train.cli import main as train_main

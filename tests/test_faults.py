@@ -345,6 +345,120 @@ def test_sigterm_checkpoints_the_step_it_is_at_and_resume_gives_the_same_phi(
     assert _logged_steps(run) == list(range(1, STEPS + 1))
 
 
+@needs_tiny
+@needs_dist
+@needs_posix
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["run-exists", "resume-without-checkpoint"])
+def test_max_restarts_repeat_a_refusal_instead_of_training(tmp_path: Path, case: str) -> None:
+    """A refusal at set-up stays a refusal on every restart. Before, the restart counted as a
+    resume: it silently continued the run the folder already held (no --resume given), or
+    started a new run in a folder that --resume had named by mistake."""
+    run = tmp_path / "run"
+    if case == "run-exists":  # one process: the single worker reaches the agent's store too
+        train(TrainConfig(**{**SETTINGS, "steps": EVERY}, output_dir=str(run)))
+        command = _torchrun(run, "--max-restarts", "1")
+        command[command.index("--nproc-per-node") + 1] = "1"
+        refusal = f"{run} already holds a run (checkpoint.pt). Pass --resume"
+    else:  # two processes: the ranks receive rank 0's decision
+        command = [*_torchrun(run, "--max-restarts", "1"), "--resume"]
+        refusal = f"--resume: no checkpoint in {run} to continue from"
+    status, output = _finish(_start(command))
+    assert status != 0, output[-4000:]
+    assert output.count(refusal) >= 2, output[-4000:]  # the first attempt and the restart
+    if case == "run-exists":
+        assert _checkpoint_step(run) == EVERY and _logged_steps(run) == [1, 2]
+    else:
+        assert not (run / "checkpoint.pt").exists()
+
+
+@needs_tiny
+@needs_dist
+@needs_posix
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", ["sigterm-rank:1:4", "nan-loss:3"], ids=["stop", "diverge"])
+def test_max_restarts_keep_a_stop_or_a_divergence_final(tmp_path: Path, fault: str) -> None:
+    """A stop that was asked for, or a divergence, ends the launch: the restart repeats the
+    error without training. Before, the restart resumed the run, undoing the stop, or trained
+    the same steps again into the same divergence."""
+    run = tmp_path / "run"
+    status, output = _finish(_start(_torchrun(run, "--max-restarts", "1"), fault=fault))
+    assert status != 0, output[-4000:]
+    assert "torchrun restarted the workers after that; they did not train again" in output
+    stopped = 5 if fault.startswith("sigterm") else EVERY
+    assert _checkpoint_step(run) == stopped and _logged_steps(run) == list(range(1, stopped + 1))
+    assert output.count("did not train again") == 2 and f"resuming {run}" not in output
+    if fault.startswith("nan"):  # both ranks, in the first attempt and again in the restart
+        assert output.count("diverged at step 3 of 6") == 4
+    assert not (run / "phi").exists()
+
+
+def _rank_whose_checkpoint_fails(rank: int, port: int, run: Path, results: Any) -> None:
+    """Rank ``rank`` of 2 in a forked process; rank 0's second checkpoint write fails."""
+    from metaperturb.train import checkpoint
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )  # fmt: skip
+    real = checkpoint.save
+    writes = 0
+
+    def save(path: Path, payload: dict[str, Any]) -> Path:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, payload)
+
+    checkpoint.save = save  # type: ignore[assignment]
+    try:
+        train(TrainConfig(**SETTINGS, output_dir=str(run), dist_timeout=TIMEOUT))
+        results.put((rank, "finished"))
+    except Exception as error:  # noqa: BLE001 - sent to the test, which checks it
+        results.put((rank, f"{type(error).__name__}: {error}"))
+
+
+@needs_tiny
+@needs_dist
+@needs_posix
+@pytest.mark.distributed
+def test_a_failure_on_rank_0_alone_stops_every_rank_at_the_last_good_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """Rank 0's checkpoint write of step 4 fails. Every rank stops at once and names the
+    checkpoint of step 2. Before, rank 1 went on to the next collective and waited there, and
+    named the checkpoint of step 4, which was never written."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=_rank_whose_checkpoint_fails, args=(rank, port, tmp_path, results))
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    try:
+        outcomes = dict(results.get(timeout=TIMEOUT) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.join(timeout=30)
+    for rank, outcome in outcomes.items():
+        assert outcome.startswith("TrainingStoppedError"), (rank, outcome)
+        assert f"stopped at step 4 of {STEPS}" in outcome and "No space left" in outcome
+        assert f"the checkpoint of step {EVERY} in {tmp_path}" in outcome, (rank, outcome)
+    assert "rank 0 failed (OSError: [Errno 28] No space left on device)" in outcomes[1]
+    assert _checkpoint_step(tmp_path) == EVERY
+
+
 def _rank_that_may_hang(rank: int, port: int, run: Path, results: Any) -> None:
     """Rank ``rank`` of 2 in a forked process; rank 1 stops answering at step 4."""
     from metaperturb.train.distributed import Collective
@@ -423,7 +537,13 @@ def _png(seed: int, size: int = 12) -> bytes:
     return buffer.getvalue()
 
 
-def _parquet(folder: Path, labels: list[int], bad: dict[int, bytes], classes: int = 4) -> Path:
+def _parquet(
+    folder: Path,
+    labels: list[int],
+    bad: dict[int, bytes],
+    classes: int = 4,
+    names: list[str] | None = None,
+) -> Path:
     """``folder/train.parquet``: a PNG per label (rows in ``bad`` get those bytes instead)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -431,7 +551,7 @@ def _parquet(folder: Path, labels: list[int], bad: dict[int, bytes], classes: in
     images = [
         {"bytes": bad.get(row, _png(row)), "path": f"img-{row}.png"} for row in range(len(labels))
     ]
-    names = [f"class-{k}" for k in range(classes)]
+    names = names or [f"class-{k}" for k in range(classes)]
     features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
     table = pa.table({"image": images, "label": labels}).replace_schema_metadata(
         {"huggingface": json.dumps({"info": {"features": features}})}
@@ -523,3 +643,34 @@ def test_labels_out_of_range_are_clear_errors(tmp_path: Path) -> None:
         SplitError, match=r"beyond the 2 class names \(0\.\.1\), first rows \[4, 5\]"
     ):
         make_split([0, 0, 1, 1, 2, 2], num_tasks=2, class_names=["a", "b"])
+
+
+@pytest.mark.parametrize("change", ["class names", "labels"])
+def test_resume_refuses_other_data_with_as_many_rows(tmp_path: Path, change: str) -> None:
+    """The run's --data now holds other images (re-exported, replaced) with as many rows.
+    Before, a resume compared only the number of rows, and went on training on tasks the split
+    no longer described."""
+    settings = {"image_size": 8, "num_tasks": 2, "group_size": 2, "batch_size": 4, "steps": 2}
+    settings |= {"device": "cpu", "threads": 1, "progress": False}
+    data, run = tmp_path / "data", tmp_path / "run"
+    _parquet(data, LABELS, {})
+    original = (data / "train.parquet").read_bytes()
+    train(TrainConfig(data=str(data), output_dir=str(run), **settings))
+    if change == "class names":
+        _parquet(data, LABELS, {}, names=["ant", "bee", "cat", "dog"])
+        expected = r"names the classes \['class-0', .*\(4\), the data now names them \['ant'"
+    else:
+        _parquet(data, [(label + 1) % 4 for label in LABELS], {})
+        expected = r"does not fit the data's labels \(invalid task split: task 0 has rows outside"
+    resume = TrainConfig(
+        data=str(data), output_dir=str(run), resume=True, **settings | {"steps": 4}
+    )
+    from metaperturb.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=expected) as refused:
+        train(resume)
+    assert "Resume with the run's original --data" in str(refused.value)
+    assert _checkpoint_step(run) == 2
+    (data / "train.parquet").write_bytes(original)  # the original data resumes as before
+    train(resume)
+    assert _checkpoint_step(run) == 4

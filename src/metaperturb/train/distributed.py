@@ -5,6 +5,12 @@ owns some task networks outright, and once per step the ranks sum phi's gradient
 tensor, SUM then divide, which every backend implements). Everything else is object traffic at
 log and checkpoint time. :class:`Collective` hides whether a process group exists, so the loop is
 one code path from one process to many machines under ``torchrun``.
+
+Under ``torchrun`` the workers also reach the agent's store, which lives as long as the launch and
+outlives restarts of the workers. The loop leaves notes there for the attempts after it: that the
+run got past its set-up (so a restart may resume it), or that it ended for good (so a restart
+must not train again). Work only rank 0 does (writing files) goes through
+:meth:`Collective.on_main`, so that every rank learns when it failed.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +32,10 @@ from ..errors import LaunchError
 __all__ = ["Collective", "LaunchError", "launched_by_torchrun", "session", "task_range"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Where the launch notes live in the agent's store.
+_NOTES_PREFIX = "metaperturb/launch"
 
 
 def launched_by_torchrun() -> bool:
@@ -50,6 +60,9 @@ class Collective:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: The store of this torchrun launch, kept across restarts of the workers; None outside
+    #: torchrun, or where no store outlives an attempt (see :func:`session`).
+    launch_store: Any = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -102,6 +115,42 @@ class Collective:
         if self.distributed:
             dist.barrier()
 
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """Run ``work`` on rank 0 only; if it fails there, every rank raises.
+
+        Without this a failure on rank 0 alone (a full disk while writing a checkpoint) ends
+        rank 0, and the other ranks wait in the next collective until the timeout, believing
+        in a checkpoint that was never written. Returns ``work``'s value on rank 0, None
+        elsewhere.
+        """
+        result: T | None = None
+        failure: Exception | None = None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as error:  # noqa: BLE001 - re-raised below, on every rank
+                failure = error
+        problem = self.broadcast(
+            None if failure is None else f"{type(failure).__name__}: {failure}"
+        )
+        if failure is not None:
+            raise failure
+        if problem is not None:
+            raise RuntimeError(f"rank 0 failed ({problem})")
+        return result
+
+    def launch_note(self, key: str) -> str | None:
+        """The note ``key`` left earlier in this torchrun launch (by any attempt), or None."""
+        store = self.launch_store
+        if store is None or not store.check([key]):
+            return None
+        return bytes(store.get(key)).decode()
+
+    def leave_launch_note(self, key: str, value: str) -> None:
+        """Leave ``value`` under ``key`` for later attempts of this launch (no-op outside it)."""
+        if self.launch_store is not None:
+            self.launch_store.set(key, value)
+
 
 def _device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
@@ -129,13 +178,14 @@ def session(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Collect
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = _device(device, local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not launched_by_torchrun():
-        yield Collective(device=resolved)
+        store = _agent_store(timeout) if _agent_keeps_a_store() else None
+        yield Collective(device=resolved, launch_store=_notes(store))
         return
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run a single process.")
     backend = "nccl" if resolved.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
     # torchrun's agent keeps one store across restarts; keys left by the crashed attempt (rank
     # 0's old address, barrier counts) make the next attempt hang or connect to a dead port. A
     # prefix per attempt gives every attempt clean keys.
@@ -150,7 +200,8 @@ def session(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Collect
     if resolved.type == "cuda":
         options["device_id"] = resolved
     dist.init_process_group(backend=backend, **options)
-    collective = Collective(dist.get_rank(), dist.get_world_size(), resolved)
+    notes = _notes(store) if _agent_keeps_a_store() else None
+    collective = Collective(dist.get_rank(), dist.get_world_size(), resolved, notes)
     logger.info(
         "rank %d of %d on %s (%s)", collective.rank, collective.world_size, resolved, backend
     )
@@ -158,3 +209,26 @@ def session(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Collect
         yield collective
     finally:
         dist.destroy_process_group()
+
+
+def _agent_keeps_a_store() -> bool:
+    """Whether the workers use the store of torchrun's agent, which outlives their restarts.
+
+    False outside torchrun, and with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` or a rendezvous
+    that does not share its store: rank 0 then hosts a new store every attempt.
+    """
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get(
+        "TORCHELASTIC_USE_AGENT_STORE"
+    ) == str(True)
+
+
+def _agent_store(timeout: datetime.timedelta) -> Any:
+    """A client of the agent's store, for a single worker (which has no process group)."""
+    if not dist.is_available():
+        return None
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return store
+
+
+def _notes(store: Any) -> Any:
+    return None if store is None else dist.PrefixStore(_NOTES_PREFIX, store)

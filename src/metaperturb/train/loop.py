@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
 from ..data import BadImagePolicy, ImageData, load_images
-from ..errors import MetaPerturbError, RunExistsError, TrainingStoppedError
+from ..errors import MetaPerturbError, RunExistsError, SplitError, TrainingStoppedError
 from ..phi import Perturbation, PerturbationConfig
 from ..tasks import TaskMode, TaskSplit, make_split
 from . import checkpoint
@@ -50,13 +50,22 @@ PHI_DIRNAME = "phi"
 _PHI_KEY = 3
 #: Testing hook: a worker of the first torchrun attempt exits at this step, to test restarts.
 _CRASH_ENV = "_METAPERTURB_TEST_CRASH_AT_STEP"
+#: Launch notes (see :class:`.distributed.Collective`): the run got past its set-up in this
+#: torchrun launch, so a restart resumes it; the run ended for good, so a restart does not train.
+_SET_UP_NOTE = "set-up"
+_FINAL_NOTE = "final"
 
 
 def train(config: TrainConfig, stop: threading.Event | None = None) -> Path:
     """Meta-train phi as ``config`` says; returns the folder phi was saved to.
 
     Run it as one process, or as several under ``torchrun`` (each process takes a block of the
-    tasks). Under ``torchrun --max-restarts``, restarted workers resume from the checkpoint.
+    tasks). Under ``torchrun --max-restarts``, restarted workers resume from the checkpoint, but
+    only a run that got past its set-up in this launch: a refusal (the folder holds another run,
+    ``--resume`` without a checkpoint) is repeated by every restart. A stop that was asked for
+    and a divergence are final: restarted workers repeat the error without training. (Where
+    no store outlives the workers, e.g. with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, these
+    notes cannot be kept: any restart then counts as a resume.)
     ``stop`` (e.g. from :func:`~metaperturb.stopping.stop_on_signals`), once set on any rank,
     ends the loop after the step in progress: every rank stops at that step, a checkpoint of it
     is written and :class:`TrainingStoppedError` says to resume.
@@ -74,13 +83,30 @@ def train(config: TrainConfig, stop: threading.Event | None = None) -> Path:
         >>> phi_dir = train(TrainConfig(data="../shared/data/tiny-imagenet-200-32px"))  # doctest: +SKIP
     """
     with session(config.device, config.dist_timeout) as comm:
+        ended = comm.launch_note(_FINAL_NOTE)
+        if ended is not None:
+            note = json.loads(ended)
+            raise TrainingStoppedError(
+                note["message"] + " (torchrun restarted the workers after that; they did not "
+                "train again)",
+                asked=note["asked"],
+            )
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         return _MetaTrainer(config, comm, stop).run()
 
 
-def _restarted() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+def _restart_of_this_run(comm: Collective) -> bool:
+    """Whether torchrun restarted the workers of a run that got past its set-up in this launch.
+
+    Only then may a restart resume without ``--resume``. Counting every restart instead would
+    let the restart after a refusal (a folder holding another run) resume that run silently.
+    """
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return False
+    if comm.launch_store is None:  # nothing outlives an attempt: trust the count
+        return True
+    return comm.launch_note(_SET_UP_NOTE) is not None
 
 
 class _MetaTrainer:
@@ -118,8 +144,8 @@ class _MetaTrainer:
             self.mean, self.std = self.resumed["normalization"]
         else:
             self.mean, self.std = self.data.channel_stats()
-        if comm.is_main and self.resumed is None:
-            self._write_run_files()
+        if self.resumed is None:
+            comm.on_main(self._write_run_files)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(config.seed, _PHI_KEY))
@@ -140,21 +166,27 @@ class _MetaTrainer:
             self._restore(self.resumed)
             self.resumed = None  # free the memory
         self.step = self.start  # the step being taken, for messages
+        if comm.is_main:
+            comm.leave_launch_note(_SET_UP_NOTE, str(self.start))
 
     # -- set-up -----------------------------------------------------------------------------
 
     def _resume_payload(self, config: TrainConfig) -> dict[str, Any] | None:
         """The checkpoint to continue from (rank 0 reads it, every rank receives it)."""
         path = self.output / checkpoint.CHECKPOINT_NAME
-        exists, payload, problem = False, None, None
+        exists, payload, problem, restarted = False, None, None, False
         if self.comm.is_main:
             exists = path.is_file()
-            if exists and (config.resume or _restarted()):
+            restarted = _restart_of_this_run(self.comm)
+            if exists and (config.resume or restarted):
                 try:
                     payload = checkpoint.load(path)
                 except checkpoint.CheckpointError as error:
                     problem = str(error)
-        exists, payload, problem = self.comm.broadcast((exists, payload, problem))
+        exists, payload, problem, restarted = self.comm.broadcast(
+            (exists, payload, problem, restarted)
+        )
+        self.restarted = restarted
         if problem is not None:
             raise checkpoint.CheckpointError(problem)
         if self.comm.is_main and payload is not None:
@@ -165,7 +197,7 @@ class _MetaTrainer:
                 f"{self.output} already holds a run ({path.name}). Pass --resume to continue it, "
                 "or choose another --output-dir."
             )
-        if config.resume and not exists and not _restarted():
+        if config.resume and not exists and not restarted:
             raise checkpoint.CheckpointError(
                 f"--resume: no checkpoint in {self.output} to continue from; check "
                 "--output-dir, or drop --resume to start a new run there."
@@ -193,12 +225,7 @@ class _MetaTrainer:
         config = self.config
         if self.resumed is not None:
             split = TaskSplit.from_dict(self.resumed["split"])
-            if split.num_images != len(self.data):
-                raise checkpoint.CheckpointError(
-                    f"the checkpoint's task split indexes {split.num_images} images, the data "
-                    f"{config.data!r} now has {len(self.data)}: it is not the same dataset. "
-                    "Resume with the run's original --data, or start a new --output-dir."
-                )
+            self._check_same_data(split)
             return split
         return make_split(
             self.data.labels.tolist(),
@@ -208,6 +235,28 @@ class _MetaTrainer:
             mode=cast(TaskMode, config.task_mode),  # checked by TrainConfig
             class_names=self.data.class_names,
         )
+
+    def _check_same_data(self, split: TaskSplit) -> None:
+        """Refuse to resume on data other than the run's: same rows, class names and labels."""
+        data, problem = self.data, None
+        if split.num_images != len(data):
+            problem = f"indexes {split.num_images} images, the data now has {len(data)}"
+        elif split.class_names and split.class_names != list(data.class_names):
+            problem = (
+                f"names the classes {_preview(split.class_names)}, the data now names them "
+                f"{_preview(list(data.class_names))}"
+            )
+        else:
+            try:
+                split.check(data.labels.tolist())
+            except SplitError as error:
+                problem = f"does not fit the data's labels ({error})"
+        if problem is not None:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint's task split {problem}: {self.config.data!r} is not the "
+                "dataset the run was started on. Resume with the run's original --data, or "
+                "start a new --output-dir."
+            )
 
     def _write_run_files(self) -> None:
         atomic_write(self.output / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -316,15 +365,23 @@ class _MetaTrainer:
             "Start a new --output-dir with a lower --phi-lr or --lr, or a --clip if it is off."
         )
 
+    def _final(self, message: str, *, asked: bool) -> TrainingStoppedError:
+        """The error that ends the run for good in this launch: a torchrun restart would undo
+        a stop that was asked for, or diverge again at the same step, so the note left here
+        makes restarted workers repeat the error instead of training."""
+        if self.comm.is_main:
+            self.comm.leave_launch_note(
+                _FINAL_NOTE, json.dumps({"message": message, "asked": asked})
+            )
+        return TrainingStoppedError(message, asked=asked)
+
     def _run(self) -> Path:
         config, comm = self.config, self.comm
-        metrics = None
-        if comm.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            metrics = MetricsLog(self.output / METRICS_NAME, self.resumed_from)
+        metrics = comm.on_main(self._open_metrics)
         parameters = list(self.phi.parameters())
         sizes = [p.numel() for p in parameters]
-        crash_at = int(os.environ.get(_CRASH_ENV, "0")) if not _restarted() else 0
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        crash_at = int(os.environ.get(_CRASH_ENV, "0")) if first_attempt else 0
         bar = tqdm(
             total=config.steps,
             initial=self.start,
@@ -354,7 +411,7 @@ class _MetaTrainer:
             ).tolist()
             if nonfinite_losses or nonfinite_grads:
                 bar.close()
-                raise TrainingStoppedError(self._diverged(step + 1, int(nonfinite_losses)))
+                raise self._final(self._diverged(step + 1, int(nonfinite_losses)), asked=False)
             stopping = stop_votes > 0
             flat.div_(self.split.num_tasks)
             for parameter, grad in zip(parameters, flat.split(sizes), strict=True):
@@ -365,10 +422,11 @@ class _MetaTrainer:
             bar.update(1)
             if done % config.log_every == 0 or done == config.steps:
                 now = time.perf_counter()
-                record = self._log(done, now - started, (done - clock_step) / (now - clock))
+                record = self._log(
+                    done, now - started, (done - clock_step) / (now - clock), metrics
+                )
                 clock, clock_step = now, done
-                if metrics is not None and record is not None:
-                    metrics.write(record)
+                if record is not None:
                     mean = record["mean"]
                     bar.set_postfix(
                         heldout_loss=f"{mean['heldout_loss']:.3f}",
@@ -385,7 +443,7 @@ class _MetaTrainer:
                 bar.close()
                 if self.checkpointed != done:
                     self._checkpoint(done)
-                raise TrainingStoppedError(
+                raise self._final(
                     f"meta-training stopped at step {done} of {config.steps} as asked; the "
                     f"checkpoint of step {done} in {self.output} holds it: rerun the same command "
                     "with --resume to continue.",
@@ -393,12 +451,18 @@ class _MetaTrainer:
                 )
         bar.close()
         target = self.output / PHI_DIRNAME
-        if comm.is_main:
-            self._save_phi(target)
-        comm.barrier()
+        comm.on_main(lambda: self._save_phi(target))
         return target
 
-    def _log(self, step: int, elapsed: float, rate: float) -> dict[str, Any] | None:
+    def _open_metrics(self) -> MetricsLog:
+        self.output.mkdir(parents=True, exist_ok=True)
+        return MetricsLog(self.output / METRICS_NAME, self.resumed_from)
+
+    def _log(
+        self, step: int, elapsed: float, rate: float, metrics: MetricsLog | None
+    ) -> dict[str, Any] | None:
+        """Gather the tasks' records; rank 0 checks phi, summarizes and writes them (a failure
+        there stops every rank). Returns the record on rank 0, None elsewhere."""
         tasks = {
             learner.task.index: {
                 **learner.meter.collect(),
@@ -411,8 +475,18 @@ class _MetaTrainer:
         }
         phi = torch.cat([p.detach().reshape(-1).cpu() for p in self.phi.parameters()])
         gathered = self.comm.gather({"tasks": tasks, "phi": phi})
-        if gathered is None:
-            return None
+        return self.comm.on_main(lambda: self._record(step, elapsed, rate, gathered, phi, metrics))
+
+    def _record(
+        self,
+        step: int,
+        elapsed: float,
+        rate: float,
+        gathered: list[Any] | None,
+        phi: torch.Tensor,
+        metrics: MetricsLog | None,
+    ) -> dict[str, Any]:
+        assert gathered is not None and metrics is not None  # rank 0
         # Every rank took the same optimizer steps from the same all-reduced gradient: a phi
         # that differs anywhere means the ranks no longer train one phi. Stop rather than
         # publish it.
@@ -435,6 +509,7 @@ class _MetaTrainer:
                 "--placement before_activation.",
                 step,
             )
+        metrics.write(self.last_record)
         return self.last_record
 
     def _checkpoint(self, step: int) -> None:
@@ -450,9 +525,12 @@ class _MetaTrainer:
             },
         }
         gathered = self.comm.gather(local)
-        if gathered is None:
-            self.checkpointed = step  # rank 0 writes it; a failed write stops rank 0 too
-            return
+        # Rank 0 writes it; a failed write stops every rank, which then name the last good one.
+        self.comm.on_main(lambda: self._write_checkpoint(step, gathered))
+        self.checkpointed = step
+
+    def _write_checkpoint(self, step: int, gathered: list[Any] | None) -> None:
+        assert gathered is not None  # rank 0
         payload = {
             "step": step,
             "config": self.config.to_dict(),
@@ -466,7 +544,6 @@ class _MetaTrainer:
             "world_size": self.comm.world_size,
         }
         checkpoint.save(self.output / checkpoint.CHECKPOINT_NAME, payload)
-        self.checkpointed = step
 
     # -- the result -------------------------------------------------------------------------
 
@@ -524,3 +601,8 @@ class _MetaTrainer:
                 + "."
             )
         return "\n".join(lines)
+
+
+def _preview(names: list[str], count: int = 4) -> str:
+    shown = ", ".join(repr(name) for name in names[:count])
+    return f"[{shown}{', ...' if len(names) > count else ''}] ({len(names)})"
