@@ -454,7 +454,7 @@ def _noise_path_lines(entries: list[tuple[str, dict[str, torch.Tensor]]]) -> lis
             phi.load_state_dict(state)
             torch.manual_seed(0)  # the same untrained network for every phi
             net = timm.create_model("cifar_resnet20", num_classes=10)
-            model = metaperturb.wrap(net, phi=phi, input_size=(3, 32, 32), placement=placement)  # type: ignore[arg-type]
+            model = metaperturb.wrap(net, phi=phi, input_size=(3, 32, 32), placement=placement)
             shares = list(noise_path_alive(model, images).values())
             cells.append(f"{100 * sum(shares) / len(shares):.1f}")
         lines.append(f"| {label} | {' | '.join(cells)} |")
