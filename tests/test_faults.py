@@ -395,6 +395,72 @@ def test_max_restarts_keep_a_stop_or_a_divergence_final(tmp_path: Path, fault: s
     assert not (run / "phi").exists()
 
 
+@needs_tiny
+@needs_dist
+def test_launch_notes_are_per_folder_and_per_worker_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rules of the notes, in this process with a store like torchrun's agent's.
+
+    A note counts only for its output folder and only when another worker process left it: a
+    script that calls ``train`` again after a divergence is not refused. A divergence is final
+    for workers restarted after a failure (a higher restart count), not for workers restarted
+    for a membership change (the same count), which resume. A checkpoint that no worker of this
+    launch set up is still refused without --resume."""
+    from metaperturb.errors import RunExistsError
+    from metaperturb.train import loop
+    from metaperturb.train.learner import TaskLearner
+
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    outside = tmp_path / "outside"  # a run made before the launch: no note
+    train(TrainConfig(**{**SETTINGS, "steps": EVERY}, output_dir=str(outside)))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def worker(name: str, attempt: int) -> None:
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        monkeypatch.setattr(loop, "_this_worker", lambda: {"worker": name, "attempt": attempt})
+
+    real_step = TaskLearner.step
+
+    def nan_at_step_3(self: TaskLearner, index: int, grads: list[torch.Tensor]) -> torch.Tensor:
+        losses = real_step(self, index, grads)
+        return losses * float("nan") if index == 2 else losses
+
+    def run(folder: Path, **changes: Any) -> None:
+        train(TrainConfig(**{**SETTINGS, **changes}, output_dir=str(folder)))
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    worker("w1", 0)
+    monkeypatch.setattr(TaskLearner, "step", nan_at_step_3)
+    for folder in (first, second):
+        with pytest.raises(TrainingStoppedError, match="diverged at step 3"):
+            run(folder)
+    monkeypatch.setattr(TaskLearner, "step", real_step)
+    # The same process tries again: its own notes neither stop it nor stand for --resume.
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        run(first)
+    run(first, resume=True)
+    assert _checkpoint_step(first) == STEPS
+
+    worker("w2", 1)  # restarted after the failure: the divergence is final
+    with pytest.raises(TrainingStoppedError, match="diverged at step 3.*did not train again"):
+        run(second)
+    assert _checkpoint_step(second) == EVERY
+    worker("w3", 0)  # restarted for a membership change: it resumes without --resume
+    run(second)
+    assert _checkpoint_step(second) == STEPS and _logged_steps(second) == list(range(1, 7))
+
+    worker("w4", 1)  # no worker of this launch set the outside run up
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        run(outside)
+    assert _checkpoint_step(outside) == EVERY
+
+
 def _rank_whose_checkpoint_fails(rank: int, port: int, run: Path, results: Any) -> None:
     """Rank ``rank`` of 2 in a forked process; rank 0's second checkpoint write fails."""
     from metaperturb.train import checkpoint

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Where the launch notes live in the agent's store.
 _NOTES_PREFIX = "metaperturb/launch"
+#: How long a single worker waits for the agent's store before going on without notes.
+_AGENT_STORE_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def launched_by_torchrun() -> bool:
@@ -140,16 +142,28 @@ class Collective:
         return result
 
     def launch_note(self, key: str) -> str | None:
-        """The note ``key`` left earlier in this torchrun launch (by any attempt), or None."""
+        """The note ``key`` left earlier in this torchrun launch (by any attempt), or None.
+
+        Best effort: a store that cannot be read counts as no note, with a warning."""
         store = self.launch_store
-        if store is None or not store.check([key]):
+        if store is None:
             return None
-        return bytes(store.get(key)).decode()
+        try:
+            return bytes(store.get(key)).decode() if store.check([key]) else None
+        except Exception as error:  # noqa: BLE001 - the notes are a refinement, not a need
+            logger.warning("could not read %r from torchrun's store (%s)", key, error)
+            return None
 
     def leave_launch_note(self, key: str, value: str) -> None:
-        """Leave ``value`` under ``key`` for later attempts of this launch (no-op outside it)."""
-        if self.launch_store is not None:
+        """Leave ``value`` under ``key`` for later attempts of this launch (no-op outside it).
+
+        Best effort, like :meth:`launch_note`: a failure is a warning, not the run's error."""
+        if self.launch_store is None:
+            return
+        try:
             self.launch_store.set(key, value)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("could not write %r to torchrun's store (%s)", key, error)
 
 
 def _device(requested: str, local_rank: int) -> torch.device:
@@ -180,7 +194,7 @@ def session(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[Collect
     resolved = _device(device, local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     if not launched_by_torchrun():
-        store = _agent_store(timeout) if _agent_keeps_a_store() else None
+        store = _agent_store() if _agent_keeps_a_store() else None
         yield Collective(device=resolved, launch_store=_notes(store))
         return
     if not dist.is_available():
@@ -222,11 +236,25 @@ def _agent_keeps_a_store() -> bool:
     ) == str(True)
 
 
-def _agent_store(timeout: datetime.timedelta) -> Any:
-    """A client of the agent's store, for a single worker (which has no process group)."""
+def _agent_store(timeout: datetime.timedelta = _AGENT_STORE_TIMEOUT) -> Any:
+    """A client of the agent's store, for a single worker (which has no process group).
+
+    None, with a warning, where it cannot be reached (torchrun's variables inherited by a
+    process that outlived its agent): the run goes on without notes rather than wait.
+    """
     if not dist.is_available():
         return None
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        logger.warning(
+            "torchrun's store at %s:%s cannot be reached (%s); going on without it, so a "
+            "restart counts as a resume.",
+            os.environ.get("MASTER_ADDR"),
+            os.environ.get("MASTER_PORT"),
+            error,
+        )
+        return None
     return store
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -50,8 +51,9 @@ PHI_DIRNAME = "phi"
 _PHI_KEY = 3
 #: Testing hook: a worker of the first torchrun attempt exits at this step, to test restarts.
 _CRASH_ENV = "_METAPERTURB_TEST_CRASH_AT_STEP"
-#: Launch notes (see :class:`.distributed.Collective`): the run got past its set-up in this
-#: torchrun launch, so a restart resumes it; the run ended for good, so a restart does not train.
+#: Launch notes (see :class:`.distributed.Collective`), one of each per output folder: the run
+#: got past its set-up in this torchrun launch, so a restart resumes it; the run ended for good,
+#: so a restart does not train.
 _SET_UP_NOTE = "set-up"
 _FINAL_NOTE = "final"
 
@@ -63,9 +65,10 @@ def train(config: TrainConfig, stop: threading.Event | None = None) -> Path:
     tasks). Under ``torchrun --max-restarts``, restarted workers resume from the checkpoint, but
     only a run that got past its set-up in this launch: a refusal (the folder holds another run,
     ``--resume`` without a checkpoint) is repeated by every restart. A stop that was asked for
-    and a divergence are final: restarted workers repeat the error without training. (Where
-    no store outlives the workers, e.g. with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, these
-    notes cannot be kept: any restart then counts as a resume.)
+    and a divergence are final: workers restarted after them repeat the error without
+    training. These rules rest on notes in torchrun's store, per output folder and worker
+    process; where no store outlives the workers (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``),
+    any restart counts as a resume.
     ``stop`` (e.g. from :func:`~metaperturb.stopping.stop_on_signals`), once set on any rank,
     ends the loop after the step in progress: every rank stops at that step, a checkpoint of it
     is written and :class:`TrainingStoppedError` says to resume.
@@ -83,30 +86,60 @@ def train(config: TrainConfig, stop: threading.Event | None = None) -> Path:
         >>> phi_dir = train(TrainConfig(data="../shared/data/tiny-imagenet-200-32px"))  # doctest: +SKIP
     """
     with session(config.device, config.dist_timeout) as comm:
-        ended = comm.launch_note(_FINAL_NOTE)
+        ended = comm.broadcast(_final_note(comm, Path(config.output_dir)) if comm.is_main else None)
         if ended is not None:
-            note = json.loads(ended)
             raise TrainingStoppedError(
-                note["message"] + " (torchrun restarted the workers after that; they did not "
+                ended["message"] + " (torchrun restarted the workers after that; they did not "
                 "train again)",
-                asked=note["asked"],
+                asked=ended["asked"],
             )
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         return _MetaTrainer(config, comm, stop).run()
 
 
-def _restart_of_this_run(comm: Collective) -> bool:
-    """Whether torchrun restarted the workers of a run that got past its set-up in this launch.
+def _restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
-    Only then may a restart resume without ``--resume``. Counting every restart instead would
-    let the restart after a refusal (a folder holding another run) resume that run silently.
+
+def _this_worker() -> dict[str, Any]:
+    """Who leaves a note: a note of this very process (a script calling ``train`` twice) is
+    not an earlier attempt's."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "attempt": _restart_count()}
+
+
+def _note_key(name: str, output: Path) -> str:
+    return f"{name}:{output.resolve()}"
+
+
+def _earlier_note(comm: Collective, name: str, output: Path) -> dict[str, Any] | None:
+    """The note ``name`` about ``output`` that another worker process left in this launch."""
+    text = comm.launch_note(_note_key(name, output))
+    if text is None:
+        return None
+    note = json.loads(text)
+    return None if note["worker"] == _this_worker()["worker"] else cast(dict[str, Any], note)
+
+
+def _restart_of_this_run(comm: Collective, output: Path) -> bool:
+    """Whether these are restarted workers of a run that got past its set-up in this launch.
+
+    Only then may they resume without ``--resume``. Counting every restart instead would let
+    the restart after a refusal (a folder holding another run) resume that run silently. The
+    note also covers workers that torchrun restarts without counting (an elastic membership
+    change).
     """
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-        return False
     if comm.launch_store is None:  # nothing outlives an attempt: trust the count
-        return True
-    return comm.launch_note(_SET_UP_NOTE) is not None
+        return _restart_count() > 0
+    return _earlier_note(comm, _SET_UP_NOTE, output) is not None
+
+
+def _final_note(comm: Collective, output: Path) -> dict[str, Any] | None:
+    """The end an earlier attempt of this launch declared final, if torchrun restarted the
+    workers after it (a failure, counted). Workers restarted for a membership change (not
+    counted) ended by the agent's SIGTERM, which looked like a stop: they go on."""
+    note = _earlier_note(comm, _FINAL_NOTE, output)
+    return note if note is not None and _restart_count() > note["attempt"] else None
 
 
 class _MetaTrainer:
@@ -167,7 +200,7 @@ class _MetaTrainer:
             self.resumed = None  # free the memory
         self.step = self.start  # the step being taken, for messages
         if comm.is_main:
-            comm.leave_launch_note(_SET_UP_NOTE, str(self.start))
+            comm.leave_launch_note(_note_key(_SET_UP_NOTE, self.output), json.dumps(_this_worker()))
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -177,7 +210,7 @@ class _MetaTrainer:
         exists, payload, problem, restarted = False, None, None, False
         if self.comm.is_main:
             exists = path.is_file()
-            restarted = _restart_of_this_run(self.comm)
+            restarted = _restart_of_this_run(self.comm, self.output)
             if exists and (config.resume or restarted):
                 try:
                     payload = checkpoint.load(path)
@@ -189,9 +222,8 @@ class _MetaTrainer:
         self.restarted = restarted
         if problem is not None:
             raise checkpoint.CheckpointError(problem)
-        if self.comm.is_main and payload is not None:
-            for stale in checkpoint.remove_temporaries(self.output):
-                logger.warning("removed %s, a checkpoint the stopped run left half-written", stale)
+        if payload is not None:
+            self.comm.on_main(self._remove_temporaries)
         if exists and payload is None:
             raise RunExistsError(
                 f"{self.output} already holds a run ({path.name}). Pass --resume to continue it, "
@@ -220,6 +252,10 @@ class _MetaTrainer:
                 )
             logger.info("resuming %s from step %d", self.output, payload["step"])
         return payload
+
+    def _remove_temporaries(self) -> None:
+        for stale in checkpoint.remove_temporaries(self.output):
+            logger.warning("removed %s, a checkpoint the stopped run left half-written", stale)
 
     def _split(self) -> TaskSplit:
         config = self.config
@@ -370,9 +406,8 @@ class _MetaTrainer:
         a stop that was asked for, or diverge again at the same step, so the note left here
         makes restarted workers repeat the error instead of training."""
         if self.comm.is_main:
-            self.comm.leave_launch_note(
-                _FINAL_NOTE, json.dumps({"message": message, "asked": asked})
-            )
+            note = {"message": message, "asked": asked, **_this_worker()}
+            self.comm.leave_launch_note(_note_key(_FINAL_NOTE, self.output), json.dumps(note))
         return TrainingStoppedError(message, asked=asked)
 
     def _run(self) -> Path:
@@ -380,8 +415,7 @@ class _MetaTrainer:
         metrics = comm.on_main(self._open_metrics)
         parameters = list(self.phi.parameters())
         sizes = [p.numel() for p in parameters]
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        crash_at = int(os.environ.get(_CRASH_ENV, "0")) if first_attempt else 0
+        crash_at = int(os.environ.get(_CRASH_ENV, "0")) if _restart_count() == 0 else 0
         bar = tqdm(
             total=config.steps,
             initial=self.start,
@@ -442,7 +476,10 @@ class _MetaTrainer:
             if stopping and done < config.steps:
                 bar.close()
                 if self.checkpointed != done:
-                    self._checkpoint(done)
+                    try:
+                        self._checkpoint(done)
+                    except Exception as error:  # the stop holds, at the last good checkpoint
+                        raise self._final(self._stopped(error), asked=True) from error
                 raise self._final(
                     f"meta-training stopped at step {done} of {config.steps} as asked; the "
                     f"checkpoint of step {done} in {self.output} holds it: rerun the same command "
