@@ -188,16 +188,25 @@ def architectures(results: Results) -> list[str]:
     authors' placement), each also after ``update_bn``: on a network where phi* fails, which
     of the two explains it."""
 
-    def scores(runs: Results, method: str, mode: str = "") -> list[float]:
-        if not mode:
-            return [r["accuracy"] for r in runs if r["method"] == method]
-        return [
-            r["evaluation"][mode]["accuracy"]
-            for r in runs
-            if r["method"] == method and mode in r["evaluation"]
-        ]
+    def evaluations(runs: Results, method: str, mode: str) -> list[dict[str, Any]]:
+        picked = [r for r in runs if r["method"] == method]
+        if mode == "default":  # older results have no evaluation record, only the accuracy
+            return [
+                {**r.get("evaluation", {}).get(mode, {}), "accuracy": r["accuracy"]} for r in picked
+            ]
+        return [r["evaluation"][mode] for r in picked if mode in r.get("evaluation", {})]
 
-    body = []
+    def scores(runs: Results, method: str, mode: str = "default") -> list[float]:
+        return [e["accuracy"] for e in evaluations(runs, method, mode)]
+
+    def shown(runs: Results, method: str, mode: str = "default") -> str:
+        """The cell, marked where some test predictions were NaN or infinite (counted wrong)."""
+        text = cell(scores(runs, method, mode))
+        nonfinite = sum(e.get("nonfinite_predictions", 0) for e in evaluations(runs, method, mode))
+        marks.append(nonfinite > 0)
+        return f"{text} ({nonfinite} not finite)" if nonfinite else text
+
+    body, marks = [], []
     for model, name in NETWORKS.items():
         runs = [r for r in results if r["target"] == "s-cifar10" and r["model"] == model]
         base = scores(runs, "base")
@@ -208,12 +217,12 @@ def architectures(results: Results) -> list[str]:
         body.append(
             [
                 name,
-                cell(base),
-                cell(phi),
+                shown(runs, "base"),
+                shown(runs, "metaperturb[phi-star]"),
                 lead,
-                cell(scores(runs, "metaperturb[phi-star]", "update_bn")),
-                cell(scores(runs, "metaperturb[phi-star,pre-act]")),
-                cell(scores(runs, "metaperturb[phi-star,pre-act]", "update_bn")),
+                shown(runs, "metaperturb[phi-star]", "update_bn"),
+                shown(runs, "metaperturb[phi-star,pre-act]"),
+                shown(runs, "metaperturb[phi-star,pre-act]", "update_bn"),
             ]
         )
     header = [
@@ -225,7 +234,14 @@ def architectures(results: Results) -> list[str]:
         "phi\\* before the last ReLU",
         "same + update_bn",
     ]
-    return table(header, body)
+    footnote = [
+        "",
+        (
+            '"not finite": that many test predictions (over the cell\'s runs) were NaN or '
+            "infinite; they count as wrong (`nonfinite_predictions` in the result files)."
+        ),
+    ]
+    return table(header, body) + (footnote if any(marks) else [])
 
 
 @dataclass(frozen=True)

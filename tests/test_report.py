@@ -153,6 +153,23 @@ def test_architectures_table_shows_update_bn_and_the_other_placement_beside_phi_
     assert rows["Conv6"].split(" | ")[1:] == ["", "", "", "", "", " |"]
 
 
+def test_architectures_table_marks_cells_with_predictions_that_were_not_finite() -> None:
+    """A NaN prediction counts as wrong: without a mark, 0.00 after update_bn would read as a
+    network that learned nothing rather than one whose outputs were NaN."""
+    runs = [_run("metaperturb[phi-star]", "s-cifar10", 0.7064, model="cifar_resnet44")]
+    runs[0]["evaluation"] = {
+        "default": {"accuracy": 0.7064, "nonfinite_predictions": 19},
+        "update_bn": {"accuracy": 0.0, "nonfinite_predictions": 10000},
+    }
+    lines = readme.architectures(runs)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    cells = rows["ResNet-44"].split(" | ")[1:]
+    assert cells[1] == "70.64 (1) (19 not finite)" and cells[3] == "0.00 (1) (10000 not finite)"
+    assert "count as wrong" in lines[-1]
+    clean = readme.architectures([_run("base", "s-cifar10", 0.7, model="cifar_resnet44")])
+    assert not any("not finite" in line for line in clean)
+
+
 def test_update_readme_rewrites_only_between_the_markers(tmp_path: Path) -> None:
     path = tmp_path / "README.md"
     text = (
