@@ -157,7 +157,7 @@ def evaluation(results: Results) -> list[str]:
             bn = [
                 (r["evaluation"]["update_bn"]["accuracy"] - r["accuracy"]) * 100
                 for r in runs
-                if "update_bn" in r["evaluation"]
+                if "accuracy" in r["evaluation"].get("update_bn", {})
             ]
             body.append(
                 [
@@ -194,7 +194,8 @@ def architectures(results: Results) -> list[str]:
             return [
                 {**r.get("evaluation", {}).get(mode, {}), "accuracy": r["accuracy"]} for r in picked
             ]
-        return [r["evaluation"][mode] for r in picked if mode in r.get("evaluation", {})]
+        found = [r["evaluation"][mode] for r in picked if mode in r.get("evaluation", {})]
+        return [e for e in found if "accuracy" in e]  # not one that failed
 
     def scores(runs: Results, method: str, mode: str = "default") -> list[float]:
         return [e["accuracy"] for e in evaluations(runs, method, mode)]
@@ -348,7 +349,7 @@ def goals_after_update_bn(results: Results) -> list[str]:
         [
             run | {"accuracy": run["evaluation"]["update_bn"]["accuracy"]}
             for run in results
-            if "update_bn" in run["evaluation"]
+            if "accuracy" in run["evaluation"].get("update_bn", {})
         ]
     )
 

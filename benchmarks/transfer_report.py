@@ -170,7 +170,7 @@ def update_bn_gain(results: list[dict[str, Any]]) -> list[str]:
         gains = [
             (r["evaluation"]["update_bn"]["accuracy"] - r["accuracy"]) * 100
             for r in results
-            if pick(r) and "update_bn" in r["evaluation"]
+            if pick(r) and "accuracy" in r["evaluation"].get("update_bn", {})
         ]
         if gains:
             lines.append(

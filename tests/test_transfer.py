@@ -885,6 +885,27 @@ def test_the_ramp_fraction_names_the_run_and_sets_the_strength_schedule(tmp_path
 
 
 @needs_mnist
+def test_update_bn_statistics_that_overflow_are_recorded_as_failed_not_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """update_bn refusing non-finite statistics ends that evaluation only: the run keeps its
+    other scores, and its update_bn entry says why it has none (ResNet-44 with phi* used to
+    record 0.00 from 10,000 NaN predictions)."""
+
+    def overflowing_update_bn(batches: Any, model: torch.nn.Module) -> None:
+        raise FloatingPointError("update_bn: the recomputed statistics of 'x' are not finite")
+
+    monkeypatch.setattr(run_module, "update_bn", overflowing_update_bn)
+    config = TransferConfig(
+        target=tiny_target(), model="conv4", steps=3, batch_size=8, curve_every=0
+    )
+    result = run_transfer(config, tmp_path, progress=False)
+    evaluation = result["evaluation"]
+    assert "accuracy" in evaluation["default"] and "accuracy" not in evaluation["update_bn"]
+    assert "are not finite" in evaluation["update_bn"]["failed"]
+
+
+@needs_mnist
 def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

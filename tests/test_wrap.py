@@ -771,6 +771,22 @@ def test_update_bn_keeps_the_statistics_when_it_cannot_finish() -> None:
     assert int(plain.body[0].na.num_batches_tracked) == 1
 
 
+def test_update_bn_refuses_statistics_that_are_not_finite() -> None:
+    """One batch whose features overflow (found on ResNet-44 with phi*: every prediction NaN
+    after update_bn) makes the cumulative average inf and the layers after it NaN. Before, they
+    were installed without a word; now the previous statistics stay and the error says so."""
+    model = wrapped(MyResNet())
+    model(torch.randn(8, 3, 16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    overflowing = torch.randn(8, 3, 16, 16)
+    overflowing[0, :, 4, 4] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"statistics of 'stem\.1' are not finite"):
+        metaperturb.update_bn([torch.randn(8, 3, 16, 16), overflowing], model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    assert model.body[0].na.momentum == 0.1
+
+
 def test_update_bn_stops_after_the_given_number_of_batches() -> None:
     model = wrapped(MyResNet())
     seen: list[int] = []

@@ -58,7 +58,8 @@ def update_bn(
     trained at. One pass over some training batches, with the sites in their eval mode and
     every BatchNorm layer averaging its batch statistics (``momentum=None``), removes that shift.
     Call it once after training, like ``torch.optim.swa_utils.update_bn`` (same argument order);
-    every module's mode and momentum are restored, and the previous statistics if it fails. On
+    every module's mode and momentum are restored, and the previous statistics if it fails
+    (also when the recomputed statistics are not finite: ``FloatingPointError``). On
     a model without MetaPerturb it recomputes the statistics in eval mode all the same (the
     control that separates this shift from statistics that lag behind the weights).
 
@@ -85,6 +86,7 @@ def update_bn(
             norm.train()
         try:
             _average_batches(loader, model, device, batches)
+            _check_finite(norms, model)
         except BaseException:
             for norm, buffers in saved.items():  # the statistics the model had, not reset ones
                 for buffer, value in zip(norm.buffers(), buffers, strict=True):
@@ -93,6 +95,21 @@ def update_bn(
         finally:
             for norm, momentum in momenta.items():
                 norm.momentum = momentum
+
+
+def _check_finite(norms: list[_BatchNorm], model: nn.Module) -> None:
+    """Refuse statistics that are not finite rather than install them: one batch whose features
+    overflowed makes a cumulative average inf, and every layer after it NaN."""
+    names = {module: name for name, module in model.named_modules()}
+    for norm in norms:
+        buffers = [t for t in (norm.running_mean, norm.running_var) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in buffers):
+            raise FloatingPointError(
+                f"update_bn: the recomputed statistics of {names.get(norm, 'a BatchNorm')!r} "
+                "are not finite (the features reaching it overflowed on some batch); the "
+                "previous statistics are kept. Check the model's outputs on these batches "
+                "for inf or NaN before recomputing."
+            )
 
 
 def _average_batches(

@@ -412,7 +412,11 @@ class TransferRun:
         # comes from statistics that lag behind the weights rather than from phi's noise.
         trained = {k: v.clone() for k, v in self.model.state_dict().items()}
         started = time.perf_counter()
-        update_bn(self.training_inputs(UPDATE_BN_BATCHES, self.config.steps), self.model)
+        try:
+            update_bn(self.training_inputs(UPDATE_BN_BATCHES, self.config.steps), self.model)
+        except FloatingPointError as error:  # statistics that overflowed: recorded, no score
+            results["update_bn"] = {"failed": str(error), "batches": UPDATE_BN_BATCHES}
+            return results
         seconds = time.perf_counter() - started
         results["update_bn"] = timed()
         results["update_bn"].update(batches=UPDATE_BN_BATCHES, update_seconds=seconds)
