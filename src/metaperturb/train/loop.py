@@ -219,7 +219,6 @@ class _MetaTrainer:
         exists, payload, problem, restarted = self.comm.broadcast(
             (exists, payload, problem, restarted)
         )
-        self.restarted = restarted
         if problem is not None:
             raise checkpoint.CheckpointError(problem)
         if payload is not None:
