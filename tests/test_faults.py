@@ -461,30 +461,68 @@ def test_launch_notes_are_per_folder_and_per_worker_process(
     assert _checkpoint_step(outside) == EVERY
 
 
-def _rank_whose_checkpoint_fails(rank: int, port: int, run: Path, results: Any) -> None:
-    """Rank ``rank`` of 2 in a forked process; rank 0's second checkpoint write fails."""
-    from metaperturb.train import checkpoint
-
+def _as_forked_rank(
+    rank: int, port: int, run: Path, results: Any, fault: Any, dist_timeout: float
+) -> None:
+    """Rank ``rank`` of 2 in a forked process: install ``fault(rank)``, train, and put the
+    outcome (or the error's type and message) on ``results``."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )  # fmt: skip
+    fault(rank)
+    try:
+        train(TrainConfig(**SETTINGS, output_dir=str(run), dist_timeout=dist_timeout))
+        results.put((rank, "finished"))
+    except Exception as error:  # noqa: BLE001 - sent to the test, which checks it
+        results.put((rank, f"{type(error).__name__}: {error}"))
+
+
+def _two_forked_ranks(run: Path, fault: Any, dist_timeout: float, wait_for: int) -> list[Any]:
+    """The first ``wait_for`` (rank, outcome) pairs of two ranks forked from this process (no
+    torchrun, which saves their start-up); a test that gets fewer within TIMEOUT fails as a
+    hang."""
+    import multiprocessing
+    import queue
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    ranks = [
+        context.Process(
+            target=_as_forked_rank, args=(rank, port, run, results, fault, dist_timeout)
+        )
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    try:
+        return [results.get(timeout=TIMEOUT) for _ in range(wait_for)]
+    except queue.Empty:
+        pytest.fail(f"no rank finished or failed within {TIMEOUT} s: it hangs")
+    finally:
+        for process in ranks:
+            process.kill()
+            process.join(timeout=30)
+
+
+def _full_disk_at_rank_0s_second_checkpoint(rank: int) -> None:
+    from metaperturb.train import checkpoint
+
     real = checkpoint.save
     writes = 0
 
     def save(path: Path, payload: dict[str, Any]) -> Path:
         nonlocal writes
         writes += 1
-        if writes == 2:
+        if rank == 0 and writes == 2:
             raise OSError(28, "No space left on device")
         return real(path, payload)
 
     checkpoint.save = save  # type: ignore[assignment]
-    try:
-        train(TrainConfig(**SETTINGS, output_dir=str(run), dist_timeout=TIMEOUT))
-        results.put((rank, "finished"))
-    except Exception as error:  # noqa: BLE001 - sent to the test, which checks it
-        results.put((rank, f"{type(error).__name__}: {error}"))
 
 
 @needs_tiny
@@ -497,26 +535,8 @@ def test_a_failure_on_rank_0_alone_stops_every_rank_at_the_last_good_checkpoint(
     """Rank 0's checkpoint write of step 4 fails. Every rank stops at once and names the
     checkpoint of step 2. Before, rank 1 went on to the next collective and waited there, and
     named the checkpoint of step 4, which was never written."""
-    import multiprocessing
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    ranks = [
-        context.Process(target=_rank_whose_checkpoint_fails, args=(rank, port, tmp_path, results))
-        for rank in range(2)
-    ]
-    for process in ranks:
-        process.start()
-    try:
-        outcomes = dict(results.get(timeout=TIMEOUT) for _ in ranks)
-    finally:
-        for process in ranks:
-            process.kill()
-            process.join(timeout=30)
+    fault = _full_disk_at_rank_0s_second_checkpoint
+    outcomes = dict(_two_forked_ranks(tmp_path, fault, dist_timeout=TIMEOUT, wait_for=2))
     for rank, outcome in outcomes.items():
         assert outcome.startswith("TrainingStoppedError"), (rank, outcome)
         assert f"stopped at step 4 of {STEPS}" in outcome and "No space left" in outcome
@@ -525,30 +545,20 @@ def test_a_failure_on_rank_0_alone_stops_every_rank_at_the_last_good_checkpoint(
     assert _checkpoint_step(tmp_path) == EVERY
 
 
-def _rank_that_may_hang(rank: int, port: int, run: Path, results: Any) -> None:
-    """Rank ``rank`` of 2 in a forked process; rank 1 stops answering at step 4."""
+def _rank_1_hangs_at_step_4(rank: int) -> None:
     from metaperturb.train.distributed import Collective
 
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )  # fmt: skip
     real = Collective.all_reduce_sum_
     steps = 0
 
     def all_reduce(self: Collective, flat: torch.Tensor) -> torch.Tensor:
         nonlocal steps
         steps += 1
-        if self.rank == 1 and steps == 4:
+        if rank == 1 and steps == 4:
             time.sleep(TIMEOUT)
         return real(self, flat)
 
     Collective.all_reduce_sum_ = all_reduce  # type: ignore[method-assign]
-    try:
-        train(TrainConfig(**SETTINGS, output_dir=str(run), dist_timeout=3))
-        results.put((rank, "finished"))
-    except Exception as error:  # noqa: BLE001 - sent to the test, which checks it
-        results.put((rank, f"{type(error).__name__}: {error}"))
 
 
 @needs_tiny
@@ -556,33 +566,11 @@ def _rank_that_may_hang(rank: int, port: int, run: Path, results: Any) -> None:
 @needs_posix
 @pytest.mark.distributed
 def test_hung_rank_times_out_instead_of_hanging(tmp_path: Path) -> None:
-    """Rank 1 stops answering at step 4; rank 0 gives up after dist_timeout (3 s), not never.
-
-    The two ranks are forked from this process (no torchrun), which saves their start-up."""
-    import multiprocessing
-    import queue
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    ranks = [
-        context.Process(target=_rank_that_may_hang, args=(rank, port, tmp_path, results))
-        for rank in range(2)
-    ]
+    """Rank 1 stops answering at step 4; rank 0 gives up after dist_timeout (3 s), not never."""
     started = time.monotonic()
-    for process in ranks:
-        process.start()
-    try:
-        rank, outcome = results.get(timeout=TIMEOUT)
-    except queue.Empty:
-        pytest.fail(f"no rank finished or failed within {TIMEOUT} s: it hangs")
-    finally:
-        for process in ranks:
-            process.kill()
-            process.join(timeout=30)
+    [(rank, outcome)] = _two_forked_ranks(
+        tmp_path, _rank_1_hangs_at_step_4, dist_timeout=3, wait_for=1
+    )
     assert rank == 0 and outcome.startswith("TrainingStoppedError"), outcome
     assert "Timed out waiting 3000ms" in outcome
     assert f"stopped at step 4 of {STEPS}" in outcome and "--resume" in outcome
