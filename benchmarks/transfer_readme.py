@@ -204,10 +204,9 @@ def architectures(results: Results) -> list[str]:
         """The cell, marked where some test predictions were NaN or infinite (counted wrong)."""
         text = cell(scores(runs, method, mode))
         nonfinite = sum(e.get("nonfinite_predictions", 0) for e in evaluations(runs, method, mode))
-        marks.append(nonfinite > 0)
         return f"{text} ({nonfinite} not finite)" if nonfinite else text
 
-    body, marks = [], []
+    body = []
     for model, name in NETWORKS.items():
         runs = [r for r in results if r["target"] == "s-cifar10" and r["model"] == model]
         base = scores(runs, "base")
@@ -242,7 +241,8 @@ def architectures(results: Results) -> list[str]:
             "infinite; they count as wrong (`nonfinite_predictions` in the result files)."
         ),
     ]
-    return table(header, body) + (footnote if any(marks) else [])
+    marked = any(text.endswith("not finite)") for row in body for text in row)
+    return table(header, body) + (footnote if marked else [])
 
 
 @dataclass(frozen=True)
