@@ -1,38 +1,69 @@
-"""Why a deep network's test predictions overflow under MetaPerturb, and what a clamp at test
-time would change (README, the ResNet-44 paragraph below the architectures table).
+"""What the clamp at test time changes on trained networks (README: the ResNet-44 paragraph
+below the architectures table, and "Choices that differ from the authors' code").
 
-phi's noise mean is linear in the features, so a site's output grows about as their square;
-training clamps it at ``PerturbationConfig.clip`` (100), evaluation does not. This script takes
-an evaluation run's checkpoint, scores the first N test images in the expectation and sample
-modes as the library does and with the clamp applied at test time too, traces the largest site
-output through the network for the first image that overflows, and tries ``update_bn`` both
-ways. Writes ``benchmarks/results/eval-overflow.md``.
+phi's noise mean is linear in the features, so a site's output grows about as their square.
+Training clamps it at ``PerturbationConfig.clip`` (100); the authors do not clamp at test time,
+and until ``clip_in_eval`` (on by default) neither did this library. For each evaluation run's
+checkpoint, this script scores the first N test images in the expectation and sample modes
+without the clamp (the authors' evaluation) and with it, counts the images on which some site's
+output passes the clamp when nothing stops it, tries ``update_bn`` both ways, and traces the
+largest site output through the network for the first image whose prediction overflows. Writes
+``benchmarks/results/eval-overflow.md``.
 
-    git show f549c09:'benchmarks/results/transfer/s-cifar10__cifar_resnet44__metaperturb[phi-star]__10000steps__seed0.ckpt' > /tmp/r44.ckpt
-    python benchmarks/eval_overflow.py /tmp/r44.ckpt --images 2000
+The checkpoints are those of runs stopped part-way and committed (benchmarks/save_runs.sh):
+``--from-git`` takes the latest committed checkpoint of every MetaPerturb run in the history of
+``benchmarks/results/transfer`` whose id matches the pattern.
+
+    python benchmarks/eval_overflow.py --from-git '*metaperturb*' --images 10000
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import subprocess
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from metaperturb.evaluation import update_bn
-from metaperturb.site import perturb
 from metaperturb.transfer.config import TransferConfig
 from metaperturb.transfer.run import UPDATE_BN_BATCHES, TransferRun
 from metaperturb.wrapper import get_controller, set_eval_mode
 
-RESULT = Path(__file__).parent / "results" / "eval-overflow.md"
+ROOT = Path(__file__).parent
+RESULT = ROOT / "results" / "eval-overflow.md"
+RUNS = "benchmarks/results/transfer"
 
 
-def _restore(checkpoint: Path, scratch: Path) -> TransferRun:
+def committed_checkpoints(pattern: str, scratch: Path) -> list[Path]:
+    """The latest committed version of every checkpoint in ``RUNS``'s history whose run id
+    matches ``pattern``, copied into ``scratch``; newest commit first."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT.parent, capture_output=True, text=True, check=True
+        ).stdout
+
+    names = dict.fromkeys(git("log", "--all", "--format=", "--name-only", "--", f"{RUNS}/*.ckpt"))
+    found = []
+    for name in filter(None, names):
+        if not fnmatch.fnmatchcase(Path(name).stem, pattern):
+            continue
+        commit = git("log", "--all", "-1", "--format=%H", "--diff-filter=AM", "--", name).strip()
+        blob = subprocess.run(
+            ["git", "show", f"{commit}:{name}"], cwd=ROOT.parent, capture_output=True, check=True
+        ).stdout
+        path = scratch / Path(name).name
+        path.write_bytes(blob)
+        found.append(path)
+    return found
+
+
+def restore(checkpoint: Path, scratch: Path) -> TransferRun:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = TransferConfig(**{**json.loads(state["config"]), "device": "cpu"})
     run = TransferRun(config, scratch)
@@ -41,29 +72,62 @@ def _restore(checkpoint: Path, scratch: Path) -> TransferRun:
     return run
 
 
-def _clamped(clip: float) -> Callable[..., torch.Tensor]:
-    """The site function with the training clamp applied at test time too."""
+@dataclass
+class Scores:
+    """One evaluation of the first N test images."""
 
-    def site(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = perturb(*args, **kwargs)
-        if kwargs["training"] or kwargs["eval_mode"] == "off":
-            return out
-        return out.clamp(max=clip)
+    probabilities: torch.Tensor
+    accuracy: float
+    finite: torch.Tensor
+    #: Per image, the largest output of any site (recorded when asked).
+    largest: torch.Tensor | None = None
 
-    return site
+    @property
+    def nonfinite(self) -> int:
+        return int((~self.finite).sum())
+
+    def cell(self) -> str:
+        return f"{self.accuracy:.2f}" + (f" ({self.nonfinite} nf)" if self.nonfinite else "")
 
 
-def _score(run: TransferRun, rows: torch.Tensor) -> tuple[float, torch.Tensor]:
+def score(run: TransferRun, rows: torch.Tensor, record: bool = False) -> Scores:
+    """Accuracy of ``rows`` in the current mode (seeded, so samples repeat); ``record`` also
+    keeps each image's largest site output (NaN counted as past any clamp)."""
+    modules = dict(run.model.named_modules())
+    outputs: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name in get_controller(run.model).site_names if record else []:
+        outputs[name] = []
+        hooks.append(
+            modules[name].register_forward_hook(
+                lambda module, args, out, name=name: outputs[name].append(
+                    out.detach().float().flatten(1).max(dim=1).values
+                )
+            )
+        )
     torch.manual_seed(0)
-    probabilities = run.predict(rows)
+    try:
+        probabilities = run.predict(rows)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    largest = None
+    if record:
+        per_site = torch.stack([torch.cat(values) for values in outputs.values()])
+        largest = per_site.nan_to_num(nan=float("inf")).max(dim=0).values
     finite = torch.isfinite(probabilities).all(dim=1)
     right = (probabilities.argmax(dim=1) == run.test_data.labels[rows]) & finite
-    return 100 * right.float().mean().item(), finite
+    return Scores(probabilities, 100 * right.float().mean().item(), finite, largest)
 
 
-def _trace(run: TransferRun, row: int) -> list[tuple[str, float]]:
+def moved(a: Scores, b: Scores) -> str:
+    both = a.finite & b.finite
+    changed = (a.probabilities[both].argmax(1) != b.probabilities[both].argmax(1)).sum()
+    return f"{int(changed)} of {int(both.sum())}"
+
+
+def trace(run: TransferRun, row: int) -> list[tuple[str, float]]:
     """The largest |output| of every site for one test image, in order."""
-    controller = get_controller(run.model)
     modules = dict(run.model.named_modules())
     largest: list[tuple[str, float]] = []
     hooks = [
@@ -72,7 +136,7 @@ def _trace(run: TransferRun, row: int) -> list[tuple[str, float]]:
                 (name, out.detach().float().abs().max().item())
             )
         )
-        for name in controller.site_names
+        for name in get_controller(run.model).site_names
     ]
     try:
         run.predict(torch.tensor([row]))
@@ -82,81 +146,114 @@ def _trace(run: TransferRun, row: int) -> list[tuple[str, float]]:
     return largest
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--images", type=int, default=2000)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as scratch:
-        run = _restore(args.checkpoint, Path(scratch))
-        controller = get_controller(run.model)
-        clip = float(controller.phi.config.clip or 100.0)
-        rows = torch.arange(args.images)
-        lines = [
-            f"# Test-time overflow: {run.id}, step {run.step}, first {args.images} test images",
-            "",
-            f"Made by `python benchmarks/eval_overflow.py CHECKPOINT --images {args.images}`.",
-            "",
-            (
-                "| mode | accuracy % (as is) | not finite | accuracy % (clamped at "
-                f"{clip:g}) | not finite | predictions that moved |"
-            ),
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        first_bad = None
-        for mode in ("expectation", "sample"):
-            set_eval_mode(run.model, mode)
-            controller.site_function = perturb
-            plain, plain_finite = _score(run, rows)
-            if first_bad is None and not plain_finite.all():
-                first_bad = int((~plain_finite).nonzero()[0])
-            torch.manual_seed(0)
-            reference = run.predict(rows)
-            controller.site_function = _clamped(clip)
-            clamped, clamped_finite = _score(run, rows)
-            torch.manual_seed(0)
-            both = plain_finite & clamped_finite
-            moved = (run.predict(rows)[both].argmax(1) != reference[both].argmax(1)).sum()
-            lines.append(
-                f"| {mode} | {plain:.2f} | {int((~plain_finite).sum())} | {clamped:.2f} | "
-                f"{int((~clamped_finite).sum())} | {int(moved)} of {int(both.sum())} |"
-            )
-        set_eval_mode(run.model, "expectation")
-        controller.site_function = perturb
-        trained = {k: v.clone() for k, v in run.model.state_dict().items()}
-        batches = run.training_inputs(UPDATE_BN_BATCHES, run.config.steps)
-        try:
-            update_bn(batches, run.model)
-            after = f"{_score(run, rows)[0]:.2f}"
-        except FloatingPointError as error:
-            after = f"refused ({error})"
-        run.model.load_state_dict(trained)
-        controller.site_function = _clamped(clip)
+def after_update_bn(run: TransferRun, rows: torch.Tensor) -> str:
+    trained = {k: v.clone() for k, v in run.model.state_dict().items()}
+    try:
         update_bn(run.training_inputs(UPDATE_BN_BATCHES, run.config.steps), run.model)
-        after_clamped, finite = _score(run, rows)
-        lines += [
-            "",
-            (
-                f"After `update_bn` ({UPDATE_BN_BATCHES} training batches): as is: {after}; "
-                f"clamped: {after_clamped:.2f} ({int((~finite).sum())} not finite)."
-            ),
-        ]
-        if first_bad is not None:
-            run.model.load_state_dict(trained)
-            controller.site_function = perturb
-            trace = _trace(run, first_bad)
-            lines += [
-                "",
-                f"Largest absolute site output for test image {first_bad} (expectation, as is):",
+        return score(run, rows).cell()
+    except FloatingPointError:
+        return "refused (not finite)"
+    finally:
+        run.model.load_state_dict(trained)
+
+
+def examine(checkpoint: Path, images: int) -> tuple[str, list[str]]:
+    """One table row for ``checkpoint``, and the trace of its first overflowing image."""
+    with tempfile.TemporaryDirectory() as scratch:
+        run = restore(checkpoint, Path(scratch))
+        config = get_controller(run.model).phi.config
+        clip = config.clip
+        assert clip is not None, "these runs were trained with the clamp"
+        rows = torch.arange(min(images, len(run.test_data)))
+        cells: dict[tuple[str, bool], Scores] = {}
+        bn: dict[bool, str] = {}
+        for clamped in (False, True):
+            config.clip_in_eval = clamped
+            for mode in ("expectation", "sample"):
+                set_eval_mode(run.model, mode)
+                record = mode == "expectation" and not clamped
+                cells[mode, clamped] = score(run, rows, record=record)
+            set_eval_mode(run.model, "expectation")
+            bn[clamped] = after_update_bn(run, rows)
+        largest = cells["expectation", False].largest
+        assert largest is not None
+        passing = int((largest > clip).sum())
+        row = (
+            f"| {run.id} | {run.step} | {len(rows)} | {passing} | "
+            + " | ".join(
+                f"{cells[mode, False].cell()} | {cells[mode, True].cell()} | "
+                f"{moved(cells[mode, False], cells[mode, True])}"
+                for mode in ("expectation", "sample")
+            )
+            + f" | {bn[False]} | {bn[True]} |"
+        )
+        details: list[str] = []
+        bad = (~cells["expectation", False].finite).nonzero()
+        if len(bad):
+            config.clip_in_eval = False
+            first = int(bad[0])
+            details = [
+                (
+                    f"Largest absolute site output of {run.id} (step {run.step}) for test image "
+                    f"{first}, expectation, no clamp:"
+                ),
                 "",
                 "| site | largest absolute output |",
                 "| --- | ---: |",
-                *(f"| {name} | {value:.3g} |" for name, value in trace),
+                *(f"| {name} | {value:.3g} |" for name, value in trace(run, first)),
             ]
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        return row, details
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", type=Path, nargs="*")
+    parser.add_argument(
+        "--from-git", metavar="PATTERN", help="committed checkpoints whose run id matches"
+    )
+    parser.add_argument("--images", type=int, default=10000, help="first N test images")
+    parser.add_argument("--output", type=Path, default=RESULT)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoints = list(args.checkpoints)
+        if args.from_git:
+            checkpoints += committed_checkpoints(args.from_git, Path(scratch))
+        if not checkpoints:
+            parser.error("no checkpoints: name some, or match committed ones with --from-git")
+        command = "python benchmarks/eval_overflow.py" + (
+            f" --from-git '{args.from_git}'" if args.from_git else " CHECKPOINT ..."
+        )
+        lines = [
+            "# The clamp at test time, on trained networks",
+            "",
+            (
+                f"Made by `{command} --images {args.images}`. Each row is a checkpoint of an "
+                "evaluation run stopped part-way (its step), scored on the first N test images "
+                "without the clamp (the authors' evaluation, `clip_in_eval=False`) and with it "
+                "(the library's default). *Passing*: test images on which some site's output "
+                "exceeds the clamp when nothing stops it (expectation mode). *nf*: predictions "
+                "that are NaN or infinite (counted wrong). *Moved*: predictions that differ, of "
+                "those finite both ways."
+            ),
+            "",
+            (
+                "| run | step | images | passing | expectation, no clamp | expectation, clamp | "
+                "moved | sample, no clamp | sample, clamp | moved | update_bn, no clamp | "
+                "update_bn, clamp |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        traces: list[str] = []
+        for checkpoint in checkpoints:
+            row, details = examine(checkpoint, args.images)
+            print(row, flush=True)
+            lines.append(row)
+            if details and not traces:
+                traces = ["", *details]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines + traces) + "\n")
+    print("\n".join(lines + traces))
 
 
 if __name__ == "__main__":

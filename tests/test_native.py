@@ -154,6 +154,24 @@ def test_the_clamp_and_its_gradient_match(monkeypatch: pytest.MonkeyPatch) -> No
     torch.testing.assert_close(fused["h"], expected["h"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("clip_in_eval", [True, False])
+@pytest.mark.parametrize("mode", ["expectation", "sample"])
+def test_the_eval_clamp_matches(mode: str, clip_in_eval: bool) -> None:
+    """In eval the clamp holds too, in both modes (unless ``clip_in_eval`` is off), and the
+    kernels cut exactly what the PyTorch path cuts."""
+    generator = torch.Generator().manual_seed(6)
+    h = torch.randn(4, 6, 5, 5, generator=generator).relu() * 200
+    noise = torch.randn(h.shape, generator=generator)
+    outputs = []
+    for fused in (True, False):
+        phi = make_phi(True)
+        phi.config.clip_in_eval = clip_in_eval
+        outputs.append(run(phi, h, noise, False, mode, grad=False, fused=fused)["out"])
+    assert (outputs[1] > 100).any() != clip_in_eval
+    assert (outputs[1] < 100).any()
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_non_finite_features_give_what_the_pytorch_path_gives(
     training: bool, monkeypatch: pytest.MonkeyPatch

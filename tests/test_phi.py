@@ -191,11 +191,17 @@ def test_frozen_phi_gets_no_gradient_even_if_requires_grad_is_forced(phi: Pertur
     assert all(p.grad is not None for p in phi.parameters())
 
 
-def test_clip_applies_in_training_only(phi: Perturbation) -> None:
+def test_clip_applies_in_training_and_in_eval_unless_told_otherwise(phi: Perturbation) -> None:
     phi.config = PerturbationConfig(clip=0.5)
     h = torch.full((4, 3, 6, 6), 10.0)
     assert run_site(h, phi).max() <= 0.5
-    assert run_site(h, phi, training=False).max() > 0.5
+    for mode in ("expectation", "sample"):
+        assert run_site(h, phi, training=False, eval_mode=mode).max() <= 0.5
+    assert torch.equal(run_site(h, phi, training=False, eval_mode="off"), h)
+    phi.config = PerturbationConfig(clip=0.5, clip_in_eval=False)  # the authors' evaluation
+    assert run_site(h, phi).max() <= 0.5
+    for mode in ("expectation", "sample"):
+        assert run_site(h, phi, training=False, eval_mode=mode).max() > 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -229,6 +235,8 @@ def test_config_validation_and_round_trip() -> None:
     assert PerturbationConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="clip"):
         PerturbationConfig(clip=-1)
+    with pytest.raises(TypeError, match="clip_in_eval"):
+        PerturbationConfig(clip_in_eval="no")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="placement must be 'output' or 'before_activation'"):
         PerturbationConfig(placement="inside")
     with pytest.raises(ValueError, match="Unknown phi config keys"):

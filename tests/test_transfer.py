@@ -242,6 +242,7 @@ def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
     assert [point["step"] for point in result["curve"]] == [3, 6]
     assert len(result["scales"]) == 4 and all(0 < s < 1 for s in result["scales"].values())
     assert len(result["phi_fingerprint"]) == 64
+    assert result["eval_clip"] == 100.0  # the library's default: the training clamp holds in eval
     assert not list((tmp_path / "results").glob("*.ckpt"))  # removed when done
     stamp = path.stat().st_mtime_ns
     assert run_transfer(config, tmp_path / "results", progress=False) == result

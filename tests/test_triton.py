@@ -73,6 +73,28 @@ CHILD = textwrap.dedent(
             "layout": out.is_contiguous(memory_format=torch.channels_last) == channels_last
             or shape[2] * shape[3] == 1,
         }
+    # The eval clamp (a clip below some outputs), and the authors' eval without it.
+    for clip_in_eval in (True, False):
+        phi.config.clip, phi.config.clip_in_eval = 1.5, clip_in_eval
+        state = SiteState(3)
+        state.running_mean.uniform_(0.0, 0.5)
+        h = torch.randn(2, 3, 5, 7).relu() * 3
+        kwargs = dict(
+            strength=torch.tensor(0.8), channel_ratio=0.5, spatial_ratio=torch.tensor(0.25),
+            training=False, eval_mode="expectation", fused=False,
+        )
+        with torch.no_grad():
+            reference = perturb(h, phi, state, **kwargs)
+            os.environ["METAPERTURB_TRITON"] = "1"
+            out = perturb(h, phi, state, **kwargs)
+            del os.environ["METAPERTURB_TRITON"]
+        errors[f"eval clip_in_eval={clip_in_eval}"] = {
+            "max_error": (out - reference).abs().max().item(),
+            "scale": reference.abs().max().item(),
+            "dtype": bool(reference.max() <= 1.5) == clip_in_eval,
+            "layout": True,
+        }
+    phi.config.clip, phi.config.clip_in_eval = 100.0, True
     # Training (and eval sampling): the same noise given, values and input gradients, the
     # clamp included (a clip below some outputs).
     for shape, channels_last, training, clip in [
@@ -181,7 +203,7 @@ def test_triton_site_matches_the_pytorch_path() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(errors) == 12
+    assert len(errors) == 14
     for case, result in errors.items():
         tolerance = 2e-3 if "float16" in case else 1e-5
         assert result["max_error"] <= tolerance * max(1.0, result["scale"]), (case, result)

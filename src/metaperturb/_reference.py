@@ -73,6 +73,6 @@ def reference_perturb(
 
     gain = (scale * z - 1.0) * strength + 1.0
     out = x * gain
-    if training and phi.config.clip is not None:
+    if phi.config.clip is not None and (training or phi.config.clip_in_eval):
         out = torch.clamp(out, max=phi.config.clip)
     return out.to(h.dtype)

@@ -93,9 +93,9 @@ if triton is not None:
 
     @triton.jit
     def _output_kernel(
-        hidden, shift, x, out, kernels, gain, offset_ptr, slope, bump, width_factor,
+        hidden, shift, x, out, kernels, gain, offset_ptr, slope, bump, width_factor, limit,
         planes, channels, height, width, sb, sc, sh, sw,
-        BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+        CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
         p, s, valid, b, i, j = _tile(planes, channels, height, width, BLOCK_P, BLOCK_S)
         mu = _stencil(hidden, p * height * width, i, j, height, width, width, 1, kernels, valid)
@@ -108,7 +108,10 @@ if triton is not None:
         where = b * sb + (p % channels) * sc + i * sh + j * sw
         h = tl.load(x + where, mask=valid, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr)
-        tl.store(out + where, (h * (g * z + offset)).to(out.dtype.element_ty), mask=valid)
+        y = h * (g * z + offset)
+        if CLAMP:
+            y = tl.minimum(y, limit)
+        tl.store(out + where, y.to(out.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _sample(
@@ -307,20 +310,22 @@ def expectation(
     noise_weights: Tensor,
     scale: Tensor,
     strength: Tensor,
+    clip: float | None,
     slope: float,
     bump: float,
     width: float,
 ) -> Tensor:
-    """The eval site in expectation mode, without autograd: ``noise_weights`` are E1's and
-    E2's four 3x3 kernels flattened (36 numbers, :meth:`Perturbation.noise_kernels`); the
-    result has ``h``'s dtype and memory layout."""
+    """The eval site in expectation mode, without autograd, clamped from above at ``clip``
+    unless it is ``None``: ``noise_weights`` are E1's and E2's four 3x3 kernels flattened (36
+    numbers, :meth:`Perturbation.noise_kernels`); the result has ``h``'s dtype and memory
+    layout."""
     site = _Site(kernel_layout(h), noise_weights)
     gain, offset, _ = _gain(scale, strength)
     hidden = site.hidden()
     out = torch.empty_like(site.h)
     _output_kernel[site.grid](
         hidden, _shift(hidden, site.weights[3:4]), site.h, out, site.kernel(2), gain, offset,
-        slope, bump, width, *site.sizes, **site.blocks,
+        slope, bump, width, clip or 0.0, *site.sizes, CLAMP=clip is not None, **site.blocks,
     )  # fmt: skip
     return out
 

@@ -51,9 +51,13 @@ class PerturbationConfig:
     #: Divisor of the spatial descriptor ``H / spatial_norm``. ``None``: the height of the image
     #: that entered the host, recorded on every forward pass.
     spatial_norm: float | None = None
-    #: Upper clamp of the perturbed features in training mode (the authors' k = 100); ``None``
-    #: disables it. Never applied in eval mode.
+    #: Upper clamp of the perturbed features (the authors' k = 100); ``None`` disables it.
     clip: float | None = 100.0
+    #: Whether ``clip`` also holds in eval mode (expectation and sample). The authors clamp in
+    #: training only; without a clamp at test time the noise mean, linear in the features, lets a
+    #: deep network's activations grow as their square from site to site until they overflow
+    #: (ResNet-44 on s-CIFAR10: README, Evaluation). ``False`` evaluates as the authors do.
+    clip_in_eval: bool = True
     #: Momentum of the running mean/variance of the scale statistics (as in BatchNorm).
     momentum: float = 0.1
     #: Where this phi was meta-trained to act, and where :func:`metaperturb.wrap` puts it unless
@@ -70,6 +74,10 @@ class PerturbationConfig:
                 raise ValueError(
                     f"PerturbationConfig.{name} must be a positive number or None, got {value!r}."
                 )
+        if not isinstance(self.clip_in_eval, bool):
+            raise TypeError(
+                f"PerturbationConfig.clip_in_eval must be True or False, got {self.clip_in_eval!r}."
+            )
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(
                 f"PerturbationConfig.momentum must lie in [0, 1], got {self.momentum!r}."

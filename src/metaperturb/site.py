@@ -59,6 +59,12 @@ class SiteState(nn.Module):
         return f"channels={self.channels}"
 
 
+def _clip(phi: Perturbation, training: bool) -> float | None:
+    """The upper clamp this pass applies: ``config.clip`` in training, and in eval too unless
+    ``config.clip_in_eval`` is off."""
+    return phi.config.clip if training or phi.config.clip_in_eval else None
+
+
 def perturb(
     h: Tensor,
     phi: Perturbation,
@@ -142,24 +148,25 @@ def perturb(
     else:
         mean, var = state.running_mean, state.running_var
     scale = phi.channel_scale(mean, var, channel_ratio, spatial_ratio)
+    clip = _clip(phi, training)
 
     if fused and sampling:
         # The kernels draw their own noise (Philox, keyed from torch's generator) unless given.
         given = None if noise is None else _native.channels_last(noise.to(x.dtype))
-        clip = phi.config.clip if training else None
         return _native.sampled(x, phi.noise_kernels(), scale, strength, clip, noise=given)
     if fused:
-        return _native.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
+        return _native.expectation(x, phi.noise_kernels(), scale, strength, clip, *_EXPECTATION)
     if gpu_kernels is not None:
         if sampling:
-            clip = phi.config.clip if training else None
             out = gpu_kernels.sampled(x, phi.noise_kernels(), scale, strength, clip, noise)
         else:
-            out = gpu_kernels.expectation(x, phi.noise_kernels(), scale, strength, *_EXPECTATION)
+            out = gpu_kernels.expectation(
+                x, phi.noise_kernels(), scale, strength, clip, *_EXPECTATION
+            )
         return out.to(h.dtype)
     mu = phi.noise_mean(x)
     if sampling:
         draw = standard_normal_like(mu) if noise is None else noise.to(mu.dtype)
-        clip = phi.config.clip if training else None
         return sampled_gain(h, mu, draw, scale, strength, clip)
-    return h * saturating_cast(gain(expected_softplus(mu), scale, strength), h.dtype)
+    out = h * saturating_cast(gain(expected_softplus(mu), scale, strength), h.dtype)
+    return out if clip is None else out.clamp_(max=clip)

@@ -177,14 +177,16 @@ def expectation(
     noise_weights: Tensor,
     scale: Tensor,
     strength: Tensor,
+    clip: float | None,
     slope: float,
     bump: float,
     width: float,
 ) -> Tensor:
-    """The deterministic eval site, without autograd (the caller checks none is needed); ``h``
-    in :func:`kernel_layout`, the result in ``h``'s layout."""
+    """The deterministic eval site, without autograd (the caller checks none is needed),
+    clamped from above at ``clip`` unless it is ``None``; ``h`` in :func:`kernel_layout`, the
+    result in ``h``'s layout."""
     c = float(strength)
     with _labelled("expectation_forward"):
         return kernels().expectation_forward(  # type: ignore[union-attr]
-            h, noise_weights, scale.float() * c, 1.0 - c, slope, bump, width
+            h, noise_weights, scale.float() * c, 1.0 - c, clip or 0.0, slope, bump, width
         )

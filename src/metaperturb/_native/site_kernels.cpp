@@ -866,10 +866,11 @@ std::vector<at::Tensor> sampled_backward(const at::Tensor& h, const at::Tensor& 
 }
 
 // The deterministic eval site: out = h * (gain[c] * E[softplus(N(mu, 1))] + offset), with the
-// expectation's closed-form approximation (slope, bump, width as in phi.expected_softplus).
+// expectation's closed-form approximation (slope, bump, width as in phi.expected_softplus),
+// clamped from above at `clip` when clip > 0.
 at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
-                                  const at::Tensor& gain, double offset, double slope,
-                                  double bump, double width) {
+                                  const at::Tensor& gain, double offset, double clip,
+                                  double slope, double bump, double width) {
   const Shape s = shape_of(h);
   const auto w = flat_weights(weights, 4 * kTaps);
   const auto gn = gain.detach().to(at::kFloat).contiguous();
@@ -881,6 +882,8 @@ at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
   float* op = out.data_ptr<float>();
   const float fo = static_cast<float>(offset), fs = static_cast<float>(slope);
   const float fb = static_cast<float>(bump), fw = static_cast<float>(width), inv_slope = 1.f / fs;
+  const float limit = static_cast<float>(clip);
+  const bool clamp = clip > 0;
   at::parallel_for(0, s.batch, 1, [&](int64_t first, int64_t last) {
     Scratch scratch(s);
     std::vector<float> transposed, computed;
@@ -897,7 +900,8 @@ at::Tensor expectation_forward(const at::Tensor& h, const at::Tensor& weights,
         for (int64_t ch = 0; ch < s.channels; ++ch) {
           const float m = mv[ch];
           const float expected = softplus(fs * m) * inv_slope + fb * expf(-fw * m * m);
-          ov[ch] = xv[ch] * (gp[ch] * expected + fo);
+          const float v = xv[ch] * (gp[ch] * expected + fo);
+          ov[ch] = clamp ? std::min(v, limit) : v;
         }
       }
       write_image(op, s, b, result);

@@ -427,6 +427,13 @@ class TransferRun:
         """SHA-256 of phi's numbers (``None`` without phi): names the phi a result used."""
         return None if self.config.phi is None else get_controller(self.model).phi.fingerprint()
 
+    def eval_clip(self) -> float | None:
+        """The clamp phi's sites applied at test time (``None``: none, or no phi)."""
+        if self.config.phi is None:
+            return None
+        config = get_controller(self.model).phi.config
+        return config.clip if config.clip_in_eval else None
+
     def scales(self) -> dict[str, float] | None:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
         if self.config.phi is None:
@@ -526,6 +533,8 @@ def _train_and_record(
         "classes": run.train_data.num_classes,
         "reinitialised_keys": run.reinitialised,
         "phi_fingerprint": run.phi_fingerprint(),
+        # Results written before this key existed were evaluated without a clamp.
+        "eval_clip": run.eval_clip(),
         "config": asdict(config),
         "machine": {
             "platform": platform.machine(),
