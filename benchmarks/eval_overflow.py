@@ -48,7 +48,8 @@ def committed_checkpoints(pattern: str, scratch: Path) -> list[Path]:
             ["git", *args], cwd=ROOT.parent, capture_output=True, text=True, check=True
         ).stdout
 
-    names = dict.fromkeys(git("log", "--all", "--format=", "--name-only", "--", f"{RUNS}/*.ckpt"))
+    listed = git("log", "--all", "--format=", "--name-only", "--", f"{RUNS}/*.ckpt")
+    names = dict.fromkeys(listed.splitlines())
     found = []
     for name in filter(None, names):
         if not fnmatch.fnmatchcase(Path(name).stem, pattern):
