@@ -4,7 +4,7 @@ below the architectures table, and "Choices that differ from the authors' code")
 phi's noise mean is linear in the features, so a site's output grows about as their square.
 Training clamps it at ``PerturbationConfig.clip`` (100); the authors do not clamp at test time,
 and until ``clip_in_eval`` (on by default) neither did this library. For each evaluation run's
-checkpoint, this script scores the first N test images in the expectation and sample modes
+checkpoint, this script scores N test images (evenly spaced) in the expectation and sample modes
 without the clamp (the authors' evaluation) and with it, counts the images on which some site's
 output passes the clamp when nothing stops it, tries ``update_bn`` both ways, and traces the
 largest site output through the network for the first image whose prediction overflows. Writes
@@ -75,7 +75,7 @@ def restore(checkpoint: Path, scratch: Path) -> TransferRun:
 
 @dataclass
 class Scores:
-    """One evaluation of the first N test images."""
+    """One evaluation of N test images."""
 
     probabilities: torch.Tensor
     accuracy: float
@@ -165,7 +165,10 @@ def examine(checkpoint: Path, images: int) -> tuple[str, list[str]]:
         config = get_controller(run.model).phi.config
         clip = config.clip
         assert clip is not None, "these runs were trained with the clamp"
-        rows = torch.arange(min(images, len(run.test_data)))
+        # Evenly spaced, as the training curve's: the test sets are sorted by class, so the
+        # first N images would be the first few classes only.
+        count = min(images, len(run.test_data))
+        rows = torch.linspace(0, len(run.test_data) - 1, count).round().long()
         cells: dict[tuple[str, bool], Scores] = {}
         bn: dict[bool, str] = {}
         for clamped in (False, True):
@@ -212,7 +215,7 @@ def main() -> None:
     parser.add_argument(
         "--from-git", metavar="PATTERN", help="committed checkpoints whose run id matches"
     )
-    parser.add_argument("--images", type=int, default=10000, help="first N test images")
+    parser.add_argument("--images", type=int, default=10000, help="N test images, evenly spaced")
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -230,7 +233,7 @@ def main() -> None:
             "",
             (
                 f"Made by `{command} --images {args.images}`. Each row is a checkpoint of an "
-                "evaluation run stopped part-way (its step), scored on the first N test images "
+                "evaluation run stopped part-way (its step), scored on N test images, evenly spaced, "
                 "without the clamp (the authors' evaluation, `clip_in_eval=False`) and with it "
                 "(the library's default). *Passing*: test images on which some site's output "
                 "exceeds the clamp when nothing stops it (expectation mode). *nf*: predictions "
