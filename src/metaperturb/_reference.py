@@ -73,6 +73,7 @@ def reference_perturb(
 
     gain = (scale * z - 1.0) * strength + 1.0
     out = x * gain
-    if phi.config.clip is not None and (training or phi.config.clip_in_eval):
-        out = torch.clamp(out, max=phi.config.clip)
+    clip = phi.config.active_clip(training)
+    if clip is not None:
+        out = torch.clamp(out, max=clip)
     return out.to(h.dtype)

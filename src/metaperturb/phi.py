@@ -88,6 +88,11 @@ class PerturbationConfig:
                 f"{self.placement!r}."
             )
 
+    def active_clip(self, training: bool) -> float | None:
+        """The upper clamp a forward pass applies: ``clip`` in training, and in eval too
+        unless ``clip_in_eval`` is off (``None``: no clamp)."""
+        return self.clip if training or self.clip_in_eval else None
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain data (``config.json``)."""
         return asdict(self)

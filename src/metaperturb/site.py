@@ -59,12 +59,6 @@ class SiteState(nn.Module):
         return f"channels={self.channels}"
 
 
-def _clip(phi: Perturbation, training: bool) -> float | None:
-    """The upper clamp this pass applies: ``config.clip`` in training, and in eval too unless
-    ``config.clip_in_eval`` is off."""
-    return phi.config.clip if training or phi.config.clip_in_eval else None
-
-
 def perturb(
     h: Tensor,
     phi: Perturbation,
@@ -148,7 +142,7 @@ def perturb(
     else:
         mean, var = state.running_mean, state.running_var
     scale = phi.channel_scale(mean, var, channel_ratio, spatial_ratio)
-    clip = _clip(phi, training)
+    clip = phi.config.active_clip(training)
 
     if fused and sampling:
         # The kernels draw their own noise (Philox, keyed from torch's generator) unless given.

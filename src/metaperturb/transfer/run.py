@@ -431,8 +431,7 @@ class TransferRun:
         """The clamp phi's sites applied at test time (``None``: none, or no phi)."""
         if self.config.phi is None:
             return None
-        config = get_controller(self.model).phi.config
-        return config.clip if config.clip_in_eval else None
+        return get_controller(self.model).phi.config.active_clip(training=False)
 
     def scales(self) -> dict[str, float] | None:
         """Mean channel scale s of phi per site (running statistics): the paper's Figure 7."""
