@@ -195,7 +195,7 @@ def examine(checkpoint: Path, images: int) -> tuple[str, list[str]]:
         bad = (~cells["expectation", False].finite).nonzero()
         if len(bad):
             config.clip_in_eval = False
-            first = int(bad[0])
+            first = int(rows[bad[0]])  # the test image, not its position among the rows
             details = [
                 (
                     f"Largest absolute site output of {run.id} (step {run.step}) for test image "
