@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from overhead import RESULTS, eval_fn, interleaved, make, setting, train_step_fn, workloads
@@ -64,7 +65,8 @@ def main() -> None:
     for workload in workloads(device.type, args.quick):
         x = torch.randn(workload.batch, *workload.input_size, device=device)
         y = torch.randint(0, workload.classes, (workload.batch,), device=device)
-        models: dict[str, nn.Module] = {"unwrapped": make(workload, "unwrapped", device)}
+        # nn.Modules, and torch.compile's wrappers of them (typed as plain callables).
+        models: dict[str, Any] = {"unwrapped": make(workload, "unwrapped", device)}
         meta_models: dict[str, nn.Module] = {}
         for forms in FORMS:
             models[label(forms)] = with_forms(make(workload, "fast", device), forms)

@@ -355,9 +355,9 @@ def render(report: dict) -> str:
     ]
     for row in report["rows"]:
         meta = row["meta_train_s"]
-        cells = " | ".join(f"{meta[v] * 1e3:.1f}" for v in wrapped)
+        times = " | ".join(f"{meta[v] * 1e3:.1f}" for v in wrapped)
         speedup = f"{meta['reference'] / meta['fast']:.2f}x" if "reference" in meta else "-"
-        lines.append(f"| {row['workload']} | {cells} | {speedup} |")
+        lines.append(f"| {row['workload']} | {times} | {speedup} |")
     return "\n".join(lines)
 
 

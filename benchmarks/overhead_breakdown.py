@@ -61,17 +61,21 @@ def _free_noise_mean(phi: Perturbation, h: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def ablated(parts: tuple[str, ...]) -> Iterator[None]:
-    saved = (Perturbation.scale_maps, Perturbation.noise_mean, site_module.standard_normal_like)
-    if "scale" in parts:
-        Perturbation.scale_maps = _free_scale_maps  # type: ignore[method-assign]
-    if "noise" in parts:
-        Perturbation.noise_mean = _free_noise_mean  # type: ignore[method-assign]
-    if "draws" in parts:
-        site_module.standard_normal_like = torch.zeros_like
+    # setattr: these replace a method and a function for the duration, which typing forbids.
+    replaced = [
+        (Perturbation, "scale_maps", _free_scale_maps, "scale"),
+        (Perturbation, "noise_mean", _free_noise_mean, "noise"),
+        (site_module, "standard_normal_like", torch.zeros_like, "draws"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _, _ in replaced]
+    for owner, name, free, part in replaced:
+        if part in parts:
+            setattr(owner, name, free)
     try:
         yield
     finally:
-        Perturbation.scale_maps, Perturbation.noise_mean, site_module.standard_normal_like = saved
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def _under(parts: tuple[str, ...], fn: Callable[[], None]) -> Callable[[], None]:

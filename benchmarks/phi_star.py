@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -433,7 +434,7 @@ def _noise_path_lines(entries: list[tuple[str, dict[str, torch.Tensor]]]) -> lis
     import metaperturb
     from metaperturb.train.metrics import noise_path_alive
 
-    placements = ("output", "before_activation")
+    placements: tuple[Literal["output", "before_activation"], ...] = ("output", "before_activation")
     torch.manual_seed(0)
     images = torch.randn(16, 3, 32, 32)
     lines = [

@@ -231,9 +231,11 @@ def main() -> None:
         kept = [r for r in _records(trace) if r["step"] <= run.step]
     atomic_write(trace, "".join(json.dumps(r) + "\n" for r in kept))
     with trace.open("a", buffering=1) as sink:  # line-buffered: a kill loses no record
-        tracer = SiteTracer(
-            run, args.every, args.until, stop, sink=lambda r: sink.write(json.dumps(r) + "\n")
-        )
+
+        def write(record: dict[str, Any]) -> None:
+            sink.write(json.dumps(record) + "\n")
+
+        tracer = SiteTracer(run, args.every, args.until, stop, sink=write)
         try:
             run.train(progress=False)
         except TrainingStoppedError as stopped:

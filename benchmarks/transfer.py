@@ -40,6 +40,7 @@ import sys
 import threading
 from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ PRETRAINED = "tiny-imagenet-resnet20"
 
 # Tuning slice: CIFAR-10 train images 500-749 of each class train, 750-999 test; disjoint from
 # s-CIFAR10 (the first 500) and from its test split.
-def _validation() -> dict[str, object]:
+def _validation() -> dict[str, Any]:
     return {
         "data": str(DATA / "cifar10"),
         "skip_per_class": 500,
@@ -95,8 +96,8 @@ def _authors_phi() -> str | None:
 EXTRA_PHI: dict[str, str] = {}
 
 
-def _phi_methods(include_authors: bool = True) -> list[dict[str, object]]:
-    methods: list[dict[str, object]] = [{}]
+def _phi_methods(include_authors: bool = True) -> list[dict[str, Any]]:
+    methods: list[dict[str, Any]] = [{}]
     if (PHI_STAR / "model.safetensors").is_file():
         methods.append({"phi": "default", "phi_name": "phi-star"})
     else:
@@ -109,7 +110,7 @@ def _phi_methods(include_authors: bool = True) -> list[dict[str, object]]:
 
 
 def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
-    common = {"data_root": str(DATA), "steps": steps}
+    common: dict[str, Any] = {"data_root": str(DATA), "steps": steps}
     runs: list[TransferConfig] = []
     if name == "priority":
         for target in ("s-cifar10", "s-fashion-mnist"):
@@ -126,7 +127,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                     else:
                         mc = []
                     runs.append(
-                        TransferConfig(target=target, seed=seed, mc_samples=mc, **method, **common)  # type: ignore[arg-type]
+                        TransferConfig(target=target, seed=seed, mc_samples=mc, **method, **common)
                     )
     elif name == "architectures":
         models = ["conv4", "conv6", "cifar_resnet20", "cifar_resnet44", "cifar_wrn_28_2"]
@@ -137,7 +138,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                     runs.append(
                         TransferConfig(
                             target="s-cifar10", model=model, seed=seed, **method, **common
-                        )  # type: ignore[arg-type]
+                        )
                     )
     elif name == "datasets":
         methods = _phi_methods()
@@ -150,7 +151,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
         for target in ("s-cifar10", "s-fashion-mnist", "mnist-10k", "omniglot-100"):
             for method in methods:
                 for seed in seeds:
-                    runs.append(TransferConfig(target=target, seed=seed, **method, **common))  # type: ignore[arg-type]
+                    runs.append(TransferConfig(target=target, seed=seed, **method, **common))
     elif name == "placement":
         # Why (issue: evaluation): does phi on the residual sum before the last ReLU (the
         # authors' placement, where their phi was meta-trained) do better than on the block
@@ -166,8 +167,8 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                         model=model,
                         seed=seed,
                         placement="before_activation",
-                        **method,  # type: ignore[arg-type]
-                        **common,  # type: ignore[arg-type]
+                        **method,
+                        **common,
                     )
                 )
     elif name == "annealing":
@@ -183,7 +184,7 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                         phi="default",
                         phi_name="phi-star",
                         ramp_fraction=fraction,
-                        **common,  # type: ignore[arg-type]
+                        **common,
                     )
                 )
     elif name == "closed-site":
@@ -192,15 +193,15 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
         # runs wrapped without that site; compared with `datasets`' phi* and Base runs. Then
         # the remedy that needs no such knowledge: the scheduler switches phi off at a site
         # once its s closes (on_closed_site="exclude"), from scratch and when fine-tuning.
-        phi_star = {"phi": "default", "phi_name": "phi-star"}
+        phi_star: dict[str, Any] = {"phi": "default", "phi_name": "phi-star"}
         finetune = _finetune(steps)
-        guarded = [{"on_closed_site": "exclude"}]
+        guarded: list[dict[str, Any]] = [{"on_closed_site": "exclude"}]
         guarded += [{"on_closed_site": "exclude", **finetune}] if finetune is not None else []
         for target in ("omniglot-100", "s-cifar10"):
             for method in [{"exclude": ["stages.2.2"]}, *guarded]:
                 for seed in seeds:
                     runs.append(
-                        TransferConfig(target=target, seed=seed, **phi_star, **method, **common)  # type: ignore[arg-type]
+                        TransferConfig(target=target, seed=seed, **phi_star, **method, **common)
                     )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
@@ -225,12 +226,12 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
     return runs
 
 
-def _tuned(steps: int) -> list[dict[str, object]]:
+def _tuned(steps: int) -> list[dict[str, Any]]:
     """DropBlock's and Mixup's settings with the best validation accuracy in the `tune` runs of
     this schedule; a grid's first value (with a note) while those runs are missing."""
     import json
 
-    best: list[dict[str, object]] = []
+    best: list[dict[str, Any]] = []
     for family in ("dropblock", "mixup"):
         scored = []
         for config in grid("tune", steps, [0]):

@@ -198,7 +198,8 @@ def curves_table(results: list[dict[str, Any]]) -> list[str]:
     """The accuracy-vs-step figure's numbers: each method's mean over seeds at each curve step
     (a fixed subset of the test split), per target."""
     runs = [r for r in results if plotted(r)]
-    rows, steps = [], []
+    rows: list[list[str]] = []
+    steps: list[int] = []
     for target in TARGETS:
         for method, points in curve_points([r for r in runs if r["target"] == target]).items():
             steps = steps or list(points)

@@ -118,6 +118,11 @@ def main() -> None:
     print(text)
 
 
+def _running_var(norm: nn.BatchNorm2d) -> torch.Tensor:
+    assert norm.running_var is not None, "BatchNorm layers here track running statistics"
+    return norm.running_var
+
+
 def variance_table(run: TransferRun) -> str:
     """Input variance of each BatchNorm layer / its running variance, per eval mode."""
     norms = [(n, m) for n, m in run.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -132,11 +137,11 @@ def variance_table(run: TransferRun) -> str:
     ratios: dict[str, dict[str, float]] = {}
     run.model.eval()
     for mode in ("sample", "expectation"):
-        set_eval_mode(run.model, mode)  # type: ignore[arg-type]
+        set_eval_mode(run.model, mode)
         torch.manual_seed(0)
         with torch.no_grad():
             run.model(images)
-        ratios[mode] = {n: float((seen[n] / m.running_var).mean()) for n, m in norms}
+        ratios[mode] = {n: float((seen[n] / _running_var(m)).mean()) for n, m in norms}
     set_eval_mode(run.model, "expectation")
     for handle in handles:
         handle.remove()
