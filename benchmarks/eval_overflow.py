@@ -10,7 +10,9 @@ output passes the clamp when nothing stops it, tries ``update_bn`` both ways, an
 largest site output through the network for the first image whose prediction overflows. Writes
 ``benchmarks/results/eval-overflow.md``.
 
-The checkpoints are those of runs stopped part-way and committed (benchmarks/save_runs.sh):
+It takes checkpoints (``.ckpt``) and the weights of finished runs that kept them
+(``<run id>.safetensors``, beside the run's result). The runs made before the sweeps kept weights
+left only the checkpoints of runs stopped part-way and committed (benchmarks/save_runs.sh):
 ``--from-git`` takes the latest committed checkpoint of every MetaPerturb run in the history of
 ``benchmarks/results/transfer`` whose id matches the pattern.
 
@@ -64,11 +66,21 @@ def committed_checkpoints(pattern: str, scratch: Path) -> list[Path]:
     return found
 
 
-def restore(checkpoint: Path, scratch: Path) -> TransferRun:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def restore(path: Path, scratch: Path) -> TransferRun:
+    """The network of a run's checkpoint (``.ckpt``), or of a finished run that kept its weights
+    (``<run id>.safetensors``, with its ``<run id>.json`` beside it)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        result = json.loads(path.with_suffix(".json").read_text())
+        run = TransferRun(TransferConfig(**{**result["config"], "device": "cpu"}), scratch)
+        run.model.load_state_dict(load_file(path))
+        run.step = run.config.steps
+        return run
+    state = torch.load(path, map_location="cpu", weights_only=True)
     config = TransferConfig(**{**json.loads(state["config"]), "device": "cpu"})
     run = TransferRun(config, scratch)
-    run.checkpoint_path.write_bytes(checkpoint.read_bytes())
+    run.checkpoint_path.write_bytes(path.read_bytes())
     run.maybe_resume()
     return run
 

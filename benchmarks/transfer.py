@@ -360,6 +360,10 @@ def sweep(runs: list[TransferConfig], args: argparse.Namespace, stop: threading.
             continue
         if done or position % count != index:
             continue
+        # Keep the trained network of every new run (a few MB, <run id>.safetensors), so that a
+        # change to the evaluation can be measured on it without training it again. Set after
+        # the check above: a result written without weights still answers its run.
+        config.save_weights = True
         print(f"running {run_id(config)}", flush=True)
         try:
             result = run_transfer(config, args.output_dir, progress=sys.stderr.isatty(), stop=stop)

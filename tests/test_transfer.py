@@ -561,6 +561,10 @@ def test_eval_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert summary["id"].startswith("mnist-10k-")
     assert summary["id"].endswith("__conv4__dropblock[0.1,3]__2steps__seed0")
     assert (tmp_path / f"{summary['id']}.json").is_file()
+    assert not (tmp_path / f"{summary['id']}.safetensors").exists()
+    assert main([*args, "--seed", "1", "--save-weights"]) == 0
+    kept = json.loads(capsys.readouterr().out)["id"]
+    assert (tmp_path / f"{kept}.safetensors").is_file()
     assert main(["eval", "--target", "s-cifar10", "--data", str(MNIST)]) == 1
     # --exclude reaches wrap: a name that is no site is refused with the sites listed.
     phi = [*args[: args.index("--dropblock-rate")], "--curve-every", "0", "--phi", "default"]
@@ -933,3 +937,46 @@ def test_the_update_bn_evaluation_leaves_the_saved_network_as_trained(
     saved = load_file(tmp_path / f"{run_id(config)}.safetensors")
     means = [v for k, v in saved.items() if k.endswith("running_mean")]
     assert means and not any(bool((v == 123.0).any()) for v in means)
+
+
+@needs_mnist
+def test_saved_weights_score_the_network_again_and_seed_fine_tuning_with_the_host_only(
+    tmp_path: Path,
+) -> None:
+    """save_weights keeps the whole trained state, phi's site statistics included: loaded into
+    a new run's network it predicts exactly what the trained one did. A fine-tuning run started
+    from it takes the host's tensors and leaves phi's state behind (its sites start fresh)."""
+    from safetensors.torch import load_file
+
+    phi_folder = Perturbation().save_pretrained(tmp_path / "phi")
+    common: dict[str, Any] = {
+        "target": tiny_target(),
+        "model": "conv4",
+        "phi": str(phi_folder),
+        "phi_name": "fresh",
+        "batch_size": 8,
+        "curve_every": 0,
+        "eval_modes": False,
+    }
+    config = TransferConfig(steps=4, save_weights=True, **common)
+    result = run_transfer(config, tmp_path / "source", progress=False)
+    weights = tmp_path / "source" / f"{run_id(config)}.safetensors"
+    saved = load_file(weights)
+    sites = [k for k in saved if k.startswith("metaperturb.")]
+    assert any(k.endswith("running_var") for k in sites)
+    assert not all(bool((saved[k] == 1).all()) for k in sites if k.endswith("running_var"))
+
+    again = run_module.TransferRun(config, tmp_path / "again")
+    again.model.load_state_dict(saved)
+    probabilities = again.predict()
+    right = probabilities.argmax(1) == again.test_data.labels
+    assert right.float().mean().item() == pytest.approx(result["accuracy"])
+
+    tuned = run_module.TransferRun(
+        TransferConfig(steps=1, init=str(weights), init_name="source", **common), tmp_path / "ft"
+    )
+    state = tuned.model.state_dict()
+    host = [k for k in saved if not k.startswith("metaperturb.")]
+    assert all(torch.equal(state[k], saved[k]) for k in host)
+    fresh = run_module.TransferRun(TransferConfig(steps=1, **common), tmp_path / "fresh")
+    assert all(torch.equal(state[k], fresh.model.state_dict()[k]) for k in sites)

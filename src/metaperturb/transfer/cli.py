@@ -85,6 +85,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=None,
         help="network and batches in channels_last (default: on a CPU only, where it is faster)",
     )
+    add(
+        "--save-weights",
+        action="store_true",
+        help="also keep the trained network (<run id>.safetensors), to score it again later",
+    )
     add("--output-dir", default="eval-results", help="where <run id>.json goes")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     return parser
@@ -135,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         checkpoint_every=args.checkpoint_every,
         device=args.device,
         channels_last=args.channels_last,
+        save_weights=args.save_weights,
     )
 
 

@@ -73,8 +73,9 @@ class TransferConfig:
     #: is reused across layouts, but the noise is drawn in memory order: a run in another layout
     #: is another draw of the same seed.
     channels_last: bool | None = None
-    #: Also write the trained network's weights (``<run id>.safetensors``, wrapper state left
-    #: out), e.g. a source network for fine-tuning runs.
+    #: Also write the trained network's state (``<run id>.safetensors``: the host's tensors,
+    #: and phi's site statistics and switches under ``metaperturb.``), to score it again
+    #: without training it again, or as the source of fine-tuning runs (which load the host's).
     save_weights: bool = False
 
     @property

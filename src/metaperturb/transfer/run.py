@@ -64,7 +64,9 @@ def _device(name: str) -> torch.device:
 
 
 def _load_init(model: nn.Module, source: str) -> list[str]:
-    """Load matching tensors from ``source``; returns the keys left at their initialisation."""
+    """Load matching tensors from ``source`` into the host, before it is wrapped (a source run's
+    phi state, saved beside its host's, has no match there: the new run's sites start fresh);
+    returns the keys left at their initialisation."""
     if source.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -554,14 +556,10 @@ def _train_and_record(
     if config.save_weights:
         from safetensors.torch import save as safetensors_bytes
 
-        from ..wrapper import ATTRIBUTE
-
-        own = {
-            k: v.detach().cpu().contiguous()
-            for k, v in run.model.state_dict().items()
-            if not k.startswith(f"{ATTRIBUTE}.")
-        }
-        atomic_write(output / f"{run.id}.safetensors", safetensors_bytes(own))
+        # The whole state: the host's tensors and phi's site statistics and switches, which
+        # the trained network needs to be scored again.
+        state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
+        atomic_write(output / f"{run.id}.safetensors", safetensors_bytes(state))
     atomic_write(result_path, json.dumps(result, indent=1) + "\n")
     run.checkpoint_path.unlink(missing_ok=True)
     return result
