@@ -22,10 +22,12 @@ left only the checkpoints of runs stopped part-way and committed (benchmarks/sav
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,27 +105,38 @@ class Scores:
         return f"{self.accuracy:.2f}" + (f" ({self.nonfinite} nf)" if self.nonfinite else "")
 
 
-def score(run: TransferRun, rows: torch.Tensor, record: bool = False) -> Scores:
-    """Accuracy of ``rows`` in the current mode (seeded, so samples repeat); ``record`` also
-    keeps each image's largest site output (NaN counted as past any clamp)."""
+@contextlib.contextmanager
+def site_outputs(
+    run: TransferRun, reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Per site, in order, ``reduce`` of each forward's output (flattened per image)."""
     modules = dict(run.model.named_modules())
     outputs: dict[str, list[torch.Tensor]] = {}
     hooks = []
-    for name in get_controller(run.model).site_names if record else []:
+    for name in get_controller(run.model).site_names:
         outputs[name] = []
         hooks.append(
             modules[name].register_forward_hook(
                 lambda module, args, out, name=name: outputs[name].append(
-                    out.detach().float().flatten(1).max(dim=1).values
+                    reduce(out.detach().float().flatten(1))
                 )
             )
         )
-    torch.manual_seed(0)
     try:
-        probabilities = run.predict(rows)
+        yield outputs
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def score(run: TransferRun, rows: torch.Tensor, record: bool = False) -> Scores:
+    """Accuracy of ``rows`` in the current mode (seeded, so samples repeat); ``record`` also
+    keeps each image's largest site output (NaN counted as past any clamp)."""
+    empty: dict[str, list[torch.Tensor]] = {}
+    recording = site_outputs(run, lambda out: out.max(dim=1).values)
+    with recording if record else contextlib.nullcontext(empty) as outputs:
+        torch.manual_seed(0)
+        probabilities = run.predict(rows)
     largest = None
     if record:
         per_site = torch.stack([torch.cat(values) for values in outputs.values()])
@@ -141,22 +154,9 @@ def moved(a: Scores, b: Scores) -> str:
 
 def trace(run: TransferRun, row: int) -> list[tuple[str, float]]:
     """The largest |output| of every site for one test image, in order."""
-    modules = dict(run.model.named_modules())
-    largest: list[tuple[str, float]] = []
-    hooks = [
-        modules[name].register_forward_hook(
-            lambda module, args, out, name=name: largest.append(
-                (name, out.detach().float().abs().max().item())
-            )
-        )
-        for name in get_controller(run.model).site_names
-    ]
-    try:
+    with site_outputs(run, lambda out: out.abs().max(dim=1).values) as outputs:
         run.predict(torch.tensor([row]))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return largest
+    return [(name, values[0].item()) for name, values in outputs.items()]
 
 
 def after_update_bn(run: TransferRun, rows: torch.Tensor) -> str:
