@@ -969,8 +969,8 @@ def test_saved_weights_score_the_network_again_and_seed_fine_tuning_with_the_hos
     again = run_module.TransferRun(config, tmp_path / "again")
     again.model.load_state_dict(saved)
     probabilities = again.predict()
-    right = probabilities.argmax(1) == again.test_data.labels
-    assert right.float().mean().item() == pytest.approx(result["accuracy"])
+    nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), again.test_data.labels).item()
+    assert nll == pytest.approx(result["evaluation"]["default"]["nll"], rel=1e-5)
 
     tuned = run_module.TransferRun(
         TransferConfig(steps=1, init=str(weights), init_name="source", **common), tmp_path / "ft"
