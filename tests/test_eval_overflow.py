@@ -9,25 +9,14 @@ import torch.nn.functional as F
 
 from benchmark_scripts import load
 from metaperturb.transfer import TransferConfig, run_id, run_transfer
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST = DATA / "mnist-10k"
+from test_transfer import needs_mnist, tiny_target
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason=f"{MNIST} not present")
+@needs_mnist
 def test_a_kept_network_is_scored_as_its_run_scored_it(tmp_path: Path) -> None:
     eval_overflow = load("eval_overflow")
     config = TransferConfig(
-        target={
-            "data": str(MNIST),
-            "classes": 3,
-            "per_class": 6,
-            "test_split": "train",
-            "test_skip_per_class": 6,
-            "test_per_class": 4,
-            "image_size": 16,
-            "channels": 1,
-        },
+        target=tiny_target(),
         model="conv4",
         phi="default",
         phi_name="phi-star",

@@ -48,23 +48,28 @@ CHILD = textwrap.dedent(
         ((1, 5, 33, 9), torch.float32, True),
         ((2, 3, 6, 6), torch.float16, False),
     ]
-    for shape, dtype, channels_last in cases:
-        state = SiteState(shape[1])
+    import os
+
+    def eval_both_ways(h):  # the eval site (expectation): PyTorch path, Triton kernels
+        state = SiteState(h.shape[1])
         state.running_mean.uniform_(0.0, 0.5)
-        h = torch.randn(*shape).relu().to(dtype)
-        if channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
-        assert _triton.usable(h)
         kwargs = dict(
             strength=torch.tensor(0.8), channel_ratio=0.5, spatial_ratio=torch.tensor(0.25),
             training=False, eval_mode="expectation", fused=False,
         )
         with torch.no_grad():
             reference = perturb(h, phi, state, **kwargs)
-            import os
             os.environ["METAPERTURB_TRITON"] = "1"
             out = perturb(h, phi, state, **kwargs)
             del os.environ["METAPERTURB_TRITON"]
+        return reference, out
+
+    for shape, dtype, channels_last in cases:
+        h = torch.randn(*shape).relu().to(dtype)
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        assert _triton.usable(h)
+        reference, out = eval_both_ways(h)
         key = f"{shape} {dtype} {'channels_last' if channels_last else 'nchw'}"
         errors[key] = {
             "max_error": (out.float() - reference.float()).abs().max().item(),
@@ -76,18 +81,7 @@ CHILD = textwrap.dedent(
     # The eval clamp (a clip below some outputs), and the authors' eval without it.
     for clip_in_eval in (True, False):
         phi.config.clip, phi.config.clip_in_eval = 1.5, clip_in_eval
-        state = SiteState(3)
-        state.running_mean.uniform_(0.0, 0.5)
-        h = torch.randn(2, 3, 5, 7).relu() * 3
-        kwargs = dict(
-            strength=torch.tensor(0.8), channel_ratio=0.5, spatial_ratio=torch.tensor(0.25),
-            training=False, eval_mode="expectation", fused=False,
-        )
-        with torch.no_grad():
-            reference = perturb(h, phi, state, **kwargs)
-            os.environ["METAPERTURB_TRITON"] = "1"
-            out = perturb(h, phi, state, **kwargs)
-            del os.environ["METAPERTURB_TRITON"]
+        reference, out = eval_both_ways(torch.randn(2, 3, 5, 7).relu() * 3)
         errors[f"eval clip_in_eval={clip_in_eval}"] = {
             "max_error": (out - reference).abs().max().item(),
             "scale": reference.abs().max().item(),
@@ -177,7 +171,6 @@ CHILD = textwrap.dedent(
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         reference = model(x)
-        import os
         os.environ["METAPERTURB_TRITON"] = "1"
         out = model(x)
     errors["resnet20"] = {
