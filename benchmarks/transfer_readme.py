@@ -97,6 +97,15 @@ def cell(values: Iterable[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
 
 
+def scored(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with only the evaluations that gave a score: an evaluation that failed (an
+    ``update_bn`` whose statistics overflowed) records why, with no accuracy, and no table
+    shows it."""
+    evaluations = result.get("evaluation", {})
+    kept = {mode: e for mode, e in evaluations.items() if "accuracy" in e}
+    return result if len(kept) == len(evaluations) else {**result, "evaluation": kept}
+
+
 def grouped(results: Results, *keys: str) -> dict[tuple[Any, ...], Results]:
     """The results by the values of ``keys``, in the order they come."""
     groups: dict[tuple[Any, ...], Results] = defaultdict(list)
@@ -157,7 +166,7 @@ def evaluation(results: Results) -> list[str]:
             bn = [
                 (r["evaluation"]["update_bn"]["accuracy"] - r["accuracy"]) * 100
                 for r in runs
-                if "accuracy" in r["evaluation"].get("update_bn", {})
+                if "update_bn" in r["evaluation"]
             ]
             body.append(
                 [
@@ -194,8 +203,7 @@ def architectures(results: Results) -> list[str]:
             return [
                 {**r.get("evaluation", {}).get(mode, {}), "accuracy": r["accuracy"]} for r in picked
             ]
-        found = [r["evaluation"][mode] for r in picked if mode in r.get("evaluation", {})]
-        return [e for e in found if "accuracy" in e]  # not one that failed
+        return [r["evaluation"][mode] for r in picked if mode in r.get("evaluation", {})]
 
     def scores(runs: Results, method: str, mode: str = "default") -> list[float]:
         return [e["accuracy"] for e in evaluations(runs, method, mode)]
@@ -349,7 +357,7 @@ def goals_after_update_bn(results: Results) -> list[str]:
         [
             run | {"accuracy": run["evaluation"]["update_bn"]["accuracy"]}
             for run in results
-            if "accuracy" in run["evaluation"].get("update_bn", {})
+            if "update_bn" in run["evaluation"]
         ]
     )
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from transfer_plots import SCALED, curve_points, mean_scales, plots, plotted
 from transfer_readme import TARGETS as PRESETS
-from transfer_readme import cell, grouped, table, update_readme
+from transfer_readme import cell, grouped, scored, table, update_readme
 
 from metaperturb._atomic import atomic_write
 
@@ -29,9 +29,10 @@ TARGETS = tuple(PRESETS)  # the presets, in table order
 
 
 def _read(folder: Path, steps: int) -> list[dict[str, Any]]:
-    """Every result of this schedule: targets (named) and tuning runs (a slice, a dict)."""
+    """Every result of this schedule: targets (named) and tuning runs (a slice, a dict), each
+    with only the evaluations that gave a score (``scored``)."""
     results = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
-    return [r for r in results if r.get("steps") == steps]
+    return [scored(r) for r in results if r.get("steps") == steps]
 
 
 def load_results(folder: Path, steps: int) -> list[dict[str, Any]]:
@@ -170,7 +171,7 @@ def update_bn_gain(results: list[dict[str, Any]]) -> list[str]:
         gains = [
             (r["evaluation"]["update_bn"]["accuracy"] - r["accuracy"]) * 100
             for r in results
-            if pick(r) and "accuracy" in r["evaluation"].get("update_bn", {})
+            if pick(r) and "update_bn" in r["evaluation"]
         ]
         if gains:
             lines.append(

@@ -168,8 +168,11 @@ def test_architectures_table_marks_cells_with_predictions_that_were_not_finite()
     assert "count as wrong" in lines[-1]
     clean = readme.architectures([_run("base", "s-cifar10", 0.7, model="cifar_resnet44")])
     assert not any("not finite" in line for line in clean)
-    # Since update_bn refuses such statistics, the harness records a failure and no score.
+    # Since update_bn refuses such statistics, the harness records a failure and no score;
+    # the report reads results through `scored`, which leaves that evaluation out.
     runs[0]["evaluation"]["update_bn"] = {"failed": "not finite", "batches": 50}
+    runs = [readme.scored(run) for run in runs]
+    assert set(runs[0]["evaluation"]) == {"default"}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.architectures(runs)[2:]}
     assert rows["ResNet-44"].split(" | ")[4] == ""
     assert readme.goals_after_update_bn(runs)  # the run is left out, not a KeyError
