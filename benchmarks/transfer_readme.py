@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,16 +120,19 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(row) + " |" for row in [header, align, *rows]]
 
 
-def datasets(results: Results) -> list[str]:
+def datasets(results: Results, methods: Collection[str] | None = None) -> list[str]:
     """Paper Table 1 analog: ResNet-20, every method x every target, default eval; the last
-    column is the method's lead over Base averaged over the targets where both have runs."""
+    column is the method's lead over Base averaged over the targets where both have runs.
+    ``methods`` (patterns of METHODS, Base's among them) keeps those rows alone."""
+    shown = [i for i, (p, _, _) in enumerate(METHODS) if methods is None or p in methods]
     results = with_closed_site_twins(results)
-    runs = [r for r in results if r["model"] == "cifar_resnet20" and _label(r["method"])]
     rows: dict[tuple[int, str], dict[str, Results]] = {}
-    for run in runs:
-        rows.setdefault(_label(run["method"]), {}).setdefault(run["target"], []).append(run)  # type: ignore[arg-type]
+    for run in results:
+        label = _label(run["method"])
+        if run["model"] == "cifar_resnet20" and label and label[0] in shown:
+            rows.setdefault(label, {}).setdefault(run["target"], []).append(run)
     for index, (_, label, pending) in enumerate(METHODS):
-        if not any(key[0] == index for key in rows):
+        if index in shown and not any(key[0] == index for key in rows):
             rows[(index, pending or label)] = {}  # a planned row without runs yet
     base = next((cells for (index, _), cells in rows.items() if index == 0), {})
     body = []
@@ -146,6 +149,20 @@ def datasets(results: Results) -> list[str]:
         body.append(line)
     header = ["ResNet-20, test accuracy %", *TARGETS.values(), "vs Base (targets)"]
     return table(header, body)
+
+
+# The first screen's rows: what phi* is worth against Base and against the authors' phi.
+SUMMARY_METHODS = (
+    r"base",
+    r"metaperturb\[phi-star\]",
+    r"metaperturb\[phi-star,exclude-closed\]",
+    r"metaperturb\[authors\]",
+)
+
+
+def summary(results: Results) -> list[str]:
+    """The datasets table cut to the rows of the README's first screen."""
+    return datasets(results, SUMMARY_METHODS)
 
 
 def evaluation(results: Results) -> list[str]:
@@ -363,6 +380,7 @@ def goals_after_update_bn(results: Results) -> list[str]:
 
 
 BLOCKS: dict[str, Callable[[Results], list[str]]] = {
+    "summary": summary,
     "datasets": datasets,
     "evaluation": evaluation,
     "architectures": architectures,

@@ -46,6 +46,19 @@ def test_datasets_table_averages_seeds_leaves_missing_cells_empty_and_leads_over
     assert not any("10.00" in line for line in rows.values())
 
 
+def test_the_summary_keeps_the_first_screens_rows_with_the_same_cells() -> None:
+    summary = readme.summary(RESULTS)
+    labels = [line.split(" | ")[0].lstrip("| ") for line in summary[2:]]
+    assert labels == [
+        "Base",
+        "MetaPerturb, phi\\* (shipped), as published",
+        "MetaPerturb, phi\\* switching off a site that closes (the library's default)",
+        "MetaPerturb, the authors' phi (comparison only)",
+    ]
+    every_row = set(readme.datasets(RESULTS))
+    assert set(summary) <= every_row  # the same header and cells, leads over Base included
+
+
 def test_a_run_without_a_site_has_its_own_row_named_by_the_site() -> None:
     runs = [*RESULTS, _run("metaperturb[phi-star,without-stages.2.2]", "mnist-10k", 0.995)]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.datasets(runs)[2:]}
