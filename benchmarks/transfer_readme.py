@@ -128,9 +128,9 @@ def datasets(results: Results, methods: Collection[str] | None = None) -> list[s
     results = with_closed_site_twins(results)
     rows: dict[tuple[int, str], dict[str, Results]] = {}
     for run in results:
-        label = _label(run["method"])
-        if run["model"] == "cifar_resnet20" and label and label[0] in shown:
-            rows.setdefault(label, {}).setdefault(run["target"], []).append(run)
+        row = _label(run["method"])
+        if run["model"] == "cifar_resnet20" and row and row[0] in shown:
+            rows.setdefault(row, {}).setdefault(run["target"], []).append(run)
     for index, (_, label, pending) in enumerate(METHODS):
         if index in shown and not any(key[0] == index for key in rows):
             rows[(index, pending or label)] = {}  # a planned row without runs yet
