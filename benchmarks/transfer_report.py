@@ -181,13 +181,27 @@ def update_bn_gain(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def mean_confidence(reliability: list[dict[str, Any]]) -> float:
+    """The mean top-class probability over the test images, from an evaluation's reliability
+    bins: below the accuracy, the network is underconfident; above it, overconfident."""
+    count = sum(b["count"] for b in reliability)
+    return sum(b["count"] * b["confidence"] for b in reliability if b["count"]) / count
+
+
 def calibration_table(results: list[dict[str, Any]]) -> list[str]:
     groups = grouped([r for r in results if r["model"] == "cifar_resnet20"], "target", "method")
     rows = [
-        [target, method, cell(r["accuracy"] for r in runs), cell(r["ece"] for r in runs)]
+        [
+            target,
+            method,
+            cell(r["accuracy"] for r in runs),
+            cell(mean_confidence(r["evaluation"]["default"]["reliability"]) for r in runs),
+            cell(r["ece"] for r in runs),
+        ]
         for (target, method), runs in sorted(groups.items())
     ]
-    return table(["target", "method", "accuracy %", "ECE % (15 bins)"], rows)
+    header = ["target", "method", "accuracy %", "mean confidence %", "ECE % (15 bins)"]
+    return table(header, rows)
 
 
 def _rank(target: str) -> tuple[int, str]:

@@ -251,6 +251,25 @@ def test_the_figures_numbers_are_tabled_seeds_averaged_targets_in_preset_order()
     assert "- s-cifar10 vs mnist-10k: at most 0.200 apart" in scales
 
 
+def test_the_calibration_table_shows_the_mean_confidence_weighted_by_each_bins_count() -> None:
+    load("transfer_plots")  # transfer_report imports it by name
+    report = load("transfer_report")
+    run = _run("mixup[2]", "mnist-10k", 0.98)
+    run["evaluation"] = {
+        "default": {
+            "reliability": [
+                {"lower": 0.0, "upper": 0.5, "count": 0, "confidence": None, "accuracy": None},
+                {"lower": 0.5, "upper": 0.9, "count": 3, "confidence": 0.8, "accuracy": 1.0},
+                {"lower": 0.9, "upper": 1.0, "count": 1, "confidence": 0.96, "accuracy": 1.0},
+            ]
+        }
+    }
+    # (3 x 0.80 + 1 x 0.96) / 4 = 0.84: below the accuracy, so underconfident.
+    assert report.calibration_table([run])[2] == (
+        "| mnist-10k | mixup[2] | 98.00 (1) | 84.00 (1) | 10.00 (1) |"
+    )
+
+
 def test_runs_without_sites_are_drawn_in_their_own_colour_other_placements_are_not() -> None:
     plots = load("transfer_plots")
     kept = _run("metaperturb[phi-star,without-stages.2.2]", "omniglot-100", 0.9)
