@@ -1,7 +1,10 @@
-"""The README and docs link to each other's sections and to result files: when a section moves
-(the README's evaluation and performance sections went to docs/), a link left behind breaks
-without a sound. Every relative link must name a file that exists and, for a Markdown file, a
-heading in it (GitHub's anchors: lower case, punctuation dropped, spaces as hyphens)."""
+"""Checks on the README and docs that would otherwise go stale without a sound.
+
+They link to each other's sections and to result files: when a section moves (the README's
+evaluation and performance sections went to docs/), a link left behind breaks. Every relative
+link must name a file that exists and, for a Markdown file, a heading in it (GitHub's anchors:
+lower case, punctuation dropped, spaces as hyphens). And the reliability headline counts the
+rows of its own tables."""
 
 from __future__ import annotations
 
@@ -56,3 +59,12 @@ def test_every_relative_link_reaches_its_file_and_heading(document: str) -> None
         elif heading and linked.suffix == ".md" and heading not in anchors(linked):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{document}: broken links: {broken}"
+
+
+def test_the_reliability_headline_counts_the_rows_of_its_tables() -> None:
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    inputs = len(re.findall(r"^\| \d+ \|", text, re.MULTILINE))
+    faults = len(re.findall(r"^\| F\d+ \|", text, re.MULTILINE))
+    headline = f"**{inputs} bad inputs, {faults} injected faults"
+    assert headline in text, f"docs/reliability.md should open with {headline!r}"
+    assert f"**{inputs} bad inputs, {faults} injected faults (" in (ROOT / "README.md").read_text()
