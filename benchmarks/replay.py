@@ -1,0 +1,71 @@
+"""Replay an evaluation run from one of its checkpoints and print where it ends up.
+
+Whether two codes (or two machines) train the same network is a question of the weights, not of
+the final accuracy: this script resumes a run's checkpoint (``.ckpt``, as the sweeps of
+``benchmarks/transfer.py`` commit them), trains it ``--steps`` further, and prints the training
+loss since its last curve point, the curve point it reached, if any, and a digest of the weights.
+Run it twice, or once under each code (``PYTHONPATH=<a worktree>/src``), and compare the lines.
+
+    python benchmarks/replay.py CHECKPOINT --steps 703
+
+Nothing is written beside the checkpoint: the replay trains in a scratch folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from metaperturb.errors import TrainingStoppedError
+from metaperturb.transfer.run import TransferConfig, TransferRun
+
+
+def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, object]:
+    """Resume ``checkpoint`` in a scratch folder, train ``steps`` more, and describe the state."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    settings = json.loads(state["config"]) | {"device": "cpu"}
+    if data_root is not None:
+        settings["data_root"] = data_root
+    with tempfile.TemporaryDirectory() as scratch:
+        run = TransferRun(TransferConfig(**settings), Path(scratch))
+        shutil.copy(checkpoint, run.checkpoint_path)
+        run.maybe_resume()
+        start, stop = run.step, min(run.step + steps, run.config.steps)
+        run._stop_asked = lambda: run.step >= stop  # type: ignore[method-assign]
+        with contextlib.suppress(TrainingStoppedError):  # the stop asked for above
+            run.train(progress=False)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(run.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        loss = run.loss_sum / run.loss_count if run.loss_count else None
+        return {
+            "run": run.id,
+            "from_step": start,
+            "to_step": run.step,
+            "train_loss_since_last_curve_point": loss,
+            "last_curve_point": run.curve[-1] if run.curve else None,
+            "weights_sha256": digest.hexdigest(),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--steps", type=int, default=25, help="steps to train past the checkpoint")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the sweeps': 1)")
+    parser.add_argument("--data-root", help="folder of the datasets, if not the run's")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps(replay(args.checkpoint, args.steps, args.data_root), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks/replay.py answers "do these two codes train the same network?" by a digest of the
+weights: it must give the same digest for the same replay and another one for another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmark_scripts import load
+from metaperturb.transfer import TransferConfig, run_id, run_transfer
+from metaperturb.transfer import run as run_module
+from test_transfer import needs_mnist, tiny_target
+
+
+@needs_mnist
+def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TransferConfig(
+        target=tiny_target(), model="conv4", phi="default", steps=6, batch_size=8,
+        curve_every=0, checkpoint_every=2, eval_modes=False,
+    )  # fmt: skip
+    original = run_module.TransferRun.save_checkpoint
+
+    def stop_after_step_two(self: run_module.TransferRun) -> None:
+        original(self)
+        if self.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop_after_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_transfer(config, tmp_path, progress=False)
+    checkpoint = tmp_path / f"{run_id(config)}.ckpt"
+    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
+
+    saved = checkpoint.read_bytes()
+    replay = load("replay").replay
+    first, again = replay(checkpoint, 2, None), replay(checkpoint, 2, None)
+    further = replay(checkpoint, 3, None)
+    assert first == again
+    assert (first["from_step"], first["to_step"], further["to_step"]) == (2, 4, 5)
+    assert further["weights_sha256"] != first["weights_sha256"]
+    assert checkpoint.read_bytes() == saved  # the replays trained elsewhere
