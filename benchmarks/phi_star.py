@@ -45,7 +45,8 @@ SOURCE = ROOT.parent / "shared" / "data" / "tiny-imagenet-200-32px"
 VALIDATION = ROOT.parent / "shared" / "data" / "cifar10"
 #: The many-class validation task beside CIFAR-10: 100 Omniglot *background* alphabets' classes
 #: (the evaluation's Omniglot-100 uses the disjoint evaluation split), 10 train / 10 test each.
-#: phi* passed the CIFAR-10 meta-test and then collapsed ResNet-20 on Omniglot-100 (docs/evaluation.md).
+#: phi* passed the CIFAR-10 meta-test and then collapsed ResNet-20 on Omniglot-100
+#: (docs/evaluation.md).
 MANY_CLASS = ROOT.parent / "shared" / "data" / "omniglot"
 AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
 #: What outlives ``runs/`` (ignored, so lost when a session starts from a fresh checkout): each

@@ -189,9 +189,9 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                 )
     elif name == "closed-site":
         # Why (issue: evaluation): phi* collapses ResNet-20 on Omniglot-100 once its strength
-        # reaches 1, and its channel scale s is ~0 at the last block there (docs/evaluation.md). The same
-        # runs wrapped without that site; compared with `datasets`' phi* and Base runs. Then
-        # the remedy that needs no such knowledge: the scheduler switches phi off at a site
+        # reaches 1, and its channel scale s is ~0 at the last block there (docs/evaluation.md).
+        # The same runs wrapped without that site; compared with `datasets`' phi* and Base runs.
+        # Then the remedy that needs no such knowledge: the scheduler switches phi off at a site
         # once its s closes (on_closed_site="exclude"), from scratch and when fine-tuning.
         phi_star: dict[str, Any] = {"phi": "default", "phi_name": "phi-star"}
         finetune = _finetune(steps)

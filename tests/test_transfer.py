@@ -795,8 +795,8 @@ def _phi_star_settings(steps: int) -> dict[str, Any]:
 
 @needs_mnist
 def test_exclude_names_the_run_and_leaves_those_sites_without_phi(tmp_path: Path) -> None:
-    """The remedy for a site whose s closes (docs/evaluation.md, Omniglot-100): every other site is wrapped,
-    and the method says which was left out."""
+    """The remedy for a site whose s closes (docs/evaluation.md, Omniglot-100): every other site
+    is wrapped, and the method says which was left out."""
     common = _phi_star_settings(steps=2)
     every = run_module.TransferRun(TransferConfig(**common), tmp_path).model
     sites = get_controller(every).site_names

@@ -32,10 +32,11 @@ __all__ = [
 ]
 
 #: A site whose mean channel scale is below this passes under about 1% of its features at full
-#: strength (E[z] is about 1). Measured on Omniglot-100 with ResNet-20 (docs/evaluation.md): phi*'s last
-#: block fell below it by step 220 and stayed closed, and the network collapsed when the strength
-#: reached 1; the authors' phi dipped to 0.025 at that block and reopened (0.29 by step 3,000), so
-#: 0.05, the first threshold, warned about a site that did no harm. Healthy sites: 0.09-0.6.
+#: strength (E[z] is about 1). Measured on Omniglot-100 with ResNet-20 (docs/evaluation.md):
+#: phi*'s last block fell below it by step 220 and stayed closed, and the network collapsed when
+#: the strength reached 1; the authors' phi dipped to 0.025 at that block and reopened (0.29 by
+#: step 3,000), so 0.05, the first threshold, warned about a site that did no harm. Healthy
+#: sites: 0.09-0.6.
 CLOSED_BELOW = 0.01
 
 

@@ -12,8 +12,8 @@ candidate sees the same initialisation, batches and noise draws, so the comparis
 
 One validation task can miss a failure another shows: phi* passed a 10-class CIFAR-10 meta-test
 and then closed ResNet-20's last block on 100-class Omniglot, collapsing the network when its
-strength reached 1 (docs/evaluation.md). ``extra_tasks`` scores candidates on more tasks (their mean), and a
-candidate whose meta-test closes a site at full strength (phi's channel scale s below
+strength reached 1 (docs/evaluation.md). ``extra_tasks`` scores candidates on more tasks (their
+mean), and a candidate whose meta-test closes a site at full strength (phi's channel scale s below
 :data:`~metaperturb.diagnostics.CLOSED_BELOW` at the end of the strength ramp) is passed over
 for one that closes none.
 """

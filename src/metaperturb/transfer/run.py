@@ -172,7 +172,8 @@ class TransferRun:
         self.curve: list[dict[str, float]] = []
         #: phi's mean channel scale per site at the step the strength reaches 1 (the end of the
         #: ramp): a site closed then passes nothing from there on, which collapsed phi* on
-        #: Omniglot-100 (docs/evaluation.md). Its s at the end of training can have recovered since.
+        #: Omniglot-100 (docs/evaluation.md). Its s at the end of training can have recovered
+        #: since.
         self.full_strength_scales: dict[str, float] | None = None
         self.train_seconds = 0.0
         self.loss_sum, self.loss_count = 0.0, 0
