@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmark_scripts import load
-from metaperturb.transfer import TransferConfig, run_id, run_transfer
-from metaperturb.transfer import run as run_module
-from test_transfer import needs_mnist, tiny_target
+from metaperturb.transfer import TransferConfig
+from test_transfer import needs_mnist, stopped_at, tiny_target
 
 
 @needs_mnist
@@ -21,18 +20,7 @@ def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
         target=tiny_target(), model="conv4", phi="default", steps=6, batch_size=8,
         curve_every=0, checkpoint_every=2, eval_modes=False,
     )  # fmt: skip
-    original = run_module.TransferRun.save_checkpoint
-
-    def stop_after_step_two(self: run_module.TransferRun) -> None:
-        original(self)
-        if self.step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop_after_step_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_transfer(config, tmp_path, progress=False)
-    checkpoint = tmp_path / f"{run_id(config)}.ckpt"
-    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
+    checkpoint = stopped_at(2, config, tmp_path, monkeypatch)
 
     saved = checkpoint.read_bytes()
     replay = load("replay").replay

@@ -250,6 +250,24 @@ def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
 
 
 @needs_mnist
+def stopped_at(
+    step: int, config: TransferConfig, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Run ``config`` in ``folder`` until its checkpoint of ``step`` is written, then stop it as
+    a kill would; returns that checkpoint."""
+    original = run_module.TransferRun.save_checkpoint
+
+    def stop_after_the_checkpoint(self: run_module.TransferRun) -> None:
+        original(self)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(run_module.TransferRun, "save_checkpoint", stop_after_the_checkpoint)
+        run_transfer(config, folder, progress=False)
+    return folder / f"{run_id(config)}.ckpt"
+
+
 def test_a_stopped_run_resumes_to_the_same_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,18 +283,7 @@ def test_a_stopped_run_resumes_to_the_same_result(
     )
     whole = run_transfer(config, tmp_path / "whole", progress=False)
 
-    original = run_module.TransferRun.save_checkpoint
-
-    def stop_after_step_four(self: run_module.TransferRun) -> None:
-        original(self)
-        if self.step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", stop_after_step_four)
-    with pytest.raises(KeyboardInterrupt):
-        run_transfer(config, tmp_path / "split", progress=False)
-    assert (tmp_path / "split" / f"{run_id(config)}.ckpt").is_file()
-    monkeypatch.setattr(run_module.TransferRun, "save_checkpoint", original)
+    assert stopped_at(4, config, tmp_path / "split", monkeypatch).is_file()
     resumed = run_transfer(config, tmp_path / "split", progress=False)
     assert resumed["resumed"] and not whole["resumed"]
     assert resumed["curve"] == whole["curve"]
