@@ -14,7 +14,6 @@ Nothing is written beside the checkpoint: the replay trains in a scratch folder.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import shutil
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from metaperturb.errors import TrainingStoppedError
 from metaperturb.transfer.run import TransferConfig, TransferRun
 
 
@@ -37,10 +35,8 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
         run = TransferRun(TransferConfig(**settings), Path(scratch))
         shutil.copy(checkpoint, run.checkpoint_path)
         run.maybe_resume()
-        start, stop = run.step, min(run.step + steps, run.config.steps)
-        run._stop_asked = lambda: run.step >= stop  # type: ignore[method-assign]
-        with contextlib.suppress(TrainingStoppedError):  # the stop asked for above
-            run.train(progress=False)
+        start = run.step
+        run.train(progress=False, until=start + steps)
         digest = hashlib.sha256()
         for name, tensor in sorted(run.model.state_dict().items()):
             digest.update(name.encode())

@@ -249,18 +249,18 @@ class TransferRun:
             images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
         )
 
-    def train(self, progress: bool) -> None:
-        """Train from the current step to ``config.steps``, checkpointing and recording the
-        curve as configured; a stop asked ends it with a checkpoint."""
+    def train(self, progress: bool, until: int | None = None) -> None:
+        """Train from the current step to ``config.steps`` (or to step ``until``, before it: a
+        part of the run, as a replay needs), checkpointing and recording the curve as
+        configured; a stop asked ends it with a checkpoint."""
         from tqdm.auto import tqdm
 
         config = self.config
+        last = config.steps if until is None else min(until, config.steps)
         self.model.train()
-        bar = tqdm(
-            total=config.steps, initial=self.step, unit="step", disable=not progress, leave=False
-        )
+        bar = tqdm(total=last, initial=self.step, unit="step", disable=not progress, leave=False)
         started = time.perf_counter()
-        while self.step < config.steps:
+        while self.step < last:
             torch.manual_seed(derive_seed(config.seed, _NOISE_KEY, self.step))
             images, labels = self.stream.batch(self.step)
             images, labels = self._layout(images), labels.to(self.device)
