@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb.transfer.machine import describe
 from metaperturb.transfer.run import TransferConfig, TransferRun
 
 
@@ -49,6 +50,8 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "train_loss_since_last_curve_point": loss,
             "last_curve_point": run.curve[-1] if run.curve else None,
             "weights_sha256": digest.hexdigest(),
+            # The same code on another CPU (or thread count) takes another path: say which.
+            "machine": describe(run.device, run.channels_last),
         }
 
 

@@ -29,6 +29,7 @@ from metaperturb.transfer import (
     calibration,
     find_equivalent_result,
     load_target,
+    machine,
     resolve_target,
     run_id,
     run_transfer,
@@ -268,6 +269,22 @@ def stopped_at(
     return folder / f"{run_id(config)}.ckpt"
 
 
+def test_a_checkpoint_older_than_the_segment_record_leaves_its_part_unknown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TransferConfig(
+        target=tiny_target(), model="conv4", steps=4, batch_size=8, checkpoint_every=2
+    )
+    checkpoint = stopped_at(2, config, tmp_path, monkeypatch)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    del state["segments"]  # as the checkpoints written before 2026-12-07 are
+    torch.save(state, checkpoint)
+    result = run_transfer(config, tmp_path, progress=False)
+    assert [(s["from_step"], s["to_step"]) for s in result["segments"]] == [(0, 2), (2, 4)]
+    assert result["segments"][0]["machine"] is None
+    assert result["segments"][1]["machine"] == result["machine"]
+
+
 def test_a_stopped_run_resumes_to_the_same_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,6 +307,13 @@ def test_a_stopped_run_resumes_to_the_same_result(
     assert resumed["evaluation"]["default"]["nll"] == pytest.approx(
         whole["evaluation"]["default"]["nll"], abs=1e-6
     )
+
+    # Where each part ran: the whole run in one process, the split one in two.
+    assert [(s["from_step"], s["to_step"]) for s in whole["segments"]] == [(0, 6)]
+    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 4), (4, 6)]
+    first = resumed["segments"][0]["machine"]
+    assert first["cpu"] == machine.cpu_model() and first["threads"] == torch.get_num_threads()
+    assert first["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     # Stopped during the evaluation: the rerun starts from the trained network.
     original_evaluate = run_module.TransferRun.evaluate

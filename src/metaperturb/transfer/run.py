@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from ..train.sampling import TaskStream, derive_seed
 from ..wrapper import get_controller, set_eval_mode, wrap
 from .calibration import calibration
 from .config import TransferConfig, phi_label, run_id
+from .machine import describe
 from .regularizers import DropBlock, ManifoldMixup
 from .reuse import check_same_phi, check_same_settings, current_fingerprint, find_equivalent_result
 from .targets import Target, load_target, resolve_target
@@ -177,6 +177,10 @@ class TransferRun:
         self.full_strength_scales: dict[str, float] | None = None
         self.train_seconds = 0.0
         self.loss_sum, self.loss_count = 0.0, 0
+        #: The parts of the run trained before this process, each with the machine it ran on
+        #: (:mod:`.machine`); this process's part starts at ``_segment_from``.
+        self.segments: list[dict[str, Any]] = []
+        self._segment_from = 0
         # The loss of the steps since the last settle, summed where it is computed: reading it
         # every step (``.item()``, ``if isfinite``) would make the host wait for the GPU.
         self._pending_loss = torch.zeros(
@@ -202,7 +206,22 @@ class TransferRun:
             "loss_sum": self.loss_sum,
             "loss_count": self.loss_count,
             "full_strength_scales": json.dumps(self.full_strength_scales),
+            "segments": json.dumps(self.trained_segments()),
         }
+
+    def trained_segments(self) -> list[dict[str, Any]]:
+        """Which steps ran where: one entry per process that trained part of the run, with
+        its machine (``None``: trained before checkpoints recorded it)."""
+        segments = list(self.segments)
+        if self.step > self._segment_from:
+            segments.append(
+                {
+                    "from_step": self._segment_from,
+                    "to_step": self.step,
+                    "machine": describe(self.device, self.channels_last),
+                }
+            )
+        return segments
 
     def save_checkpoint(self) -> None:
         """Write the run's state (atomically) so that :meth:`maybe_resume` continues it."""
@@ -241,6 +260,13 @@ class TransferRun:
         self.loss_count = int(state.get("loss_count", 0))
         # Absent from older checkpoints: a run resumed past the ramp then records none.
         self.full_strength_scales = json.loads(state.get("full_strength_scales", "null"))
+        segments = json.loads(state.get("segments", "null"))  # absent from older checkpoints
+        self.segments = (
+            segments
+            if segments is not None
+            else [{"from_step": 0, "to_step": self.step, "machine": None}]
+        )
+        self._segment_from = self.step
         return True
 
     # -- training ------------------------------------------------------------------------------
@@ -538,13 +564,10 @@ def _train_and_record(
         # Results written before this key existed were evaluated without a clamp.
         "eval_clip": run.eval_clip(),
         "config": asdict(config),
-        "machine": {
-            "platform": platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": str(run.device),
-            "channels_last": run.channels_last,
-        },
+        # The machine of this process (which evaluated the run), and where each part of the
+        # training ran: a run resumed elsewhere took another floating-point path (.machine).
+        "machine": describe(run.device, run.channels_last),
+        "segments": run.trained_segments(),
     }
     # Non-finite predictions count as wrong (and are counted); all of them means no result.
     if evaluation["default"]["nonfinite_predictions"] == len(run.test_data.labels):

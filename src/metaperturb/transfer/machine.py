@@ -1,0 +1,48 @@
+"""What a run was trained on, beyond its settings.
+
+A run's settings and seed fix its batches and its noise, but not its floating-point path: on a
+CPU the same checkpoint trained 25 steps further gives other weights with two threads instead
+of one, or with ATen's or oneDNN's kernels held to AVX2 on an AVX-512 machine
+(``docs/evaluation.md``), and the difference grows with training. A run resumed on another
+machine is therefore another sample of its setting, and the record has to say where each part
+of it ran: :func:`describe` is that description, and a run keeps one per process that trained
+part of it (its ``segments``).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["cpu_model", "describe"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; what :mod:`platform` knows elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device, channels_last: bool) -> dict[str, Any]:
+    """The machine facts that can change a run's floating-point results."""
+    machine: dict[str, Any] = {
+        "platform": platform.machine(),
+        "cpu": cpu_model(),
+        # The instruction set ATen's CPU kernels were dispatched to (ATEN_CPU_CAPABILITY).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "channels_last": channels_last,
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
