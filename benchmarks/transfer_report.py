@@ -269,6 +269,42 @@ def switched_off_table(results: list[dict[str, Any]]) -> list[str]:
     return table(header, rows) if rows else []
 
 
+def _machine_label(machine: dict[str, Any] | None) -> str:
+    if machine is None:
+        return "not recorded"
+    threads = machine.get("threads")
+    where = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_capability')})"
+    return f"{where}, {threads} thread{'s' if threads != 1 else ''}, torch {machine.get('torch')}"
+
+
+def machines_table(results: list[dict[str, Any]]) -> list[str]:
+    """Where each part of each run trained (its ``segments``): a run resumed on another CPU
+    took another floating-point path from there (docs/evaluation.md), so it is another sample
+    of its setting. Runs older than the record are counted, not listed."""
+    recorded = [r for r in results if r.get("segments")]
+    rows = [
+        [
+            r["target"],
+            f"{r['model']}, {r['method']}",
+            str(r["seed"]),
+            "; ".join(
+                f"{s['from_step']:,}-{s['to_step']:,}: {_machine_label(s['machine'])}"
+                for s in r["segments"]
+            ),
+        ]
+        for r in sorted(recorded, key=lambda r: (_rank(r["target"]), r["method"], r["seed"]))
+    ]
+    older = [r for r in results if not r.get("segments")]
+    resumed = sum(bool(r.get("resumed")) for r in older)
+    note = (
+        f"{len(older)} runs finished before runs recorded this: their `machine` names the "
+        "platform, torch and threads of the process that evaluated them, not the CPU; "
+        f"{resumed} of them were resumed, so a part of each may have trained on another CPU."
+    )
+    lines = table(["target", "network, method", "seed", "steps: trained on"], rows) if rows else []
+    return [*lines, *([""] if lines else []), note] if older else lines
+
+
 def _is_tuning(run: dict[str, Any]) -> bool:
     """A `tune` run: its target is the CIFAR-10 validation slice (train images 500-999 of each
     class), not a named target, nor the Tiny ImageNet `pretrain` run (also a slice spec)."""
@@ -368,6 +404,10 @@ def main() -> None:
             switched_off_table(results)
             or ["No run yet: `python benchmarks/transfer.py closed-site`."]
         ),
+        "",
+        "### Where the runs trained",
+        "",
+        *machines_table(results),
         "",
         "### Tuning (DropBlock rate and block size, Mixup alpha)",
         "",

@@ -352,3 +352,26 @@ def test_a_run_in_which_no_site_closed_fills_both_closed_site_rows_once() -> Non
     labels = [line.split(" | ")[0].lstrip("| ") for line in readme.datasets([trimmed])[2:]]
     assert "MetaPerturb, phi\\* without the site at `stages.2.2`" in labels
     assert not any("exclude-closed" in label for label in labels)
+
+
+def test_the_machines_table_lists_each_part_of_a_run_and_counts_the_runs_before_the_record() -> (
+    None
+):
+    load("transfer_plots")
+    report = load("transfer_report")
+    xeon = {"cpu": "Xeon", "cpu_capability": "AVX512", "threads": 1, "torch": "2.14.1"}
+    recorded = _run("base", "s-cifar10", 0.7) | {
+        "seed": 0,
+        "segments": [
+            {"from_step": 0, "to_step": 2000, "machine": None},
+            {"from_step": 2000, "to_step": 10000, "machine": xeon},
+        ],
+    }
+    older = [_run("base", "mnist-10k", 0.98) | {"seed": s, "resumed": s == 1} for s in (0, 1)]
+    lines = report.machines_table([recorded, *older])
+    assert lines[2] == (
+        "| s-cifar10 | cifar_resnet20, base | 0 | 0-2,000: not recorded; "
+        "2,000-10,000: Xeon (AVX512), 1 thread, torch 2.14.1 |"
+    )
+    assert lines[-1].startswith("2 runs finished before") and "1 of them were resumed" in lines[-1]
+    assert report.machines_table([recorded])[-1] == lines[2]  # nothing to count
