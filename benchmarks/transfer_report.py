@@ -273,7 +273,10 @@ def _machine_label(machine: dict[str, Any] | None) -> str:
     if machine is None:
         return "not recorded"
     threads = machine.get("threads")
-    where = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_capability')})"
+    features = f", flags {machine['cpu_features']}" if machine.get("cpu_features") else ""
+    where = (
+        machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_capability')}{features})"
+    )
     return f"{where}, {threads} thread{'s' if threads != 1 else ''}, torch {machine.get('torch')}"
 
 

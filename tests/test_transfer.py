@@ -313,6 +313,7 @@ def test_a_stopped_run_resumes_to_the_same_result(
     assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 4), (4, 6)]
     first = resumed["segments"][0]["machine"]
     assert first["cpu"] == machine.cpu_model() and first["threads"] == torch.get_num_threads()
+    assert first["cpu_features"] == machine.cpu_features()
     assert first["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     # Stopped during the evaluation: the rerun starts from the trained network.

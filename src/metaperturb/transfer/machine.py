@@ -11,24 +11,37 @@ part of it (its ``segments``).
 
 from __future__ import annotations
 
+import hashlib
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["cpu_model", "describe"]
+__all__ = ["cpu_features", "cpu_model", "describe"]
+
+
+def _cpuinfo(*fields: str) -> str | None:
+    """The first ``/proc/cpuinfo`` line of one of ``fields`` (Linux), its value; else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(fields):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux; what :mod:`platform` knows elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_features() -> str | None:
+    """A short digest of the CPU's feature flags: virtual machines often name every CPU alike
+    ("Intel Xeon Processor"), and the flags are what the kernels dispatch on."""
+    flags = _cpuinfo("flags", "Features")
+    return None if flags is None else hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
 def describe(device: torch.device, channels_last: bool) -> dict[str, Any]:
@@ -36,6 +49,7 @@ def describe(device: torch.device, channels_last: bool) -> dict[str, Any]:
     machine: dict[str, Any] = {
         "platform": platform.machine(),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         # The instruction set ATen's CPU kernels were dispatched to (ATEN_CPU_CAPABILITY).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
