@@ -354,9 +354,7 @@ def test_a_run_in_which_no_site_closed_fills_both_closed_site_rows_once() -> Non
     assert not any("exclude-closed" in label for label in labels)
 
 
-def test_the_machines_table_lists_each_part_of_a_run_and_counts_the_runs_before_the_record() -> (
-    None
-):
+def test_the_machines_table_lists_each_part_and_counts_the_runs_before_the_record() -> None:
     load("transfer_plots")
     report = load("transfer_report")
     xeon = {"cpu": "Xeon", "cpu_capability": "AVX512", "threads": 1, "torch": "2.14.1"}
