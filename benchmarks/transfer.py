@@ -344,6 +344,21 @@ def main() -> None:
             raise SystemExit(128 + signal.SIGTERM) from None
 
 
+def run_state(config: TransferConfig, output_dir: Path, done: bool) -> str:
+    """What ``--list`` says of a run: done, running (by whom), or pending, with the step its
+    checkpoint holds if it has one (the runs that resume from where a session stopped)."""
+    if done:
+        return "done   "
+    holder = lock_holder(output_dir / f"{run_id(config)}.lock")
+    if holder:
+        return f"running ({holder})"
+    checkpoint = output_dir / f"{run_id(config)}.ckpt"
+    if checkpoint.is_file():
+        step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+        return f"pending (checkpoint at step {step:,})"
+    return "pending"
+
+
 def sweep(runs: list[TransferConfig], args: argparse.Namespace, stop: threading.Event) -> None:
     """Run (or list) this process's share of the pending runs, one after the other."""
     index, count = (int(part) for part in args.shard.split("/"))
@@ -354,9 +369,7 @@ def sweep(runs: list[TransferConfig], args: argparse.Namespace, stop: threading.
             config.phi is not None and find_equivalent_result(config, args.output_dir) is not None
         )
         if args.list:
-            holder = lock_holder(args.output_dir / f"{run_id(config)}.lock")
-            state = "done   " if done else f"running ({holder})" if holder else "pending"
-            print(f"{state} {run_id(config)}")
+            print(f"{run_state(config, args.output_dir, done)} {run_id(config)}")
             continue
         if done or position % count != index:
             continue
