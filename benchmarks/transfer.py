@@ -203,6 +203,19 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                     runs.append(
                         TransferConfig(target=target, seed=seed, **phi_star, **method, **common)
                     )
+        # phi* closes WRN-28-2's last block on s-CIFAR10 too (at step 200 of the architectures
+        # grid's run, seed 0): the switch there, against that run (as published) and Base.
+        for seed in seeds:
+            runs.append(
+                TransferConfig(
+                    target="s-cifar10",
+                    model="cifar_wrn_28_2",
+                    seed=seed,
+                    on_closed_site="exclude",
+                    **phi_star,
+                    **common,
+                )
+            )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:
