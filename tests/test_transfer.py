@@ -250,7 +250,6 @@ def test_a_run_writes_its_result_and_is_not_repeated(tmp_path: Path) -> None:
     assert path.stat().st_mtime_ns == stamp
 
 
-@needs_mnist
 def stopped_at(
     step: int, config: TransferConfig, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
@@ -269,6 +268,7 @@ def stopped_at(
     return folder / f"{run_id(config)}.ckpt"
 
 
+@needs_mnist
 def test_a_checkpoint_older_than_the_segment_record_leaves_its_part_unknown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,6 +285,7 @@ def test_a_checkpoint_older_than_the_segment_record_leaves_its_part_unknown(
     assert result["segments"][1]["machine"] == result["machine"]
 
 
+@needs_mnist
 def test_a_stopped_run_resumes_to_the_same_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
