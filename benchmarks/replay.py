@@ -14,7 +14,6 @@ Nothing is written beside the checkpoint: the replay trains in a scratch folder.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb._serialization import fingerprint
 from metaperturb.transfer.machine import describe
 from metaperturb.transfer.run import TransferConfig, TransferRun
 
@@ -38,10 +38,6 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
         run.maybe_resume()
         start = run.step
         run.train(progress=False, until=start + steps)
-        digest = hashlib.sha256()
-        for name, tensor in sorted(run.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         loss = run.loss_sum / run.loss_count if run.loss_count else None
         return {
             "run": run.id,
@@ -49,7 +45,7 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "to_step": run.step,
             "train_loss_since_last_curve_point": loss,
             "last_curve_point": run.curve[-1] if run.curve else None,
-            "weights_sha256": digest.hexdigest(),
+            "weights_sha256": fingerprint(run.model),
             # The same code on another CPU (or thread count) takes another path: say which.
             "machine": describe(run.device, run.channels_last),
         }

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._atomic import fsync_directory, write_temporary
 from ._version import __version__
@@ -101,14 +101,16 @@ def weights_bytes(phi: Perturbation) -> bytes:
     return safetensors_save(tensors, metadata=header)
 
 
-def fingerprint(phi: Perturbation) -> str:
-    """SHA-256 of phi's 82 numbers (fp32, in ``state_dict`` order, with their names).
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 of a module's ``state_dict`` (fp32, in its order, with the names): for phi, its
+    82 numbers.
 
     Names which phi made a result even after the file it came from was replaced; unlike a hash
-    of ``model.safetensors`` it ignores the header (metadata, format version).
+    of ``model.safetensors`` it ignores the header (metadata, format version). Of a trained
+    network, it tells whether two codes or machines trained the same one (``replay.py``).
     """
     digest = hashlib.sha256()
-    for name, tensor in phi.state_dict().items():
+    for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().to(device="cpu", dtype=torch.float32).numpy().tobytes())
     return digest.hexdigest()
