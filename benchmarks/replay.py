@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from metaperturb._serialization import fingerprint
-from metaperturb.transfer.machine import describe
 from metaperturb.transfer.run import TransferConfig, TransferRun
 
 
@@ -47,7 +46,7 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "last_curve_point": run.curve[-1] if run.curve else None,
             "weights_sha256": fingerprint(run.model),
             # The same code on another CPU (or thread count) takes another path: say which.
-            "machine": describe(run.device, run.channels_last),
+            "machine": run.machine,
         }
 
 

@@ -107,6 +107,8 @@ class TransferRun:
         self.checkpoint_path = output_dir / f"{self.id}.ckpt"
         self.result_path = output_dir / f"{self.id}.json"
         self._build()
+        #: The machine this process trains and evaluates on (:mod:`.machine`), read once.
+        self.machine = describe(self.device, self.channels_last)
 
     def _build(self) -> None:
         config = self.config
@@ -218,7 +220,7 @@ class TransferRun:
                 {
                     "from_step": self._segment_from,
                     "to_step": self.step,
-                    "machine": describe(self.device, self.channels_last),
+                    "machine": self.machine,
                 }
             )
         return segments
@@ -566,7 +568,7 @@ def _train_and_record(
         "config": asdict(config),
         # The machine of this process (which evaluated the run), and where each part of the
         # training ran: a run resumed elsewhere took another floating-point path (.machine).
-        "machine": describe(run.device, run.channels_last),
+        "machine": run.machine,
         "segments": run.trained_segments(),
     }
     # Non-finite predictions count as wrong (and are counted); all of them means no result.
