@@ -22,6 +22,7 @@ from transfer_readme import TARGETS as PRESETS
 from transfer_readme import cell, grouped, scored, table, update_readme
 
 from metaperturb._atomic import atomic_write
+from metaperturb._machine import label as machine_label
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "transfer"
@@ -269,17 +270,6 @@ def switched_off_table(results: list[dict[str, Any]]) -> list[str]:
     return table(header, rows) if rows else []
 
 
-def _machine_label(machine: dict[str, Any] | None) -> str:
-    if machine is None:
-        return "not recorded"
-    threads = machine.get("threads")
-    features = f", flags {machine['cpu_features']}" if machine.get("cpu_features") else ""
-    where = (
-        machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_capability')}{features})"
-    )
-    return f"{where}, {threads} thread{'s' if threads != 1 else ''}, torch {machine.get('torch')}"
-
-
 def machines_table(results: list[dict[str, Any]]) -> list[str]:
     """Where each part of each run trained (its ``segments``): a run resumed on another CPU
     took another floating-point path from there (docs/evaluation.md), so it is another sample
@@ -291,7 +281,7 @@ def machines_table(results: list[dict[str, Any]]) -> list[str]:
             f"{r['model']}, {r['method']}",
             str(r["seed"]),
             "; ".join(
-                f"{s['from_step']:,}-{s['to_step']:,}: {_machine_label(s['machine'])}"
+                f"{s['from_step']:,}-{s['to_step']:,}: {machine_label(s['machine'])}"
                 for s in r["segments"]
             ),
         ]

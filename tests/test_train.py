@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import metaperturb
+from metaperturb._machine import cpu_model
 from metaperturb.errors import TrainingStoppedError
 from metaperturb.train import CheckpointError, RunExistsError, TrainConfig, read_metrics, train
 from metaperturb.train.learner import TaskLearner, batchnorm_eval
@@ -135,6 +136,33 @@ def test_resume_gives_the_same_phi_bit_for_bit(tmp_path: Path, finished_run: Pat
             assert torch.equal(resumed["tasks"][task]["model"][name], tensor), name
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [2, 3, 4]
+
+
+@needs_tiny
+def test_a_run_records_which_steps_trained_on_which_machine(
+    tmp_path: Path, finished_run: Path
+) -> None:
+    """Each launch is a segment with every rank's machine, in the checkpoint and phi's card; a
+    checkpoint from before the record leaves its part "not recorded"."""
+    this = cpu_model()
+    straight = _load(finished_run / "checkpoint.pt")["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in straight] == [(0, 4)]
+    assert [m["cpu"] for m in straight[0]["machines"]] == [this]
+    assert straight[0]["machines"][0]["threads"] == 1
+
+    first = _config(tmp_path / "run", steps=2)
+    train(first)
+    old = _load(tmp_path / "run" / "checkpoint.pt")
+    del old["segments"]  # as checkpoints written before 2026-12-07 are
+    torch.save(old, tmp_path / "run" / "checkpoint.pt")
+    train(dataclasses.replace(first, steps=4, resume=True))
+    segments = _load(tmp_path / "run" / "checkpoint.pt")["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 2), (2, 4)]
+    assert segments[0]["machines"] is None
+    assert segments[1]["machines"] == straight[0]["machines"]
+    card = (tmp_path / "run" / "phi" / "README.md").read_text()
+    assert "Trained on: steps 0-2: not recorded; steps 2-4: 1 process on " in card
+    assert this in card
 
 
 @needs_tiny

@@ -86,6 +86,12 @@ def test_two_ranks_with_a_crash_and_restart(
     assert "exiting on purpose" in result.stderr  # the first attempt did crash
     records = read_metrics(output / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["ranks"] == 2 for r in records)
+    # Two launches (the crash's and the restart's), each with both ranks' machines.
+    state = torch.load(output / "checkpoint.pt", map_location="cpu", weights_only=True)
+    first, restart = state["segments"]
+    assert first["from_step"] == 0 and first["to_step"] == restart["from_step"] > 0
+    assert restart["to_step"] == 3
+    assert [len(part["machines"]) for part in (first, restart)] == [2, 2]
     phi = _phi(output)
     for name, tensor in single_process_phi.items():
         assert torch.equal(phi[name], tensor), name

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metaperturb import _machine as machine
 from metaperturb.diagnostics import ClosedSiteWarning
 from metaperturb.errors import RunInProgressError, TrainingStoppedError
 from metaperturb.phi import Perturbation
@@ -29,7 +30,6 @@ from metaperturb.transfer import (
     calibration,
     find_equivalent_result,
     load_target,
-    machine,
     resolve_target,
     run_id,
     run_transfer,

@@ -2,9 +2,10 @@
 
 The checkpoint holds everything a resumed run needs to continue as if never stopped: the step,
 the config and task split, phi and its optimizer, every task network with its optimizer (the
-sites' running statistics included), and the RNG states. It is written by rank 0 after gathering
-the task networks from every rank, so resuming never needs a shared filesystem. It is read with
-``weights_only=True``: no code is unpickled from it.
+sites' running statistics included), the RNG states, and which steps trained on which machines
+(``segments``). It is written by rank 0 after gathering the task networks from every rank, so
+resuming never needs a shared filesystem. It is read with ``weights_only=True``: no code is
+unpickled from it.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
+from .._machine import describe, label
 from ..data import BadImagePolicy, ImageData, load_images
 from ..errors import MetaPerturbError, RunExistsError, SplitError, TrainingStoppedError
 from ..phi import Perturbation, PerturbationConfig
@@ -191,6 +193,11 @@ class _MetaTrainer:
             self.phi.parameters(), lr=config.phi_lr, weight_decay=config.phi_weight_decay
         )
         self.learners = self._learners(self.data)
+        #: Every rank's machine (rank 0; None elsewhere) and the launches that trained the run
+        #: before this one: a part trained on another kind of CPU took another floating-point
+        #: path (:mod:`metaperturb._machine`), so the record says which steps ran where.
+        self.machines = comm.gather(describe(comm.device, bool(config.channels_last)))
+        self.segments: list[dict[str, Any]] = []
         self.start = 0
         self.last_record: dict[str, Any] | None = None
         #: The step of the last checkpoint this rank knows of (rank 0: written and renamed).
@@ -350,6 +357,10 @@ class _MetaTrainer:
                 torch.cuda.set_rng_state(states[self.comm.rank]["cuda"], self.comm.device)
         self.start = int(payload["step"])
         self.last_record = payload["metrics"]
+        # Absent from checkpoints written before 2026-12-07: their part is "not recorded".
+        self.segments = payload.get("segments") or [
+            {"from_step": 0, "to_step": self.start, "machines": None}
+        ]
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -578,8 +589,17 @@ class _MetaTrainer:
             "rng": [part["rng"] for part in gathered],
             "metrics": self.last_record,
             "world_size": self.comm.world_size,
+            "segments": self._trained_segments(step),
         }
         checkpoint.save(self.output / checkpoint.CHECKPOINT_NAME, payload)
+
+    def _trained_segments(self, step: int) -> list[dict[str, Any]]:
+        """Which steps ran where, up to ``step``: one entry per launch, with every rank's
+        machine (``None``: trained before checkpoints recorded it). Rank 0 only."""
+        if step <= self.start:
+            return list(self.segments)
+        this = {"from_step": self.start, "to_step": step, "machines": self.machines}
+        return [*self.segments, this]
 
     # -- the result -------------------------------------------------------------------------
 
@@ -630,6 +650,11 @@ class _MetaTrainer:
             networks_line,
             optimisation_line,
         ]
+        lines.append(
+            "- Trained on: "
+            + "; ".join(_segment_line(part) for part in self._trained_segments(config.steps))
+            + "."
+        )
         if final:
             lines.append(
                 "- Final metrics (mean over tasks, last log interval): "
@@ -637,6 +662,20 @@ class _MetaTrainer:
                 + "."
             )
         return "\n".join(lines)
+
+
+def _segment_line(segment: dict[str, Any]) -> str:
+    """``steps 0-750: 2 processes on <machine>``, one clause per kind of machine."""
+    machines = segment["machines"]
+    if machines is None:
+        where = "not recorded"
+    else:
+        kinds = Counter(label(machine) for machine in machines)
+        where = ", ".join(
+            f"{count} process{'es' if count != 1 else ''} on {kind}"
+            for kind, count in kinds.items()
+        )
+    return f"steps {segment['from_step']}-{segment['to_step']}: {where}"
 
 
 def _preview(names: list[str], count: int = 4) -> str:

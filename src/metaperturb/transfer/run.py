@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._atomic import atomic_write
+from .._machine import describe
 from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
@@ -35,7 +36,6 @@ from ..train.sampling import TaskStream, derive_seed
 from ..wrapper import get_controller, set_eval_mode, wrap
 from .calibration import calibration
 from .config import TransferConfig, phi_label, run_id
-from .machine import describe
 from .regularizers import DropBlock, ManifoldMixup
 from .reuse import check_same_phi, check_same_settings, current_fingerprint, find_equivalent_result
 from .targets import Target, load_target, resolve_target
@@ -107,7 +107,7 @@ class TransferRun:
         self.checkpoint_path = output_dir / f"{self.id}.ckpt"
         self.result_path = output_dir / f"{self.id}.json"
         self._build()
-        #: The machine this process trains and evaluates on (:mod:`.machine`), read once.
+        #: The machine this process trains and evaluates on (:mod:`metaperturb._machine`), read once.
         self.machine = describe(self.device, self.channels_last)
 
     def _build(self) -> None:
@@ -180,7 +180,7 @@ class TransferRun:
         self.train_seconds = 0.0
         self.loss_sum, self.loss_count = 0.0, 0
         #: The parts of the run trained before this process, each with the machine it ran on
-        #: (:mod:`.machine`); this process's part starts at ``_segment_from``.
+        #: (:mod:`metaperturb._machine`); this process's part starts at ``_segment_from``.
         self.segments: list[dict[str, Any]] = []
         self._segment_from = 0
         # The loss of the steps since the last settle, summed where it is computed: reading it

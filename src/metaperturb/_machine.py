@@ -5,8 +5,8 @@ CPU the same checkpoint trained 25 steps further gives other weights with two th
 of one, or with ATen's or oneDNN's kernels held to AVX2 on an AVX-512 machine
 (``docs/evaluation.md``), and the difference grows with training. A run resumed on another
 machine is therefore another sample of its setting, and the record has to say where each part
-of it ran: :func:`describe` is that description, and a run keeps one per process that trained
-part of it (its ``segments``).
+of it ran: :func:`describe` is that description, and a run (an evaluation run, or meta-training
+with one per process) keeps one for each launch that trained part of it (its ``segments``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cpu_features", "cpu_model", "describe"]
+__all__ = ["cpu_features", "cpu_model", "describe", "label"]
 
 
 def _cpuinfo(*fields: str) -> str | None:
@@ -52,7 +52,7 @@ def describe(device: torch.device, channels_last: bool) -> dict[str, Any]:
         "cpu_features": cpu_features(),
         # The instruction set ATen's CPU kernels were dispatched to (ATEN_CPU_CAPABILITY).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: checkpoints are read weights_only
         "threads": torch.get_num_threads(),
         "device": str(device),
         "channels_last": channels_last,
@@ -60,3 +60,15 @@ def describe(device: torch.device, channels_last: bool) -> dict[str, Any]:
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
     return machine
+
+
+def label(machine: dict[str, Any] | None) -> str:
+    """:func:`describe`'s facts in one line, for reports and model cards."""
+    if machine is None:
+        return "not recorded"
+    threads = machine.get("threads")
+    features = f", flags {machine['cpu_features']}" if machine.get("cpu_features") else ""
+    where = (
+        machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_capability')}{features})"
+    )
+    return f"{where}, {threads} thread{'s' if threads != 1 else ''}, torch {machine.get('torch')}"
