@@ -13,6 +13,17 @@ site's features scaled by each factor:
     python benchmarks/scale_response.py --phi seed-0=runs/phi-star/seed-0/phi
 
 Writes ``benchmarks/results/scale-response.md`` and ``.json``. Seconds on a CPU.
+
+``--signs`` asks the other question a pre-activation host raises: its block outputs are signed
+(the residual stream, no ReLU after the sum), where phi* was meta-trained on non-negative ones.
+It measures s at each site on the features as they are, on their non-negative part, and on both
+rescaled to one RMS, for a network trained part-way (``--resume-from`` a run's checkpoint folder,
+e.g. the one ``site_trace.py`` leaves), so size and sign can be told apart:
+
+    python benchmarks/site_trace.py --target s-cifar10 --model cifar_wrn_28_2 --seed 0 \
+        --until 300 --every 50
+    python benchmarks/scale_response.py --signs --model cifar_wrn_28_2 --targets s-cifar10 \
+        --resume-from runs/site-trace
 """
 
 from __future__ import annotations
@@ -62,16 +73,31 @@ def descriptor_weights(phi: Perturbation) -> dict[str, float]:
     return {"channels": float(weight[8]), "height": float(weight[9])}
 
 
-def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], int, float]:
-    """Each site's input on one training batch of ``target`` (an untrained ResNet-20 at strength
-    0, so the features are the host's own), with the site names, the widest site's channels
-    and the input height (what the descriptors divide by unless phi's config says otherwise)."""
+def site_features(
+    target: str,
+    seed: int,
+    model: str = "cifar_resnet20",
+    resume_from: Path | None = None,
+    trained_with: str = "phi-star",
+) -> tuple[list[str], list[Tensor], int, float, int]:
+    """Each site's input on one training batch of ``target``, with the site names, the widest
+    site's channels, the input height (what the descriptors divide by unless phi's config says
+    otherwise) and the network's step. Untrained at strength 0 (the host's own features), or
+    as the checkpoint in ``resume_from`` left it (a run of ``trained_with``: ``phi-star`` or
+    ``authors``)."""
+    phi = "default" if trained_with == "phi-star" else str(AUTHORS_PHI)
     config = TransferConfig(
-        target=target, seed=seed, phi="default", phi_name="phi-star", data_root=str(DATA)
+        target=target, seed=seed, model=model, phi=phi, phi_name=trained_with, data_root=str(DATA)
     )
     # The run builds the network, phi and the augmented batches exactly as an evaluation run
     # does; it writes to its output folder only when it trains, which this never does.
-    run = TransferRun(config, RESULTS / "scale-response-unused")
+    run = TransferRun(config, resume_from or RESULTS / "scale-response-unused")
+    if resume_from is not None and not run.maybe_resume():
+        raise SystemExit(
+            f"no checkpoint of {run.id} in {resume_from}: make one with `python "
+            f"benchmarks/site_trace.py --target {target} --model {model} --seed {seed} --until "
+            "300` (add --phi runs/authors-phi --phi-name authors for the authors' phi)."
+        )
     controller = get_controller(run.model)
     captured: dict[int, Tensor] = {}
     handles = [
@@ -89,7 +115,24 @@ def site_features(target: str, seed: int) -> tuple[list[str], list[Tensor], int,
         handle.remove()
     features = [captured[i].contiguous() for i in range(len(controller.site_names))]
     height = float(controller.input_height)
-    return list(controller.site_names), features, controller.plan.widest, height
+    return list(controller.site_names), features, controller.plan.widest, height, run.step
+
+
+def rms(h: Tensor) -> float:
+    return float(h.pow(2).mean().sqrt())
+
+
+def sign_forms(h: Tensor, size: float = 2.0) -> dict[str, Tensor]:
+    """A site's features as they are, their non-negative part (what the same block would hand
+    phi with a ReLU after it), and both rescaled to RMS ``size``: s on the four tells the
+    features' size from their sign."""
+    positive = torch.relu(h)
+    return {
+        "h": h,
+        "relu(h)": positive,
+        f"h at RMS {size:g}": h * (size / max(rms(h), 1e-12)),
+        f"relu(h) at RMS {size:g}": positive * (size / max(rms(positive), 1e-12)),
+    }
 
 
 def mean_scale(phi: Perturbation, h: Tensor, widest: int, height: float) -> float:
@@ -111,7 +154,7 @@ def measure(phis: dict[str, Perturbation], targets: list[str], seed: int) -> dic
         "targets": {},
     }
     for target in targets:
-        names, features, widest, height = site_features(target, seed)
+        names, features, widest, height, _ = site_features(target, seed)
         sites: dict[str, Any] = {}
         for name, h in zip(names, features, strict=True):
             entry: dict[str, Any] = {"rms": float(h.pow(2).mean().sqrt()), "s": {}}
@@ -123,6 +166,85 @@ def measure(phis: dict[str, Perturbation], targets: list[str], seed: int) -> dic
             sites[name] = entry
         report["targets"][target] = sites
     return report
+
+
+def variance_term(phi: Perturbation, h: Tensor) -> float:
+    """The part of s's logit that comes from the scale maps' batch variances, averaged over
+    channels: it grows where the network's features grow or come to differ between images,
+    with the sign of the phi's weights on the variances."""
+    with torch.no_grad():
+        maps = phi.scale_maps(h).float()
+        weight = phi._weight(phi.scale_weight).flatten()[4:8]
+        return float((maps.var(dim=0, unbiased=False) * weight).sum(dim=1).mean())
+
+
+def measure_signs(
+    phis: dict[str, Perturbation],
+    target: str,
+    seed: int,
+    model: str,
+    resume_from: Path | None,
+    trained_with: str,
+) -> dict[str, Any]:
+    names, features, widest, height, step = site_features(
+        target, seed, model, resume_from, trained_with
+    )
+    sites: dict[str, Any] = {}
+    for name, h in zip(names, features, strict=True):
+        with torch.no_grad():
+            forms = sign_forms(h)
+            sites[name] = {
+                "rms": rms(h),
+                "negative": float((h < 0).float().mean()),
+                "s": {
+                    phi_name: {
+                        form: mean_scale(phi, x, widest, height) for form, x in forms.items()
+                    }
+                    for phi_name, phi in phis.items()
+                },
+                "variance_term": {
+                    phi_name: {form: variance_term(phi, x) for form, x in forms.items()}
+                    for phi_name, phi in phis.items()
+                },
+            }
+    return {
+        "target": target,
+        "model": model,
+        "seed": seed,
+        "step": step,
+        "trained_with": trained_with if resume_from is not None else None,
+        "sites": sites,
+    }
+
+
+def signs_markdown(report: dict[str, Any]) -> str:
+    trained = (
+        f"trained {report['step']:,} steps with {report['trained_with']}"
+        if report["trained_with"]
+        else "untrained"
+    )
+    first = next(iter(report["sites"].values()))["s"]
+    forms = list(next(iter(first.values())))
+    lines = [
+        (
+            f"phi's mean channel scale s at each site of {report['model']} on {report['target']} "
+            f"(seed {report['seed']}, {trained}; one training batch, batch statistics): on the "
+            "site's features h as they are, on their non-negative part relu(h), and on both "
+            "rescaled to one RMS (`python benchmarks/scale_response.py --signs`); in brackets "
+            "the part of s's logit that the scale maps' batch variances give."
+        ),
+        "",
+        "| site | RMS | share < 0 | phi | " + " | ".join(forms) + " |",
+        "| --- | ---: | ---: | --- | " + " | ".join("---:" for _ in forms) + " |",
+    ]
+    for site, entry in report["sites"].items():
+        for phi_name, values in entry["s"].items():
+            terms = entry["variance_term"][phi_name]
+            cells = " | ".join(f"{values[form]:.3f} ({terms[form]:+.2f})" for form in forms)
+            lines.append(
+                f"| {site} | {entry['rms']:.2f} | {entry['negative']:.2f} | {phi_name} | {cells} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -188,7 +310,20 @@ def main() -> None:
     )
     parser.add_argument("--targets", nargs="+", default=["omniglot-100", "s-cifar10"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=RESULTS / "scale-response")
+    parser.add_argument("--output", type=Path, help="default: results/scale-response[-signs-...]")
+    parser.add_argument(
+        "--signs", action="store_true", help="s on h, relu(h) and both at one RMS, per site"
+    )
+    parser.add_argument("--model", default="cifar_resnet20", help="with --signs")
+    parser.add_argument(
+        "--resume-from", type=Path, help="with --signs: the folder of a run's checkpoint"
+    )
+    parser.add_argument(
+        "--trained-with",
+        choices=["phi-star", "authors"],
+        default="phi-star",
+        help="with --resume-from: the phi the checkpoint's run trained with",
+    )
     args = parser.parse_args()
     phis = {"phi-star": load_phi(default_phi_path())}
     if (AUTHORS_PHI / "model.safetensors").is_file():
@@ -196,10 +331,20 @@ def main() -> None:
     for item in args.phi:
         name, _, path = item.partition("=")
         phis[name] = load_phi(path)
-    report = measure(phis, args.targets, args.seed)
-    text = markdown(report)
-    atomic_write(args.output.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-    atomic_write(args.output.with_suffix(".md"), text)
+    if args.signs:
+        report = measure_signs(
+            phis, args.targets[0], args.seed, args.model, args.resume_from, args.trained_with
+        )
+        text = signs_markdown(report)
+        trained = f"-{args.trained_with}-step{report['step']}" if args.resume_from else ""
+        default = RESULTS / f"scale-response-signs-{args.model}-{args.targets[0]}{trained}"
+    else:
+        report = measure(phis, args.targets, args.seed)
+        text = markdown(report)
+        default = RESULTS / "scale-response"
+    output = args.output or default
+    atomic_write(output.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
+    atomic_write(output.with_suffix(".md"), text)
     print(text)
 
 

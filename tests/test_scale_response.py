@@ -64,3 +64,39 @@ def test_mean_scale_is_what_a_site_computes_from_the_same_batch() -> None:
         assert script.mean_scale(phi, h, widest, height) == pytest.approx(library[name], abs=1e-6)
     # The sites differ in channels and size, so the descriptors were exercised, not constant.
     assert len({tuple(h.shape[1:]) for h in captured.values()}) >= 2
+
+
+def test_sign_forms_tell_size_from_sign() -> None:
+    """--signs compares s on h, on its non-negative part and on both at one RMS: the forms must
+    be exactly that, and a site with nothing positive gives zeros, not NaN."""
+    script = _scale_response()
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, 5, 5) * 3 - 1
+    forms = script.sign_forms(h, size=2.0)
+    assert list(forms) == ["h", "relu(h)", "h at RMS 2", "relu(h) at RMS 2"]
+    assert forms["h"] is h and bool((forms["relu(h)"] >= 0).all())
+    assert torch.equal(forms["relu(h)"] > 0, h > 0)
+    for name in ("h at RMS 2", "relu(h) at RMS 2"):
+        assert script.rms(forms[name]) == pytest.approx(2.0, rel=1e-5)
+    # Rescaling keeps the sign pattern: only the size changes.
+    assert torch.equal(forms["h at RMS 2"] < 0, h < 0)
+    negative = script.sign_forms(-h.abs() - 0.1)
+    assert torch.equal(negative["relu(h) at RMS 2"], torch.zeros_like(h))
+
+
+def test_the_variance_term_is_the_logit_minus_the_rest() -> None:
+    """The --signs table's bracket is the variance part of s's logit: the logit with the maps'
+    variances set to zero differs from the full one by exactly that."""
+    script = _scale_response()
+    phi = metaperturb.hub.load_phi(metaperturb.hub.default_phi_path())
+    torch.manual_seed(0)
+    h = torch.randn(6, 2, 8, 8).abs()
+    with torch.no_grad():
+        maps = phi.scale_maps(h).float()
+        mean, var, height = maps.mean(0), maps.var(0, unbiased=False), torch.tensor(1.0)
+        full = torch.logit(phi.channel_scale(mean, var, 1.0, height).double())
+        zero = torch.zeros_like(var)
+        without = torch.logit(phi.channel_scale(mean, zero, 1.0, height).double())
+    expected = float((full - without).mean())
+    assert abs(expected) > 1e-3  # phi* weighs the variances: the check is not empty
+    assert script.variance_term(phi, h) == pytest.approx(expected, abs=1e-4)
