@@ -48,6 +48,10 @@ VALIDATION = ROOT.parent / "shared" / "data" / "cifar10"
 #: phi* passed the CIFAR-10 meta-test and then collapsed ResNet-20 on Omniglot-100
 #: (docs/evaluation.md).
 MANY_CLASS = ROOT.parent / "shared" / "data" / "omniglot"
+#: The pre-activation host meta-tested beside ResNet-20 on the CIFAR-10 slice: its blocks hand
+#: phi the signed residual stream, which grows block by block, and phi* closed its last block on
+#: s-CIFAR10 where it leaves ResNet-20's open (docs/evaluation.md).
+PRE_ACTIVATION_MODEL = "cifar_wrn_28_2"
 AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
 #: What outlives ``runs/`` (ignored, so lost when a session starts from a fresh checkout): each
 #: finished run's phi, metrics log and settings, and the selection report (a few hundred kB).
@@ -116,6 +120,8 @@ def select(args: argparse.Namespace) -> None:
     if args.many_class:
         command += ["--extra-task", f"data={MANY_CLASS}", "split=background", "classes=100"]
         command += ["max_per_class=20", "skip_per_class=0", "channels=1"]
+    if args.pre_activation_task:
+        command += ["--extra-task", f"model={PRE_ACTIVATION_MODEL}"]
     if not args.screen_closed_sites:
         command.append("--no-screen-closed-sites")
     print(" ".join(command), flush=True)
@@ -171,8 +177,11 @@ def reproduce_commands(report: dict) -> list[str]:
     select = f"{script} select --steps {config['steps']}"
     if config.get("seeds", 1) != 1:
         select += f" --seeds {config['seeds']}"
-    if len(report.get("tasks", [])) < 2:
+    models = [task.get("model", "cifar_resnet20") for task in report.get("tasks", [])]
+    if sum(model != PRE_ACTIVATION_MODEL for model in models) < 2:
         select += " --no-many-class"
+    if PRE_ACTIVATION_MODEL not in models:
+        select += " --no-pre-activation-task"
     if not config.get("screen_closed_sites", False):
         select += " --no-screen-closed-sites"
     return [*lines, select, f"{script} install"]
@@ -491,6 +500,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also meta-test on 100 Omniglot background classes (the score is the mean)",
+    )
+    select_parser.add_argument(
+        "--pre-activation-task",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also meta-test {PRE_ACTIVATION_MODEL} on the CIFAR-10 slice (signed block outputs)",
     )
     select_parser.add_argument(
         "--screen-closed-sites",

@@ -16,10 +16,16 @@ from metaperturb import Perturbation
 phi_star = load("phi_star")
 
 
-def _report(names: list[str], steps: int, tasks: int, **config: Any) -> dict:
+def _report(
+    names: list[str], steps: int, tasks: int, models: list[str] | None = None, **config: Any
+) -> dict:
+    """A selection report; ``models`` names the tasks' networks (reports before 2026-12-07 name
+    none: every task's was ResNet-20)."""
     return {
         "scores": dict.fromkeys(names, 0.5),
-        "tasks": [{"label": f"task-{k}"} for k in range(tasks)],
+        "tasks": [
+            {"label": f"task-{k}", **({"model": models[k]} if models else {})} for k in range(tasks)
+        ],
         "config": {"steps": steps, "seeds": 1, **config},
     }
 
@@ -35,7 +41,10 @@ def test_the_first_selection_reproduces_with_its_own_settings_not_todays_default
     assert phi_star.reproduce_commands(report) == [
         "python benchmarks/phi_star.py train --seeds 0 1",
         "python benchmarks/phi_star.py train --seeds 0 --placement before_activation",
-        "python benchmarks/phi_star.py select --steps 2000 --no-many-class --no-screen-closed-sites",
+        (
+            "python benchmarks/phi_star.py select --steps 2000 --no-many-class "
+            "--no-pre-activation-task --no-screen-closed-sites"
+        ),
         "python benchmarks/phi_star.py install",
     ]
 
@@ -53,7 +62,8 @@ def test_a_selection_with_the_defaults_names_its_runs_and_the_full_schedule() ->
     report = _report(
         ["runs/phi-star/seed-4", "runs/phi-star/seed-2", "weights/phi-star"],
         steps=10_000,
-        tasks=2,
+        tasks=3,
+        models=["cifar_resnet20", "cifar_resnet20", "cifar_wrn_28_2"],
         screen_closed_sites=True,
     )
     report["config"]["seeds"] = 2
@@ -62,17 +72,23 @@ def test_a_selection_with_the_defaults_names_its_runs_and_the_full_schedule() ->
         "python benchmarks/phi_star.py select --steps 10000 --seeds 2",
         "python benchmarks/phi_star.py install",
     ]
+    # Two tasks on ResNet-20 alone: a selection of the day before the pre-activation task.
+    report = _report(["runs/phi-star/seed-0"], steps=10_000, tasks=2, screen_closed_sites=True)
+    assert phi_star.reproduce_commands(report)[1] == (
+        "python benchmarks/phi_star.py select --steps 10000 --no-pre-activation-task"
+    )
 
 
 @pytest.mark.parametrize(
     ("flags", "passed", "not_passed"),
     [
-        ([], ["--extra-task"], ["--no-screen-closed-sites"]),
+        ([], ["--extra-task", "model=cifar_wrn_28_2", "classes=100"], ["--no-screen-closed-sites"]),
         (
             ["--no-many-class", "--no-screen-closed-sites"],
-            ["--no-screen-closed-sites"],
-            ["--extra-task"],
+            ["--no-screen-closed-sites", "model=cifar_wrn_28_2"],
+            ["classes=100"],
         ),
+        (["--no-many-class", "--no-pre-activation-task"], [], ["--extra-task"]),
     ],
 )
 def test_select_passes_its_settings_to_metaperturb_select(

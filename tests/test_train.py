@@ -497,11 +497,16 @@ def test_select_averages_extra_tasks_and_passes_over_a_phi_that_closes_sites(
     argv = ["select", open_, closed, "--data", str(TINY), "--split", "validation"]
     argv += ["--classes", "3", "--max-per-class", "8", "--image-size", "16", "--steps", "5"]
     argv += ["--batch-size", "6", "--threads", "1", "--no-progress", "--device", "cpu"]
-    argv += ["--extra-task", "classes=4", "skip-per-class=8", "--output-dir", str(tmp_path / "s")]
-    assert main(argv) == 0
+    argv += ["--extra-task", "classes=4", "skip-per-class=8", "model=conv4"]
+    assert main([*argv, "--output-dir", str(tmp_path / "s")]) == 0
     report = json.loads((tmp_path / "s" / "selection.json").read_text())
     first, extra = report["tasks"]
     assert (first["data"], extra["data"]) == (f"{TINY.name}/validation",) * 2
+    # The extra task's meta-tests train its own network.
+    assert (first["model"], extra["model"]) == ("cifar_resnet20", "conv4")
+    assert extra["label"] == f"1: {TINY.name}/validation, conv4"
+    meta_tests = [p.name for p in (tmp_path / "s" / "meta-tests").glob("*.json")]
+    assert sum("__conv4__" in name for name in meta_tests) == 2, meta_tests
     assert (extra["target"]["classes"], extra["target"]["skip_per_class"]) == (4, 8)
     assert (extra["train"], extra["test"]) == (16, 16) and (first["train"], first["test"]) == (
         12,
@@ -511,7 +516,10 @@ def test_select_averages_extra_tasks_and_passes_over_a_phi_that_closes_sites(
         mean = (first["scores"][name] + extra["scores"][name]) / 2
         assert report["scores"][name] == pytest.approx(mean)
     sites = get_controller(_learner().model).site_names
-    assert report["closed_sites"] == {closed: {first["label"]: sites, extra["label"]: sites}}
+    conv4 = metaperturb.wrap(metaperturb.models.conv4(num_classes=4), input_size=(3, 16, 16))
+    conv4_sites = get_controller(conv4).site_names
+    expected = {first["label"]: sites, extra["label"]: conv4_sites}
+    assert report["closed_sites"] == {closed: expected}
     assert report["best"] == open_ and report["screened_out"] == [closed]
     assert f"closed at full strength: {closed}" in capsys.readouterr().out
 

@@ -148,9 +148,10 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=[],
         metavar="KEY=VALUE",
         help="another validation task, as the first task's fields that differ (data, split, "
-        "classes, max_per_class, skip_per_class, image_size, channels), e.g. --extra-task "
-        "data=../shared/data/omniglot split=background classes=100 max_per_class=20 channels=1; "
-        "repeat the flag for more. The score is the mean over the tasks",
+        "classes, max_per_class, skip_per_class, image_size, channels, model), e.g. --extra-task "
+        "data=../shared/data/omniglot split=background classes=100 max_per_class=20 channels=1, "
+        "or --extra-task model=cifar_wrn_28_2 (a pre-activation host); repeat the flag for "
+        "more. The score is the mean over the tasks",
     )
     add(
         "--screen-closed-sites",

@@ -50,6 +50,7 @@ TASK_FIELDS = (
     "classes",
     "max_per_class",
     "skip_per_class",
+    "model",
 )
 
 logger = logging.getLogger(__name__)
@@ -141,10 +142,16 @@ class SelectConfig:
             channels=self.channels,
         )
 
+    def task_configs(self) -> list[SelectConfig]:
+        """Every validation task as a config of its own: the first (this config's fields), then
+        each of ``extra_tasks`` (this config with those fields replaced, the network included:
+        a pre-activation host hands phi other features than ResNet-20's block outputs)."""
+        first = replace(self, extra_tasks=[])
+        return [first, *(replace(first, **extra) for extra in self.extra_tasks)]
+
     def tasks(self) -> list[Target]:
-        """Every validation task: the first (this config's fields), then ``extra_tasks``."""
-        extras = [replace(self, extra_tasks=[], **extra).target() for extra in self.extra_tasks]
-        return [self.target(), *extras]
+        """Every validation task's data: the first, then ``extra_tasks``."""
+        return [task.target() for task in self.task_configs()]
 
     def meta_test_config(
         self,
@@ -152,12 +159,11 @@ class SelectConfig:
         phi_name: str | None,
         repeat: int,
         placement: str = "output",
-        task: Target | None = None,
     ) -> TransferConfig:
-        """The evaluation run that scores ``phi`` (``None``: the plain network) on ``task``
-        (default: the first), placed where it was meta-trained (``placement``)."""
+        """The evaluation run that scores ``phi`` (``None``: the plain network) on this config's
+        first task, placed where it was meta-trained (``placement``)."""
         return TransferConfig(
-            target=asdict(task or self.target()),
+            target=asdict(self.target()),
             model=self.model,
             phi=phi,
             phi_name=phi_name,
@@ -188,8 +194,10 @@ def _task_data(task: Target) -> str:
     return f"{Path(str(task.data)).name}/{task.split}"
 
 
-def _task_label(task: Target, index: int) -> str:
-    return f"{index}: {_task_data(task)}"
+def _task_label(task: SelectConfig, index: int, first_model: str) -> str:
+    """``1: omniglot/background``; the network too where it is not the first task's."""
+    model = f", {task.model}" if task.model != first_model else ""
+    return f"{index}: {_task_data(task.target())}{model}"
 
 
 def _resolve(candidate: str) -> Path | str:
@@ -232,8 +240,9 @@ def select(config: SelectConfig) -> dict[str, Any]:
     ]
     if config.baseline:
         entries.append(("(no phi)", None, None, "output"))
-    tasks = config.tasks()
-    labels = [_task_label(task, index) for index, task in enumerate(tasks)]
+    task_configs = config.task_configs()
+    tasks = [task.target() for task in task_configs]
+    labels = [_task_label(task, index, config.model) for index, task in enumerate(task_configs)]
     per_seed: dict[str, dict[str, list[float]]] = {
         label: {name: [] for name, *_ in entries} for label in labels
     }
@@ -247,11 +256,11 @@ def select(config: SelectConfig) -> dict[str, Any]:
             results = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         total = len(tasks) * len(entries) * config.seeds
         bar = stack.enter_context(tqdm(total=total, unit="meta-test", disable=not config.progress))
-        for task, label in zip(tasks, labels, strict=True):
+        for task_config, label in zip(task_configs, labels, strict=True):
             for repeat in range(config.seeds):
                 for name, phi, phi_name, placement in entries:
                     result = run_transfer(
-                        config.meta_test_config(phi, phi_name, repeat, placement, task),
+                        task_config.meta_test_config(phi, phi_name, repeat, placement),
                         results,
                         progress=False,
                     )
@@ -303,12 +312,13 @@ def select(config: SelectConfig) -> dict[str, Any]:
             {
                 "label": label,
                 "data": _task_data(task),
+                "model": task_config.model,
                 "target": asdict(task),
                 **images[label],
                 "scores": by_task[label],
                 "per_seed": per_seed[label],
             }
-            for task, label in zip(tasks, labels, strict=True)
+            for task, task_config, label in zip(tasks, task_configs, labels, strict=True)
         ],
         "closed_sites": {name: sites for name, sites in closed.items() if sites},
         "screened_out": [name for name in screened if name != best],
