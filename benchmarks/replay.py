@@ -8,7 +8,10 @@ Run it twice, or once under each code (``PYTHONPATH=<a worktree>/src``), and com
 
     python benchmarks/replay.py CHECKPOINT --steps 703
 
-Nothing is written beside the checkpoint: the replay trains in a scratch folder.
+With ``--steps 0`` it only reads the checkpoint: where the run is, and phi's mean channel scale
+s at each site from the sites' running statistics (``scales``), which tells whether a site that
+closed early in the ramp is still closed. Nothing is written beside the checkpoint: the replay
+trains in a scratch folder.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "train_loss_since_last_curve_point": loss,
             "last_curve_point": run.curve[-1] if run.curve else None,
             "weights_sha256": fingerprint(run.model),
+            # phi's mean s per site (running statistics; None without phi).
+            "scales": run.scales(),
             # The same code on another CPU (or thread count) takes another path: say which.
             "machine": run.machine,
         }
@@ -53,7 +58,9 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--steps", type=int, default=25, help="steps to train past the checkpoint")
+    parser.add_argument(
+        "--steps", type=int, default=25, help="steps to train past the checkpoint (0: none)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the sweeps': 1)")
     parser.add_argument("--data-root", help="folder of the datasets, if not the run's")
     args = parser.parse_args()

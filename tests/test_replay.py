@@ -30,3 +30,9 @@ def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
     assert (first["from_step"], first["to_step"], further["to_step"]) == (2, 4, 5)
     assert further["weights_sha256"] != first["weights_sha256"]
     assert checkpoint.read_bytes() == saved  # the replays trained elsewhere
+    # --steps 0 reads the checkpoint as it is: its step, its weights, phi's s at every site.
+    unchanged = replay(checkpoint, 0, None)
+    assert (unchanged["from_step"], unchanged["to_step"]) == (2, 2)
+    assert unchanged["weights_sha256"] not in (first["weights_sha256"], further["weights_sha256"])
+    scales = unchanged["scales"]
+    assert scales is not None and len(scales) >= 4 and all(0 < s < 1 for s in scales.values())
