@@ -50,7 +50,8 @@ VALIDATION = ROOT.parent / "shared" / "data" / "cifar10"
 MANY_CLASS = ROOT.parent / "shared" / "data" / "omniglot"
 #: The pre-activation host meta-tested beside ResNet-20 on the CIFAR-10 slice: its blocks hand
 #: phi the signed residual stream, which grows block by block, and phi* closed its last block on
-#: s-CIFAR10 where it leaves ResNet-20's open (docs/evaluation.md).
+#: s-CIFAR10 early in the ramp where it leaves ResNet-20's open (it reopened by step 1,750, but
+#: the screen at full strength is there for a phi that does not; docs/evaluation.md).
 PRE_ACTIVATION_MODEL = "cifar_wrn_28_2"
 AUTHORS_PHI = ROOT / "runs" / "authors-phi"  # converted by benchmarks/transfer.py, never shipped
 #: What outlives ``runs/`` (ignored, so lost when a session starts from a fresh checkout): each
