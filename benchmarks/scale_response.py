@@ -157,7 +157,7 @@ def measure(phis: dict[str, Perturbation], targets: list[str], seed: int) -> dic
         names, features, widest, height, _ = site_features(target, seed)
         sites: dict[str, Any] = {}
         for name, h in zip(names, features, strict=True):
-            entry: dict[str, Any] = {"rms": float(h.pow(2).mean().sqrt()), "s": {}}
+            entry: dict[str, Any] = {"rms": rms(h), "s": {}}
             with torch.no_grad():
                 for phi_name, phi in phis.items():
                     entry["s"][phi_name] = [
