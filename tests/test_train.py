@@ -631,3 +631,18 @@ def test_a_task_network_in_channels_last_computes_in_it() -> None:
     # The same function with the noise in another order: both learn, neither is NaN.
     for accumulated in grads.values():
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in accumulated)
+
+
+def test_a_launch_on_two_kinds_of_machine_names_both() -> None:
+    """phi's card says how many processes ran on each kind of machine in each launch."""
+    from metaperturb.train.loop import _segment_line
+
+    cpu = {"cpu": "Xeon", "cpu_capability": "AVX512", "threads": 1, "torch": "2.14.1"}
+    gpu = {**cpu, "gpu": "NVIDIA H100", "threads": 4}
+    line = _segment_line({"from_step": 0, "to_step": 750, "machines": [cpu, cpu, gpu]})
+    assert line == (
+        "steps 0-750: 2 processes on Xeon (AVX512), 1 thread, torch 2.14.1 "
+        "and 1 process on NVIDIA H100, 4 threads, torch 2.14.1"
+    )
+    unrecorded = {"from_step": 0, "to_step": 300, "machines": None}
+    assert _segment_line(unrecorded) == "steps 0-300: not recorded"

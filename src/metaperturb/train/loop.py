@@ -665,13 +665,13 @@ class _MetaTrainer:
 
 
 def _segment_line(segment: dict[str, Any]) -> str:
-    """``steps 0-750: 2 processes on <machine>``, one clause per kind of machine."""
+    """``steps 0-750: 2 processes on <machine> and 1 process on <another>``."""
     machines = segment["machines"]
     if machines is None:
         where = "not recorded"
     else:
         kinds = Counter(label(machine) for machine in machines)
-        where = ", ".join(
+        where = " and ".join(
             f"{count} process{'es' if count != 1 else ''} on {kind}"
             for kind, count in kinds.items()
         )
