@@ -35,7 +35,9 @@ class StrengthScheduler:
     Omniglot-100, README). By default (``on_closed_site="exclude"``) it switches phi off there
     (:func:`~metaperturb.exclude_sites`) with a :class:`~metaperturb.diagnostics.ClosedSiteWarning`,
     and :attr:`excluded` records the step: on phi*'s Omniglot-100 run that kept the network from
-    collapsing, and on the other targets measured no site closes, so nothing changes there.
+    collapsing, and on the ResNet-20 targets measured no site closes, so nothing changes there.
+    It acts at the first check that finds a site closed; phi*'s closure of WRN-28-2's last block
+    at step 200 passed by step 1,750 (README), so there it leaves out a site that would reopen.
     ``"warn"`` only warns, once per site: the method as published. Either way :attr:`closed`
     records each site found closed and the step: while it is empty the two settings have
     trained the same network (the checks read the statistics and draw no random numbers).

@@ -122,9 +122,11 @@ def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
         return []
     exclude_sites(model, names)
     warnings.warn(
-        f"at step {step}, phi's channel scale s is near 0 at {names}: such a site would pass "
-        "almost nothing once the strength reaches 1, so phi is switched off there for the rest "
-        "of training and at test time (on_closed_site='exclude'); the other sites go on.",
+        f"at step {step}, phi's channel scale s is near 0 at {names}: a site that stays closed "
+        "until the strength reaches 1 passes almost nothing (on Omniglot-100 that collapsed "
+        "the network; one can also reopen, as on WRN-28-2), so phi is switched off there for "
+        "the rest of training and at test time (on_closed_site='exclude'); the other sites go "
+        "on.",
         ClosedSiteWarning,
         stacklevel=3,
     )
@@ -144,9 +146,10 @@ def warn_closed_sites(model: nn.Module, step: int, already: Collection[str] = ()
         for name in names
     )
     warnings.warn(
-        f"at step {step}, phi's channel scale s is near 0 at {listed}: once the strength reaches "
-        "1 such a site passes almost nothing, and nothing before it learns through it (on "
-        "Omniglot-100 this made phi* collapse the network to chance at the end of the ramp). "
+        f"at step {step}, phi's channel scale s is near 0 at {listed}: if it stays closed until "
+        "the strength reaches 1, such a site passes almost nothing, and nothing before it "
+        "learns through it (on Omniglot-100 this made phi* collapse the network to chance at "
+        "the end of the ramp; on WRN-28-2 the site reopened). "
         f"Leave it out (metaperturb.wrap(model, exclude={sorted(names)!r}) from the start, or "
         "StrengthScheduler(..., on_closed_site='exclude') to switch such sites off as they "
         "close) or use another phi; metaperturb.channel_scales(model) shows s at every site.",
