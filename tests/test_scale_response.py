@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,3 +101,23 @@ def test_the_variance_term_is_the_logit_minus_the_rest() -> None:
     expected = float((full - without).mean())
     assert abs(expected) > 1e-3  # phi* weighs the variances: the check is not empty
     assert script.variance_term(phi, h) == pytest.approx(expected, abs=1e-4)
+
+
+CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"{CIFAR10} not present")
+def test_signs_on_a_host_whose_sites_see_non_negative_features() -> None:
+    """--signs end to end on an untrained Conv4 (phi after each unit's ReLU): every site's
+    features are non-negative, so s on h and on relu(h) must agree."""
+    script = _scale_response()
+    phis = {"phi-star": metaperturb.hub.load_phi(metaperturb.hub.default_phi_path())}
+    report = script.measure_signs(phis, "s-cifar10", 0, "conv4", None, "phi-star")
+    assert report["step"] == 0 and report["trained_with"] is None
+    assert len(report["sites"]) == 4  # one site after each conv unit
+    for entry in report["sites"].values():
+        assert entry["negative"] == 0.0
+        s = entry["s"]["phi-star"]
+        assert s["h"] == pytest.approx(s["relu(h)"], abs=1e-6)
+        assert all(0 < value < 1 for value in s.values())
+    assert "| phi-star |" in script.signs_markdown(report)
