@@ -359,17 +359,19 @@ def main() -> None:
 
 def run_state(config: TransferConfig, output_dir: Path, done: bool) -> str:
     """What ``--list`` says of a run: done, running (by whom), or pending, with the step its
-    checkpoint holds if it has one (the runs that resume from where a session stopped)."""
+    checkpoint holds if it has one (the runs that resume from where a session stopped, and how
+    far a running one has saved)."""
     if done:
         return "done   "
-    holder = lock_holder(output_dir / f"{run_id(config)}.lock")
-    if holder:
-        return f"running ({holder})"
     checkpoint = output_dir / f"{run_id(config)}.ckpt"
+    saved = ""
     if checkpoint.is_file():
         step = int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
-        return f"pending (checkpoint at step {step:,})"
-    return "pending"
+        saved = f"checkpoint at step {step:,}"
+    holder = lock_holder(output_dir / f"{run_id(config)}.lock")
+    if holder:
+        return f"running ({holder}{', ' + saved if saved else ''})"
+    return f"pending ({saved})" if saved else "pending"
 
 
 def sweep(runs: list[TransferConfig], args: argparse.Namespace, stop: threading.Event) -> None:
