@@ -20,6 +20,7 @@ import argparse
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +40,9 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
         shutil.copy(checkpoint, run.checkpoint_path)
         run.maybe_resume()
         start = run.step
+        started = time.perf_counter()
         run.train(progress=False, until=start + steps)
+        seconds = time.perf_counter() - started
         loss = run.loss_sum / run.loss_count if run.loss_count else None
         return {
             "run": run.id,
@@ -48,6 +51,8 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "train_loss_since_last_curve_point": loss,
             "last_curve_point": run.curve[-1] if run.curve else None,
             "weights_sha256": fingerprint(run.model),
+            # Wall time of the steps (one measurement, whatever else the machine runs).
+            "train_seconds": seconds,
             # phi's mean s per site (running statistics; None without phi).
             "scales": run.scales(),
             # The same code on another CPU (or thread count) takes another path: say which.
@@ -63,8 +68,16 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the sweeps': 1)")
     parser.add_argument("--data-root", help="folder of the datasets, if not the run's")
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="flush denormal floats to zero (torch.set_flush_denormal): faster once a network's "
+        "gradients get tiny on a CPU, and another floating-point path",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("this CPU cannot flush denormals (no SSE3)")
     print(json.dumps(replay(args.checkpoint, args.steps, args.data_root), indent=2))
 
 

@@ -26,7 +26,10 @@ def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
     replay = load("replay").replay
     first, again = replay(checkpoint, 2, None), replay(checkpoint, 2, None)
     further = replay(checkpoint, 3, None)
-    assert first == again
+    assert {k: v for k, v in first.items() if k != "train_seconds"} == {
+        k: v for k, v in again.items() if k != "train_seconds"
+    }
+    assert first["train_seconds"] > 0
     assert (first["from_step"], first["to_step"], further["to_step"]) == (2, 4, 5)
     assert further["weights_sha256"] != first["weights_sha256"]
     assert checkpoint.read_bytes() == saved  # the replays trained elsewhere
