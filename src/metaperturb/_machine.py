@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cpu_features", "cpu_model", "describe", "label"]
+__all__ = ["cpu_features", "cpu_model", "describe", "label", "with_segment"]
 
 
 def _cpuinfo(*fields: str) -> str | None:
@@ -72,3 +72,14 @@ def label(machine: dict[str, Any] | None) -> str:
         machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_capability')}{features})"
     )
     return f"{where}, {threads} thread{'s' if threads != 1 else ''}, torch {machine.get('torch')}"
+
+
+def with_segment(
+    earlier: list[dict[str, Any]], from_step: int, to_step: int, **where: Any
+) -> list[dict[str, Any]]:
+    """``earlier`` segments plus this process's, ``{"from_step", "to_step", **where}`` (where it
+    ran: ``machine=`` for an evaluation run, ``machines=`` per rank for meta-training), if it
+    trained any step."""
+    if to_step <= from_step:
+        return list(earlier)
+    return [*earlier, {"from_step": from_step, "to_step": to_step, **where}]

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
-from .._machine import describe, label
+from .._machine import describe, label, with_segment
 from ..data import BadImagePolicy, ImageData, load_images
 from ..errors import MetaPerturbError, RunExistsError, SplitError, TrainingStoppedError
 from ..phi import Perturbation, PerturbationConfig
@@ -596,10 +596,7 @@ class _MetaTrainer:
     def _trained_segments(self, step: int) -> list[dict[str, Any]]:
         """Which steps ran where, up to ``step``: one entry per launch, with every rank's
         machine (``None``: trained before checkpoints recorded it). Rank 0 only."""
-        if step <= self.start:
-            return list(self.segments)
-        this = {"from_step": self.start, "to_step": step, "machines": self.machines}
-        return [*self.segments, this]
+        return with_segment(self.segments, self.start, step, machines=self.machines)
 
     # -- the result -------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._atomic import atomic_write
-from .._machine import describe
+from .._machine import describe, with_segment
 from .._run_lock import run_lock
 from ..annealing import StrengthScheduler
 from ..data import ImageData, normalize
@@ -214,16 +214,7 @@ class TransferRun:
     def trained_segments(self) -> list[dict[str, Any]]:
         """Which steps ran where: one entry per process that trained part of the run, with
         its machine (``None``: trained before checkpoints recorded it)."""
-        segments = list(self.segments)
-        if self.step > self._segment_from:
-            segments.append(
-                {
-                    "from_step": self._segment_from,
-                    "to_step": self.step,
-                    "machine": self.machine,
-                }
-            )
-        return segments
+        return with_segment(self.segments, self._segment_from, self.step, machine=self.machine)
 
     def save_checkpoint(self) -> None:
         """Write the run's state (atomically) so that :meth:`maybe_resume` continues it."""
