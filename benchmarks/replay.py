@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from metaperturb._machine import flush_denormals
 from metaperturb._serialization import fingerprint
 from metaperturb.transfer.run import TransferConfig, TransferRun
 
@@ -75,9 +76,12 @@ def main() -> None:
         "gradients get tiny on a CPU, and another floating-point path",
     )
     args = parser.parse_args()
+    if args.flush_denormal:  # before the first parallel operation starts torch's threads
+        try:
+            flush_denormals()
+        except RuntimeError as error:
+            raise SystemExit(f"--flush-denormal: {error}") from None
     torch.set_num_threads(args.threads)
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        raise SystemExit("this CPU cannot flush denormals (no SSE3)")
     print(json.dumps(replay(args.checkpoint, args.steps, args.data_root), indent=2))
 
 

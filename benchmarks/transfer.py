@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from metaperturb._machine import flush_denormals
 from metaperturb._run_lock import lock_holder
 from metaperturb.errors import RunInProgressError, TrainingStoppedError
 from metaperturb.transfer import (
@@ -318,6 +319,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="flush denormal floats to zero (faster on a CPU after the learning-rate decay; "
+        "another floating-point path, recorded in each run's segments)",
+    )
+    parser.add_argument(
         "--phi",
         action="append",
         default=[],
@@ -340,6 +347,11 @@ def main() -> None:
         if not sep or not name or not Path(path).exists():
             parser.error(f"--phi {entry!r}: give NAME=PATH with an existing phi folder or file")
         EXTRA_PHI[name] = str(Path(path).resolve())
+    if args.flush_denormal:  # before the first parallel operation starts torch's threads
+        try:
+            flush_denormals()
+        except RuntimeError as error:
+            parser.error(f"--flush-denormal: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = grid(args.grid, args.steps, args.seeds)

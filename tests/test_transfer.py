@@ -285,6 +285,74 @@ def test_a_checkpoint_older_than_the_segment_record_leaves_its_part_unknown(
     assert result["segments"][1]["machine"] == result["machine"]
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter: flushing denormals is process state, set before the
+    intra-op threads start, which this test process has long since started."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_flushing_denormals_reaches_every_thread_and_is_recorded() -> None:
+    flushed = _python(
+        "import json, torch\n"
+        "from metaperturb import _machine as m\n"
+        "m.flush_denormals()\n"
+        "torch.set_num_threads(2)\n"
+        "record = m.describe(torch.device('cpu'), False)\n"
+        "print(json.dumps([m.flushes_denormals(), record['flush_denormal'], "
+        "m.label(record)]))"
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    after, recorded, label = json.loads(flushed.stdout)
+    assert (after, recorded) == (True, True)
+    assert label.endswith(f"2 threads, denormals flushed to zero, torch {torch.__version__}")
+    assert "flushed" not in machine.label(machine.describe(torch.device("cpu"), False))
+
+    # Asked for after the thread pool started, only the main thread would flush: refused, and
+    # the mode is left as it was rather than half on.
+    late = _python(
+        "import torch\n"
+        "from metaperturb import _machine as m\n"
+        "torch.set_num_threads(2)\n"
+        "torch.ones(10**6).mul_(2)\n"
+        "try:\n"
+        "    m.flush_denormals()\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+        "denormal = torch.tensor([1 << 20], dtype=torch.int32).view(torch.float32)\n"
+        "print((denormal * 1.0).item() != 0)"
+    )
+    assert late.returncode == 0, late.stderr
+    message, mode_off = late.stdout.strip().splitlines()
+    assert "not on torch's intra-op threads" in message and "before any torch" in message
+    assert mode_off == "True"
+
+
+@needs_mnist
+def test_eval_flush_denormal_is_recorded_in_the_runs_segments(tmp_path: Path) -> None:
+    args = ["eval", "--data", str(MNIST), "--test-split", "train", "--classes", "2"]
+    args += ["--per-class", "4", "--test-skip-per-class", "4", "--test-per-class", "2"]
+    args += ["--size", "16", "--channels", "1", "--model", "conv4", "--steps", "2"]
+    args += ["--batch-size", "4", "--curve-every", "0", "--output-dir", str(tmp_path)]
+    args += ["--no-progress", "--threads", "2"]
+    for flush in (False, True):
+        command = [*args, "--seed", str(int(flush))] + (["--flush-denormal"] if flush else [])
+        done = subprocess.run(
+            [sys.executable, "-m", "metaperturb", *command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert "flush" not in summary["id"]  # a setting of the machine, not of the run
+        result = json.loads((tmp_path / f"{summary['id']}.json").read_text())
+        assert result["machine"]["flush_denormal"] is flush
+        assert [s["machine"]["flush_denormal"] for s in result["segments"]] == [flush]
+
+
 @needs_mnist
 def test_a_stopped_run_resumes_to_the_same_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
