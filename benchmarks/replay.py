@@ -27,6 +27,7 @@ import torch
 
 from metaperturb._machine import flush_denormals
 from metaperturb._serialization import fingerprint
+from metaperturb.errors import FlushDenormalError
 from metaperturb.transfer.run import TransferConfig, TransferRun
 
 
@@ -50,7 +51,8 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "from_step": start,
             "to_step": run.step,
             "train_loss_since_last_curve_point": loss,
-            "last_curve_point": run.curve[-1] if run.curve else None,
+            # Test accuracy on the curve's subset at each curve step (a part-way run's so far).
+            "curve": {point["step"]: point["test_accuracy"] for point in run.curve},
             "weights_sha256": fingerprint(run.model),
             # Wall time of the steps (one measurement, whatever else the machine runs).
             "train_seconds": seconds,
@@ -79,7 +81,7 @@ def main() -> None:
     if args.flush_denormal:  # before the first parallel operation starts torch's threads
         try:
             flush_denormals()
-        except RuntimeError as error:
+        except FlushDenormalError as error:
             raise SystemExit(f"--flush-denormal: {error}") from None
     torch.set_num_threads(args.threads)
     print(json.dumps(replay(args.checkpoint, args.steps, args.data_root), indent=2))

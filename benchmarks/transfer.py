@@ -46,7 +46,7 @@ import torch
 
 from metaperturb._machine import flush_denormals
 from metaperturb._run_lock import lock_holder
-from metaperturb.errors import RunInProgressError, TrainingStoppedError
+from metaperturb.errors import FlushDenormalError, RunInProgressError, TrainingStoppedError
 from metaperturb.transfer import (
     TransferConfig,
     find_equivalent_result,
@@ -350,7 +350,7 @@ def main() -> None:
     if args.flush_denormal:  # before the first parallel operation starts torch's threads
         try:
             flush_denormals()
-        except RuntimeError as error:
+        except FlushDenormalError as error:
             parser.error(f"--flush-denormal: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)

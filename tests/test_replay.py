@@ -18,7 +18,7 @@ def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
 ) -> None:
     config = TransferConfig(
         target=tiny_target(), model="conv4", phi="default", steps=6, batch_size=8,
-        curve_every=0, checkpoint_every=2, eval_modes=False,
+        curve_every=2, curve_images=4, checkpoint_every=2, eval_modes=False,
     )  # fmt: skip
     checkpoint = stopped_at(2, config, tmp_path, monkeypatch)
 
@@ -36,6 +36,8 @@ def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
     # --steps 0 reads the checkpoint as it is: its step, its weights, phi's s at every site.
     unchanged = replay(checkpoint, 0, None)
     assert (unchanged["from_step"], unchanged["to_step"]) == (2, 2)
+    assert list(unchanged["curve"]) == [2] and list(first["curve"]) == [2, 4]  # the curve so far
+    assert 0 <= unchanged["curve"][2] <= 1
     assert unchanged["weights_sha256"] not in (first["weights_sha256"], further["weights_sha256"])
     scales = unchanged["scales"]
     assert scales is not None and len(scales) >= 4 and all(0 < s < 1 for s in scales.values())

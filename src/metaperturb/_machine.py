@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .errors import FlushDenormalError
+
 __all__ = [
     "cpu_features",
     "cpu_model",
@@ -75,13 +77,13 @@ def flush_denormals() -> None:
     so this must run before torch's first parallel CPU operation starts its thread pool; it
     checks that every thread flushes."""
     if not torch.set_flush_denormal(True):
-        raise RuntimeError(
+        raise FlushDenormalError(
             "this CPU cannot flush denormal floats to zero (it needs SSE3 on x86); "
             "leave out --flush-denormal"
         )
     if not flushes_denormals():
         torch.set_flush_denormal(False)
-        raise RuntimeError(
+        raise FlushDenormalError(
             "denormals are flushed on this thread but not on torch's intra-op threads, which "
             "started before: flush them before any torch computation (or run with one thread)"
         )

@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "DefaultPhiUnavailableError",
+    "FlushDenormalError",
     "HubCacheError",
     "LaunchError",
     "MetaPerturbError",
@@ -50,6 +51,11 @@ class SiteDtypeError(MetaPerturbError, TypeError):
 
 class ModelChangedError(MetaPerturbError, RuntimeError):
     """A site module was replaced after ``wrap``, so its site would silently stop firing."""
+
+
+class FlushDenormalError(MetaPerturbError, RuntimeError):
+    """Denormal floats cannot be flushed to zero on every CPU thread (no SSE3, or torch's
+    threads started before the mode was set)."""
 
 
 class HubCacheError(MetaPerturbError, PermissionError):

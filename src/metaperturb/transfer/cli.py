@@ -157,15 +157,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from .._machine import flush_denormals
     from ..errors import MetaPerturbError
 
-    if args.flush_denormal:  # before the first parallel operation starts torch's threads
-        try:
-            flush_denormals()
-        except RuntimeError as error:
-            print(f"error: --flush-denormal: {error}", file=sys.stderr)
-            return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.flush_denormal:  # before the first parallel operation starts torch's threads
+            flush_denormals()
+        if args.threads:
+            torch.set_num_threads(args.threads)
         config = config_from_args(args)
         with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: checkpoint this step, then stop
             result = run_transfer(config, args.output_dir, progress=args.progress, stop=stop)
