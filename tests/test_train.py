@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -163,6 +165,31 @@ def test_a_run_records_which_steps_trained_on_which_machine(
     card = (tmp_path / "run" / "phi" / "README.md").read_text()
     assert "Trained on: steps 0-2: not recorded; steps 2-4: 1 process on " in card
     assert this in card
+
+
+@needs_tiny
+def test_flush_denormal_is_a_machine_setting_recorded_per_segment(tmp_path: Path) -> None:
+    """``--flush-denormal`` must act before torch's threads start, so each launch is a fresh
+    interpreter; a resume may turn it off (like ``--threads``), and the segments say which
+    steps ran with it."""
+    argv = ["train", "--data", str(TINY), "--classes", "4", "--max-per-class", "10"]
+    argv += ["--image-size", "8", "--num-tasks", "2", "--batch-size", "4", "--no-progress"]
+    argv += ["--threads", "2", "--device", "cpu", "--output-dir", str(tmp_path / "run")]
+    for extra in (["--steps", "1", "--flush-denormal"], ["--steps", "2", "--resume"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "metaperturb", *argv, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    segments = _load(tmp_path / "run" / "checkpoint.pt")["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 1), (1, 2)]
+    assert [s["machines"][0]["flush_denormal"] for s in segments] == [True, False]
+    assert [s["machines"][0]["threads"] for s in segments] == [2, 2]
+    card = (tmp_path / "run" / "phi" / "README.md").read_text()
+    assert card.count("denormals flushed to zero") == 1
 
 
 @needs_tiny

@@ -23,6 +23,7 @@ RESUMABLE_CHANGES = frozenset(
         "progress",
         "device",
         "threads",
+        "flush_denormal",
         "dist_timeout",
         "cache_dir",
         "output_dir",
@@ -134,6 +135,12 @@ class TrainConfig:
     resume: bool = _setting(False, "continue the run in --output-dir from its checkpoint")
     progress: bool = _setting(True, "show a progress bar")
     threads: int | None = _setting(None, "torch CPU threads per process (default: torch's)")
+    flush_denormal: bool = _setting(
+        False,
+        "flush denormal floats to zero in CPU arithmetic: steps run several times faster once "
+        "gradients get tiny, on another floating-point path (recorded in the checkpoint's "
+        "segments); a machine setting, so a resumed run may turn it on or off",
+    )
     channels_last: bool | None = _setting(
         None,
         "task networks and batches in channels_last memory (default: on a CPU, where the "

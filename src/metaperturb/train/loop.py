@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write
-from .._machine import describe, label, with_segment
+from .._machine import describe, flush_denormals, label, with_segment
 from ..data import BadImagePolicy, ImageData, load_images
 from ..errors import MetaPerturbError, RunExistsError, SplitError, TrainingStoppedError
 from ..phi import Perturbation, PerturbationConfig
@@ -87,6 +87,8 @@ def train(config: TrainConfig, stop: threading.Event | None = None) -> Path:
         >>> from metaperturb.train import TrainConfig, train
         >>> phi_dir = train(TrainConfig(data="../shared/data/tiny-imagenet-200-32px"))  # doctest: +SKIP
     """
+    if config.flush_denormal:  # before any parallel operation starts torch's threads
+        flush_denormals()
     with session(config.device, config.dist_timeout) as comm:
         ended = comm.broadcast(_final_note(comm, Path(config.output_dir)) if comm.is_main else None)
         if ended is not None:
