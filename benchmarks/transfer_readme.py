@@ -212,7 +212,8 @@ def architectures(results: Results) -> list[str]:
     """Paper Table 2 analog: Base vs MetaPerturb (phi*) on s-CIFAR10 for every network, at the
     default placement (phi on each block's or unit's output) and before the last ReLU (the
     authors' placement), each also after ``update_bn``: on a network where phi* fails, which
-    of the two explains it."""
+    of the two explains it. Base after ``update_bn`` too, since phi*'s column after it is
+    compared with Base's."""
 
     def evaluations(runs: Results, method: str, mode: str) -> list[dict[str, Any]]:
         picked = [r for r in runs if r["method"] == method]
@@ -245,6 +246,7 @@ def architectures(results: Results) -> list[str]:
                 shown(runs, "base"),
                 shown(runs, "metaperturb[phi-star]"),
                 lead,
+                shown(runs, "base", "update_bn"),
                 shown(runs, "metaperturb[phi-star]", "update_bn"),
                 shown(runs, "metaperturb[phi-star,pre-act]"),
                 shown(runs, "metaperturb[phi-star,pre-act]", "update_bn"),
@@ -255,6 +257,7 @@ def architectures(results: Results) -> list[str]:
         "Base",
         "MetaPerturb (phi\\*)",
         "lead",
+        "Base + update_bn",
         "phi\\* + update_bn",
         "phi\\* before the last ReLU",
         "same + update_bn",

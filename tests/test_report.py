@@ -157,13 +157,14 @@ def test_architectures_table_shows_update_bn_and_the_other_placement_beside_phi_
         _run("metaperturb[phi-star]", "s-cifar10", 0.66, model="conv4"),
         _run("metaperturb[phi-star,pre-act]", "s-cifar10", 0.64, model="conv4"),
     ]
+    runs[0]["evaluation"] = {"update_bn": {"accuracy": 0.715}}
     runs[1]["evaluation"] = {"update_bn": {"accuracy": 0.73}}
     runs[2]["evaluation"] = {"update_bn": {"accuracy": 0.70}}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.architectures(runs)[2:]}
     assert rows["Conv4"].split(" | ")[1:] == [
-        "72.00 (1)", "66.00 (1)", "-6.00", "73.00 (1)", "64.00 (1)", "70.00 (1) |"
+        "72.00 (1)", "66.00 (1)", "-6.00", "71.50 (1)", "73.00 (1)", "64.00 (1)", "70.00 (1) |"
     ]  # fmt: skip
-    assert rows["Conv6"].split(" | ")[1:] == ["", "", "", "", "", " |"]
+    assert rows["Conv6"].split(" | ")[1:] == ["", "", "", "", "", "", " |"]
 
 
 def test_architectures_table_marks_cells_with_predictions_that_were_not_finite() -> None:
@@ -177,7 +178,7 @@ def test_architectures_table_marks_cells_with_predictions_that_were_not_finite()
     lines = readme.architectures(runs)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     cells = rows["ResNet-44"].split(" | ")[1:]
-    assert cells[1] == "70.64 (1) (19 not finite)" and cells[3] == "0.00 (1) (10000 not finite)"
+    assert cells[1] == "70.64 (1) (19 not finite)" and cells[4] == "0.00 (1) (10000 not finite)"
     assert "count as wrong" in lines[-1]
     clean = readme.architectures([_run("base", "s-cifar10", 0.7, model="cifar_resnet44")])
     assert not any("not finite" in line for line in clean)
@@ -187,7 +188,7 @@ def test_architectures_table_marks_cells_with_predictions_that_were_not_finite()
     runs = [readme.scored(run) for run in runs]
     assert set(runs[0]["evaluation"]) == {"default"}
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.architectures(runs)[2:]}
-    assert rows["ResNet-44"].split(" | ")[4] == ""
+    assert rows["ResNet-44"].split(" | ")[5] == ""
     assert readme.goals_after_update_bn(runs)  # the run is left out, not a KeyError
 
 
@@ -201,8 +202,8 @@ def test_update_readme_rewrites_only_between_the_markers(tmp_path: Path) -> None
     once = path.read_text()
     assert once.startswith("intro\n<!-- results:architectures -->\n| s-CIFAR10")
     assert once.endswith("<!-- /results:architectures -->\nend\n") and "old table" not in once
-    # Base, phi*, its lead; phi* + update_bn and the other placement were not recorded here.
-    assert "| ResNet-20 | 69.00 +- 1.41 (2) | 72.00 (1) | +3.00 |  | 10.00 (1) |  |" in once
+    # Base, phi*, its lead; neither network's update_bn was recorded here.
+    assert "| ResNet-20 | 69.00 +- 1.41 (2) | 72.00 (1) | +3.00 |  |  | 10.00 (1) |  |" in once
     readme.update_readme(path, RESULTS)
     assert path.read_text() == once  # idempotent
 
