@@ -8,6 +8,12 @@ the variance shift from statistics that merely lag behind the weights); and Mont
 
     python benchmarks/update_bn.py --phi phi-star-seed-0=runs/phi-star/seed-0/phi --steps 3000
 
+``--from-run RESULT.safetensors`` scores a network the evaluation grid trained and kept instead
+of training one (``--phi``, ``--target``, ``--steps`` and ``--seed`` then come from its result):
+
+    python benchmarks/update_bn.py --variance --threads 1 --from-run \
+        'benchmarks/results/transfer/s-cifar10__cifar_wrn_28_2__metaperturb[phi-star]__10000steps__seed0.safetensors'
+
 Writes ``benchmarks/results/update-bn/<run id>.json`` and ``.md``. ``--variance`` writes instead
 (``<run id>.variance.md``) why it helps: for each BatchNorm layer, the variance of its input
 over one training batch in eval mode divided by its running variance, with the sites sampling
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +35,8 @@ from metaperturb import set_eval_mode, update_bn
 from metaperturb._atomic import atomic_write
 from metaperturb.transfer import TransferConfig, TransferRun
 
+from eval_overflow import restore
+
 RESULTS = Path(__file__).parent / "results" / "update-bn"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,7 +44,13 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="s-cifar10")
-    parser.add_argument("--phi", required=True, metavar="NAME=PATH")
+    parser.add_argument("--phi", metavar="NAME=PATH", help="the phi to train with")
+    parser.add_argument(
+        "--from-run",
+        type=Path,
+        metavar="RESULT.safetensors",
+        help="a finished evaluation run's weights (its .json beside them): no training",
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=5000, help="test images scored")
@@ -45,6 +60,21 @@ def main() -> None:
     parser.add_argument("--variance", action="store_true", help="the variance table only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.from_run is None and (args.phi is None or "=" not in args.phi):
+        parser.error("give --phi NAME=PATH (a phi to train with) or --from-run")
+    with tempfile.TemporaryDirectory() as scratch:
+        run = trained(args) if args.from_run is None else restore(args.from_run, Path(scratch))
+    if args.variance:
+        text = variance_table(run)
+        atomic_write(RESULTS / f"{run.id}.variance.md", text + "\n")
+        print(text)
+        return
+    score(run, args)
+
+
+def trained(args: argparse.Namespace) -> TransferRun:
+    """A network trained with ``--phi`` through the harness (resumable; kept as .final.pt)."""
     name, path = args.phi.split("=", 1)
     config = TransferConfig(
         target=args.target,
@@ -57,7 +87,6 @@ def main() -> None:
         checkpoint_every=250,
         curve_every=0,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     run = TransferRun(config, RESULTS)
     final = RESULTS / f"{run.id}.final.pt"
     if final.is_file():
@@ -72,12 +101,11 @@ def main() -> None:
         torch.save({"model": run.model.state_dict(), "step": run.step}, buffer)
         atomic_write(final, buffer.getvalue())
         run.checkpoint_path.unlink(missing_ok=True)
+    return run
 
-    if args.variance:
-        text = variance_table(run)
-        atomic_write(RESULTS / f"{run.id}.variance.md", text + "\n")
-        print(text)
-        return
+
+def score(run: TransferRun, args: argparse.Namespace) -> None:
+    """Each one-forward evaluation and Monte Carlo on the same test images; writes the table."""
     rows = torch.linspace(0, len(run.test_data) - 1, args.images).long()
     labels = run.test_data.labels[rows]
 
@@ -141,22 +169,28 @@ def variance_table(run: TransferRun) -> str:
         torch.manual_seed(0)
         with torch.no_grad():
             run.model(images)
-        ratios[mode] = {n: float((seen[n] / _running_var(m)).mean()) for n, m in norms}
+        # Channels whose running variance is 0 (dead after training) have no ratio.
+        ratios[mode] = {
+            n: float((seen[n] / _running_var(m))[_running_var(m) > 0].mean()) for n, m in norms
+        }
+    dead = {n: int((_running_var(m) == 0).sum()) for n, m in norms}
     set_eval_mode(run.model, "expectation")
     for handle in handles:
         handle.remove()
     lines = [
         (
             f"{run.id}: input variance / running variance of each BatchNorm layer, eval mode, "
-            "one training batch (mean over channels)"
+            "one training batch (mean over the channels whose running variance is not 0)"
         ),
         "",
-        "| BatchNorm layer | sites sample noise | sites use the expectation |",
-        "| --- | ---: | ---: |",
+        "| BatchNorm layer | sites sample noise | sites use the expectation | channels with "
+        "running variance 0 |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    for name, _ in norms:
+    for name, module in norms:
         lines.append(
-            f"| {name} | {ratios['sample'][name]:.2f} | {ratios['expectation'][name]:.2f} |"
+            f"| {name} | {ratios['sample'][name]:.2f} | {ratios['expectation'][name]:.2f} "
+            f"| {dead[name]} of {module.num_features} |"
         )
     return "\n".join(lines)
 
