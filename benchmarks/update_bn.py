@@ -29,13 +29,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from eval_overflow import restore
 from torch import nn
 
 from metaperturb import set_eval_mode, update_bn
 from metaperturb._atomic import atomic_write
 from metaperturb.transfer import TransferConfig, TransferRun
-
-from eval_overflow import restore
 
 RESULTS = Path(__file__).parent / "results" / "update-bn"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -183,8 +182,10 @@ def variance_table(run: TransferRun) -> str:
             "one training batch (mean over the channels whose running variance is not 0)"
         ),
         "",
-        "| BatchNorm layer | sites sample noise | sites use the expectation | channels with "
-        "running variance 0 |",
+        (
+            "| BatchNorm layer | sites sample noise | sites use the expectation | channels with "
+            "running variance 0 |"
+        ),
         "| --- | ---: | ---: | ---: |",
     ]
     for name, module in norms:
