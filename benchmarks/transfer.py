@@ -206,17 +206,26 @@ def grid(name: str, steps: int, seeds: list[int]) -> list[TransferConfig]:
                     )
         # phi* closes WRN-28-2's last block on s-CIFAR10 too (at step 200 of the architectures
         # grid's run, seed 0): the switch there, against that run (as published) and Base.
+        # There the site reopened (s 0.35 at step 1,750); on Omniglot-100 it was still closed at
+        # half strength. So the switch from half strength on, on both (exclude_closed_from).
+        late: dict[str, Any] = {"on_closed_site": "exclude", "exclude_closed_from": 0.5}
         for seed in seeds:
-            runs.append(
-                TransferConfig(
-                    target="s-cifar10",
-                    model="cifar_wrn_28_2",
-                    seed=seed,
-                    on_closed_site="exclude",
-                    **phi_star,
-                    **common,
+            for switch in ({"on_closed_site": "exclude"}, late):
+                runs.append(
+                    TransferConfig(
+                        target="s-cifar10",
+                        model="cifar_wrn_28_2",
+                        seed=seed,
+                        **switch,
+                        **phi_star,
+                        **common,
+                    )
                 )
-            )
+        for method in [late] + ([{**late, **finetune}] if finetune is not None else []):
+            for seed in seeds:
+                runs.append(
+                    TransferConfig(target="omniglot-100", seed=seed, **phi_star, **method, **common)
+                )
     elif name == "tune":
         for rate in DROPBLOCK_RATES:
             for size in DROPBLOCK_SIZES:

@@ -177,6 +177,41 @@ def test_exclude_mode_switches_a_closing_site_off_and_only_it() -> None:
         StrengthScheduler(model, total_steps=100, on_closed_site="drop")  # type: ignore[arg-type]
 
 
+def test_exclude_from_waits_for_a_strength_and_spares_a_site_that_reopens() -> None:
+    """phi*'s WRN-28-2 site closed at step 200 and reopened by step 1,750: with ``exclude_from``
+    a closed site is only warned about until the strength gets there, then switched off if it is
+    still closed."""
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    controller = metaperturb.get_controller(model)
+    # Full strength at step 40, half at step 20; a check every 5 steps.
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=5, exclude_from=0.5)
+    last = controller.sites[-1]
+    healthy = last.running_var.clone()  # type: ignore[union-attr]
+    name = _close_last_site(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            scheduler.step()
+        last.running_var.copy_(healthy)  # type: ignore[union-attr,operator]  # reopens
+        for _ in range(10):  # the check at step 20 (half strength) finds it open
+            scheduler.step()
+        assert scheduler.closed == {name: 5} and scheduler.excluded == {}
+        assert not controller.excluded_sites
+        _close_last_site(model)  # closes again, past half strength: switched off at step 25
+        for _ in range(5):
+            scheduler.step()
+    assert [w.category for w in caught] == [ClosedSiteWarning, ClosedSiteWarning]
+    assert "step 5" in str(caught[0].message) and "switched off" not in str(caught[0].message)
+    assert "step 25" in str(caught[1].message) and "switched off" in str(caught[1].message)
+    assert scheduler.closed == {name: 5} and scheduler.excluded == {name: 25}
+    assert controller.excluded_sites == {len(controller.site_names) - 1}
+    resumed = StrengthScheduler(model, total_steps=100, exclude_from=0.5)
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed.closed == {name: 5} and resumed.excluded == {name: 25}
+    with pytest.raises(ValueError, match="exclude_from"):
+        StrengthScheduler(model, total_steps=100, exclude_from=1.5)
+
+
 def test_excluded_sites_travel_with_the_state_dict_and_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

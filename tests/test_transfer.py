@@ -36,6 +36,7 @@ from metaperturb.transfer import (
     stop_on_signals,
 )
 from metaperturb.transfer import run as run_module
+from metaperturb.transfer.reuse import closed_site_twin
 from metaperturb.transfer.run import UPDATE_BN_BATCHES
 from metaperturb.wrapper import get_controller
 
@@ -932,6 +933,32 @@ def test_exclude_closed_names_the_run_and_a_resumed_run_keeps_the_sites_it_switc
     assert resumed.strength.excluded == {last: 1}
     sites = get_controller(resumed.model).site_names
     assert get_controller(resumed.model).excluded_sites == {sites.index(last)}
+
+
+@needs_mnist
+def test_exclude_closed_from_names_the_run_and_reaches_the_scheduler(tmp_path: Path) -> None:
+    """Switching closed sites off from a strength on is a third closed-site setting: its own
+    run id, passed to the scheduler, and refused without ``on_closed_site="exclude"``."""
+    common = _phi_star_settings(steps=2)
+    late = TransferConfig(on_closed_site="exclude", exclude_closed_from=0.5, **common)
+    assert late.method == "metaperturb[x,exclude-closed-from0.5]"
+    early = TransferConfig(on_closed_site="exclude", **common)
+    assert len({run_id(late), run_id(early), run_id(TransferConfig(**common))}) == 3
+    run = run_module.TransferRun(late, tmp_path)
+    assert run.strength is not None and run.strength.exclude_from == 0.5
+    with pytest.raises(ValueError, match="on_closed_site='exclude'"):
+        run_module.TransferRun(TransferConfig(exclude_closed_from=0.5, **common), tmp_path)
+    # A run of it in which no site closed is the as-published run too (the report's twin).
+    result = {
+        "id": run_id(late),
+        "method": late.method,
+        "config": {"phi": "x", "on_closed_site": "exclude", "exclude_closed_from": 0.5},
+        "closed_sites": {},
+    }
+    twin = closed_site_twin(result)
+    assert twin is not None and twin["method"] == "metaperturb[x]"
+    assert twin["id"] == run_id(TransferConfig(**common))
+    assert twin["config"]["on_closed_site"] == "warn" and not twin["config"]["exclude_closed_from"]
 
 
 @needs_mnist

@@ -38,6 +38,9 @@ class StrengthScheduler:
     collapsing, and on the ResNet-20 targets measured no site closes, so nothing changes there.
     It acts at the first check that finds a site closed; phi*'s closure of WRN-28-2's last block
     at step 200 passed by step 1,750 (README), so there it leaves out a site that would reopen.
+    ``exclude_from`` waits for a strength before switching a site off: until then a closed site
+    is only warned about and recorded, and one that reopens stays on (phi*'s Omniglot-100 site
+    was still closed at half strength, WRN-28-2's had reopened).
     ``"warn"`` only warns, once per site: the method as published. Either way :attr:`closed`
     records each site found closed and the step: while it is empty the two settings have
     trained the same network (the checks read the statistics and draw no random numbers).
@@ -56,15 +59,20 @@ class StrengthScheduler:
         ramp_fraction: float = 0.4,
         check_every: int = 100,
         on_closed_site: Literal["warn", "exclude"] = "exclude",
+        exclude_from: float = 0.0,
     ) -> None:
         linear_ramp(0, total_steps, ramp_fraction)  # validates the arguments
+        if not 0.0 <= exclude_from <= 1.0:
+            raise ValueError(f"exclude_from is a strength in [0, 1], got {exclude_from}.")
         if check_every < 0:
             raise ValueError(f"check_every must be 0 (never) or positive, got {check_every}.")
         if on_closed_site not in ("warn", "exclude"):
             raise ValueError(f"on_closed_site must be 'warn' or 'exclude', got {on_closed_site!r}.")
         self.on_closed_site = on_closed_site
+        self.exclude_from = exclude_from
         #: Every site found closed at a check, with the step it was first found (either setting).
         self.closed: dict[str, int] = {}
+        self._excluded: dict[str, int] = {}
         #: False when :attr:`closed` may lack sites: resumed in "warn" mode, past a check, from a
         #: scheduler saved before it recorded them.
         self.closed_complete = True
@@ -90,17 +98,20 @@ class StrengthScheduler:
         self.last_step += 1
         set_strength(self.model, self.strength)
         if self.check_every and self.last_step % self.check_every == 0:
-            if self.on_closed_site == "exclude":  # a site switched off is no longer closed
+            excluding = self.on_closed_site == "exclude" and self.strength >= self.exclude_from
+            if excluding:  # a site switched off is no longer closed
                 found = exclude_closed_sites(self.model, self.last_step)
+                self._excluded.update(dict.fromkeys(found, self.last_step))
             else:
                 found = warn_closed_sites(self.model, self.last_step, self.closed)
-            self.closed.update(dict.fromkeys(found, self.last_step))
+            for name in found:  # the step it was first found closed
+                self.closed.setdefault(name, self.last_step)
         return self.strength
 
     @property
     def excluded(self) -> dict[str, int]:
         """The sites switched off for closing, with the step (``on_closed_site="exclude"``)."""
-        return dict(self.closed) if self.on_closed_site == "exclude" else {}
+        return dict(self._excluded)
 
     def state_dict(self) -> dict[str, Any]:
         """The step and schedule, for a training checkpoint (as an LR scheduler's)."""
@@ -110,6 +121,7 @@ class StrengthScheduler:
             "ramp_fraction": self.ramp_fraction,
             "closed": dict(self.closed),
             "closed_complete": self.closed_complete,
+            "excluded": dict(self._excluded),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,6 +132,10 @@ class StrengthScheduler:
         # Absent from schedulers saved before it. An older one's excluded sites are all that
         # closed in "exclude" mode; in "warn" mode it kept no record past its first check.
         self.closed = dict(state.get("closed", state.get("excluded", {})))
+        if "closed" in state and "excluded" in state:
+            self._excluded = dict(state["excluded"])
+        else:  # saved before both were kept: in "exclude" mode each closed site was switched off
+            self._excluded = dict(self.closed) if self.on_closed_site == "exclude" else {}
         checked = self.check_every and self.last_step >= self.check_every
         unrecorded = "closed" not in state and self.on_closed_site == "warn" and checked
         self.closed_complete = bool(state.get("closed_complete", True)) and not unrecorded

@@ -78,6 +78,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "training: warn (default here: the method as published, as the README's runs did), or "
         "switch phi off there, the library's default (run id: exclude-closed)",
     )
+    add(
+        "--exclude-closed-from",
+        type=float,
+        default=0.0,
+        metavar="STRENGTH",
+        help="with --on-closed-site exclude: switch a closed site off only from this strength "
+        "on (0-1; before it a closed site is recorded, and one that reopens stays on; run id: "
+        "exclude-closed-fromSTRENGTH). Default: 0, the first check that finds it",
+    )
     add("--threads", type=int, metavar="N", help="torch CPU threads")
     add(
         "--flush-denormal",
@@ -130,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
         ramp_fraction=args.ramp_fraction,
         exclude=list(args.exclude),
         on_closed_site=args.on_closed_site,
+        exclude_closed_from=args.exclude_closed_from,
         dropblock_rate=args.dropblock_rate,
         dropblock_size=args.dropblock_size,
         mixup_alpha=args.mixup_alpha,

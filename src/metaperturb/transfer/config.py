@@ -42,6 +42,11 @@ class TransferConfig:
     #: every run before this setting did, or ``"exclude"`` it from then on, the library's
     #: default since (named in the run id as ``exclude-closed``).
     on_closed_site: str = "warn"
+    #: With ``on_closed_site="exclude"``: the strength from which a closed site is switched off
+    #: (:class:`~metaperturb.StrengthScheduler`'s ``exclude_from``); before it a closed site is
+    #: only recorded, so one that reopens stays on. Named in the run id when not 0
+    #: (``exclude-closed-from0.5``).
+    exclude_closed_from: float = 0.0
     #: DropBlock rate and block size (rate 0: not used).
     dropblock_rate: float = 0.0
     dropblock_size: int = 3
@@ -91,6 +96,8 @@ class TransferConfig:
             where += "".join(f",without-{name}" for name in self.exclude)
             if self.on_closed_site == "exclude":
                 where += ",exclude-closed"
+                if self.exclude_closed_from:
+                    where += f"-from{self.exclude_closed_from:g}"
             parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")

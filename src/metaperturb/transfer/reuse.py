@@ -150,13 +150,17 @@ def closed_site_twin(result: dict[str, Any]) -> dict[str, Any] | None:
         # The setting is the last of phi's in a method (TransferConfig.method) and so in an id.
         if switching:
             return re.sub(r"(metaperturb\[[^]]*)\]", r"\1,exclude-closed]", name, count=1)
-        return name.replace(",exclude-closed]", "]", 1)
+        return re.sub(r",exclude-closed(-from[0-9.e+-]+)?\]", "]", name, count=1)
 
     return {
         **result,
         "id": renamed(str(result.get("id", ""))),
         "method": renamed(str(result.get("method", ""))),
-        "config": {**saved, "on_closed_site": "exclude" if switching else "warn"},
+        "config": {
+            **saved,
+            "on_closed_site": "exclude" if switching else "warn",
+            "exclude_closed_from": 0.0,
+        },
     }
 
 
@@ -180,7 +184,7 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
             continue
         saved = result.get("config")
         skip = {"phi", "phi_name"} | (
-            {"on_closed_site"} if closed_site_setting_moot(result) else set()
+            {"on_closed_site", "exclude_closed_from"} if closed_site_setting_moot(result) else set()
         )
         if isinstance(saved, dict) and not _setting_differences(
             _portable(saved), wanted, skip=frozenset(skip)
