@@ -201,7 +201,7 @@ def test_exclude_from_waits_for_a_strength_and_spares_a_site_that_reopens() -> N
         for _ in range(5):
             scheduler.step()
     assert [w.category for w in caught] == [ClosedSiteWarning, ClosedSiteWarning]
-    assert "step 5" in str(caught[0].message) and "switched off" not in str(caught[0].message)
+    assert "step 5" in str(caught[0].message) and "strength reaches 0.5" in str(caught[0].message)
     assert "step 25" in str(caught[1].message) and "switched off" in str(caught[1].message)
     assert scheduler.closed == {name: 5} and scheduler.excluded == {name: 25}
     assert controller.excluded_sites == {len(controller.site_names) - 1}

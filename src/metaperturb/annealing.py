@@ -103,7 +103,8 @@ class StrengthScheduler:
                 found = exclude_closed_sites(self.model, self.last_step)
                 self._excluded.update(dict.fromkeys(found, self.last_step))
             else:
-                found = warn_closed_sites(self.model, self.last_step, self.closed)
+                waiting = self.exclude_from if self.on_closed_site == "exclude" else None
+                found = warn_closed_sites(self.model, self.last_step, self.closed, waiting)
             for name in found:  # the step it was first found closed
                 self.closed.setdefault(name, self.last_step)
         return self.strength

@@ -133,10 +133,16 @@ def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
     return names
 
 
-def warn_closed_sites(model: nn.Module, step: int, already: Collection[str] = ()) -> list[str]:
+def warn_closed_sites(
+    model: nn.Module,
+    step: int,
+    already: Collection[str] = (),
+    exclude_from: float | None = None,
+) -> list[str]:
     """Warn once about the closed sites not in ``already`` (those warned about); returns them.
     Under ``torch.distributed`` a site closed on any rank counts, as it does for
-    :func:`exclude_closed_sites`, so the two find the same sites."""
+    :func:`exclude_closed_sites`, so the two find the same sites. ``exclude_from``: the strength
+    at which the caller will switch phi off at sites still closed (the advice says so)."""
     local = closed_sites(model)
     names = [name for name in _closed_on_any_rank(model, local) if name not in already]
     if not names:
@@ -145,14 +151,23 @@ def warn_closed_sites(model: nn.Module, step: int, already: Collection[str] = ()
         f"{name!r} (mean s {local[name]:.4f})" if name in local else f"{name!r} (on another rank)"
         for name in names
     )
+    if exclude_from is None:
+        advice = (
+            f"Leave it out (metaperturb.wrap(model, exclude={sorted(names)!r}) from the start, "
+            "or StrengthScheduler(..., on_closed_site='exclude') to switch such sites off as "
+            "they close) or use another phi"
+        )
+    else:
+        advice = (
+            f"phi is switched off there if it is still closed once the strength reaches "
+            f"{exclude_from:g} (exclude_from)"
+        )
     warnings.warn(
         f"at step {step}, phi's channel scale s is near 0 at {listed}: if it stays closed until "
         "the strength reaches 1, such a site passes almost nothing, and nothing before it "
         "learns through it (on Omniglot-100 this made phi* collapse the network to chance at "
-        "the end of the ramp; on WRN-28-2 the site reopened). "
-        f"Leave it out (metaperturb.wrap(model, exclude={sorted(names)!r}) from the start, or "
-        "StrengthScheduler(..., on_closed_site='exclude') to switch such sites off as they "
-        "close) or use another phi; metaperturb.channel_scales(model) shows s at every site.",
+        f"the end of the ramp; on WRN-28-2 the site reopened). {advice}; "
+        "metaperturb.channel_scales(model) shows s at every site.",
         ClosedSiteWarning,
         stacklevel=3,
     )
