@@ -43,6 +43,11 @@ METHODS = [
         "MetaPerturb, phi\\* switching off a site that closes (the library's default)",
         "",
     ),
+    (
+        r"metaperturb\[phi-star,exclude-closed-from([0-9.]+)\]",
+        r"MetaPerturb, phi\\* switching off a site still closed at strength \1",
+        "MetaPerturb, phi\\* switching off a site still closed at half strength",
+    ),
     (r"metaperturb\[authors\]", "MetaPerturb, the authors' phi (comparison only)", ""),
     (r"dropblock\[(.+),(.+)\]", r"DropBlock (rate \1, block size \2)", "DropBlock (tuned)"),
     (r"mixup\[(.+)\]", r"Manifold Mixup (alpha \1)", "Manifold Mixup (tuned)"),
@@ -52,6 +57,11 @@ METHODS = [
         r"finetune\[[^]]+\]\+metaperturb\[phi-star,exclude-closed\]",
         "Fine-tuning + MetaPerturb (phi\\*, switching off a site that closes)",
         "",
+    ),
+    (
+        r"finetune\[[^]]+\]\+metaperturb\[phi-star,exclude-closed-from([0-9.]+)\]",
+        r"Fine-tuning + MetaPerturb (phi\\*, switching off a site still closed at strength \1)",
+        "Fine-tuning + MetaPerturb (phi\\*, switching off a site still closed at half strength)",
     ),
 ]
 NETWORKS = {

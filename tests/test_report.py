@@ -46,6 +46,27 @@ def test_datasets_table_averages_seeds_leaves_missing_cells_empty_and_leads_over
     assert not any("10.00" in line for line in rows.values())
 
 
+def test_the_late_closed_site_switch_gets_its_own_row_named_by_its_strength() -> None:
+    late = _run("metaperturb[phi-star,exclude-closed-from0.5]", "s-cifar10", 0.74)
+    ft = _run(
+        "finetune[tiny-imagenet-resnet20]+metaperturb[phi-star,exclude-closed-from0.5]",
+        "s-cifar10",
+        0.75,
+    )
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.datasets([late, ft])[2:]}
+    assert (
+        rows["MetaPerturb, phi\\* switching off a site still closed at strength 0.5"].split(" | ")[
+            1
+        ]
+        == "74.00 (1)"
+    )
+    label = "Fine-tuning + MetaPerturb (phi\\*, switching off a site still closed at strength 0.5)"
+    assert rows[label].split(" | ")[1] == "75.00 (1)"
+    # Before it has runs, the row is planned under the rule the grid queues.
+    planned = {line.split(" | ")[0].lstrip("| ") for line in readme.datasets(RESULTS)[2:]}
+    assert "MetaPerturb, phi\\* switching off a site still closed at half strength" in planned
+
+
 def test_the_summary_keeps_the_first_screens_rows_with_the_same_cells() -> None:
     summary = readme.summary(RESULTS)
     labels = [line.split(" | ")[0].lstrip("| ") for line in summary[2:]]
