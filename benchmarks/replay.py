@@ -10,7 +10,8 @@ Run it twice, or once under each code (``PYTHONPATH=<a worktree>/src``), and com
 
 With ``--steps 0`` it only reads the checkpoint: where the run is, and phi's mean channel scale
 s at each site from the sites' running statistics (``scales``), which tells whether a site that
-closed early in the ramp is still closed. Nothing is written beside the checkpoint: the replay
+closed early in the ramp is still closed, its test-accuracy curve so far, and its recorded
+training seconds per step (``checkpoint_seconds_per_step``). Nothing is written beside the checkpoint: the replay
 trains in a scratch folder.
 """
 
@@ -42,6 +43,7 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
         shutil.copy(checkpoint, run.checkpoint_path)
         run.maybe_resume()
         start = run.step
+        recorded = run.train_seconds  # the run's own training time up to the checkpoint
         started = time.perf_counter()
         run.train(progress=False, until=start + steps)
         seconds = time.perf_counter() - started
@@ -56,6 +58,9 @@ def replay(checkpoint: Path, steps: int, data_root: str | None) -> dict[str, obj
             "weights_sha256": fingerprint(run.model),
             # Wall time of the steps (one measurement, whatever else the machine runs).
             "train_seconds": seconds,
+            # The run's training seconds per step up to the checkpoint, from its own record
+            # (every segment, on whatever machine and beside whatever else ran it).
+            "checkpoint_seconds_per_step": recorded / start if start else None,
             # phi's mean s per site (running statistics; None without phi).
             "scales": run.scales(),
             # The same code on another CPU (or thread count) takes another path: say which.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark_scripts import load
 from metaperturb.transfer import TransferConfig
@@ -38,6 +39,8 @@ def test_a_replay_is_the_same_network_twice_and_another_one_further_on(
     assert (unchanged["from_step"], unchanged["to_step"]) == (2, 2)
     assert list(unchanged["curve"]) == [2] and list(first["curve"]) == [2, 4]  # the curve so far
     assert 0 <= unchanged["curve"][2] <= 1
+    recorded = torch.load(checkpoint, weights_only=True)["train_seconds"]
+    assert unchanged["checkpoint_seconds_per_step"] == pytest.approx(recorded / 2)
     assert unchanged["weights_sha256"] not in (first["weights_sha256"], further["weights_sha256"])
     scales = unchanged["scales"]
     assert scales is not None and len(scales) >= 4 and all(0 < s < 1 for s in scales.values())
