@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch.nn.functional as F
@@ -12,9 +13,8 @@ from metaperturb.transfer import TransferConfig, run_id, run_transfer
 from test_transfer import needs_mnist, tiny_target
 
 
-@needs_mnist
-def test_a_kept_network_is_scored_as_its_run_scored_it(tmp_path: Path) -> None:
-    eval_overflow = load("eval_overflow")
+def kept_network(folder: Path) -> tuple[TransferConfig, dict[str, Any], Path]:
+    """A 3-step Conv4 run with phi* that kept its weights: its config, result and weights."""
     config = TransferConfig(
         target=tiny_target(),
         model="conv4",
@@ -26,8 +26,14 @@ def test_a_kept_network_is_scored_as_its_run_scored_it(tmp_path: Path) -> None:
         eval_modes=False,
         save_weights=True,
     )
-    result = run_transfer(config, tmp_path / "runs", progress=False)
-    weights = tmp_path / "runs" / f"{run_id(config)}.safetensors"
+    result = run_transfer(config, folder, progress=False)
+    return config, result, folder / f"{run_id(config)}.safetensors"
+
+
+@needs_mnist
+def test_a_kept_network_is_scored_as_its_run_scored_it(tmp_path: Path) -> None:
+    eval_overflow = load("eval_overflow")
+    config, result, weights = kept_network(tmp_path / "runs")
     # The kept network is the trained one: scored as the run scored it, the same NLL (a fresh
     # network would give another).
     run = eval_overflow.restore(weights, tmp_path / "scratch")

@@ -8,27 +8,16 @@ from pathlib import Path
 from torch import nn
 
 from benchmark_scripts import load
-from metaperturb.transfer import TransferConfig, run_id, run_transfer
-from test_transfer import needs_mnist, tiny_target
+from test_eval_overflow import kept_network
+from test_transfer import needs_mnist
 
 
 @needs_mnist
 def test_variance_table_of_a_kept_network_leaves_out_dead_channels(tmp_path: Path) -> None:
     eval_overflow = load("eval_overflow")  # first: update_bn.py imports it by name
     update_bn_script = load("update_bn")
-    config = TransferConfig(
-        target=tiny_target(),
-        model="conv4",
-        phi="default",
-        phi_name="phi-star",
-        steps=3,
-        batch_size=8,
-        curve_every=0,
-        eval_modes=False,
-        save_weights=True,
-    )
-    run_transfer(config, tmp_path / "runs", progress=False)
-    run = eval_overflow.restore(tmp_path / "runs" / f"{run_id(config)}.safetensors", tmp_path)
+    _, _, weights = kept_network(tmp_path / "runs")
+    run = eval_overflow.restore(weights, tmp_path)
     norms = [(n, m) for n, m in run.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     name, dead = norms[-1]
     assert dead.running_var is not None
