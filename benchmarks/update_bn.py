@@ -62,8 +62,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.from_run is None and (args.phi is None or "=" not in args.phi):
         parser.error("give --phi NAME=PATH (a phi to train with) or --from-run")
-    with tempfile.TemporaryDirectory() as scratch:
-        run = trained(args) if args.from_run is None else restore(args.from_run, Path(scratch))
+    if args.from_run is None:
+        run = trained(args)
+    else:  # restoring writes nothing: the run's folder is a formality
+        with tempfile.TemporaryDirectory() as scratch:
+            run = restore(args.from_run, Path(scratch))
     if args.variance:
         text = variance_table(run)
         atomic_write(RESULTS / f"{run.id}.variance.md", text + "\n")
