@@ -210,6 +210,8 @@ def test_exclude_from_waits_for_a_strength_and_spares_a_site_that_reopens() -> N
     assert resumed.closed == {name: 5} and resumed.excluded == {name: 25}
     with pytest.raises(ValueError, match="exclude_from"):
         StrengthScheduler(model, total_steps=100, exclude_from=1.5)
+    with pytest.raises(ValueError, match="needs on_closed_site='exclude'"):
+        StrengthScheduler(model, total_steps=100, on_closed_site="warn", exclude_from=0.5)
 
 
 def test_excluded_sites_travel_with_the_state_dict_and_safetensors(tmp_path: Path) -> None:

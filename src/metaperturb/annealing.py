@@ -68,6 +68,11 @@ class StrengthScheduler:
             raise ValueError(f"check_every must be 0 (never) or positive, got {check_every}.")
         if on_closed_site not in ("warn", "exclude"):
             raise ValueError(f"on_closed_site must be 'warn' or 'exclude', got {on_closed_site!r}.")
+        if exclude_from and on_closed_site != "exclude":
+            raise ValueError(
+                "exclude_from is the strength from which closed sites are switched off: it "
+                "needs on_closed_site='exclude'."
+            )
         self.on_closed_site = on_closed_site
         self.exclude_from = exclude_from
         #: Every site found closed at a check, with the step it was first found (either setting).

@@ -125,11 +125,6 @@ class TransferRun:
             config.channels_last if config.channels_last is not None else self.device.type == "cpu"
         )
         self.strength: StrengthScheduler | None = None
-        if config.exclude_closed_from and config.on_closed_site != "exclude":
-            raise ValueError(
-                "exclude_closed_from is the strength from which closed sites are switched off: "
-                "it needs on_closed_site='exclude' (--on-closed-site exclude)"
-            )
         if config.phi is not None:
             phi = load_phi(config.phi) if config.phi != "default" else None
             wrap(
