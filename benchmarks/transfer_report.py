@@ -90,6 +90,7 @@ def architectures_table(results: list[dict[str, Any]]) -> list[str]:
 
 
 def modes_table(results: list[dict[str, Any]]) -> list[str]:
+    """Every run's every eval mode, one row each, named by target, network, method and seed."""
     rows = []
     for result in results:
         evaluation = result["evaluation"]
@@ -104,6 +105,7 @@ def modes_table(results: list[dict[str, Any]]) -> list[str]:
             rows.append(
                 [
                     result["target"],
+                    result["model"],
                     result["method"],
                     str(result["seed"]),
                     label.get(mode, mode),
@@ -116,6 +118,7 @@ def modes_table(results: list[dict[str, Any]]) -> list[str]:
     return table(
         [
             "target",
+            "network",
             "method",
             "seed",
             "eval mode",

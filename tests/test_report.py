@@ -395,3 +395,19 @@ def test_the_machines_table_lists_each_part_and_counts_the_runs_before_the_recor
     )
     assert lines[-1].startswith("2 runs finished before") and "1 of them were resumed" in lines[-1]
     assert report.machines_table([recorded])[-1] == lines[2]  # nothing to count
+
+
+def test_every_runs_eval_modes_name_the_network() -> None:
+    """Two networks' runs of one target and method (ResNet-20's and WRN-28-2's phi* seed 0)
+    must not read as the same run twice."""
+    load("transfer_plots")  # transfer_report imports it by name
+    report = load("transfer_report")
+    runs = []
+    for model, accuracy in (("cifar_resnet20", 0.69), ("cifar_wrn_28_2", 0.72)):
+        run = _run("metaperturb[phi-star]", "s-cifar10", accuracy, model=model)
+        run["seed"] = 0
+        run["evaluation"] = {"sample": {"accuracy": accuracy, "ece": 0.2, "seconds": 1.0}}
+        runs.append(run)
+    lines = report.modes_table(runs)
+    assert lines[0].startswith("| target | network | method | seed | eval mode |")
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["cifar_resnet20", "cifar_wrn_28_2"]
