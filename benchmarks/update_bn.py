@@ -32,7 +32,7 @@ import torch
 from eval_overflow import restore
 from torch import nn
 
-from metaperturb import set_eval_mode, update_bn
+from metaperturb import is_wrapped, set_eval_mode, update_bn
 from metaperturb._atomic import atomic_write
 from metaperturb.transfer import TransferConfig, TransferRun
 
@@ -154,7 +154,9 @@ def _running_var(norm: nn.BatchNorm2d) -> torch.Tensor:
 
 
 def variance_table(run: TransferRun) -> str:
-    """Input variance of each BatchNorm layer / its running variance, per eval mode."""
+    """Input variance of each BatchNorm layer / its running variance, per eval mode. A network
+    without phi (Base) has one mode: both columns are its plain forward."""
+    wrapped = is_wrapped(run.model)
     norms = [(n, m) for n, m in run.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     seen: dict[str, torch.Tensor] = {}
     handles = [
@@ -167,7 +169,8 @@ def variance_table(run: TransferRun) -> str:
     ratios: dict[str, dict[str, float]] = {}
     run.model.eval()
     for mode in ("sample", "expectation"):
-        set_eval_mode(run.model, mode)
+        if wrapped:
+            set_eval_mode(run.model, mode)
         torch.manual_seed(0)
         with torch.no_grad():
             run.model(images)
@@ -176,7 +179,8 @@ def variance_table(run: TransferRun) -> str:
             n: float((seen[n] / _running_var(m))[_running_var(m) > 0].mean()) for n, m in norms
         }
     dead = {n: int((_running_var(m) == 0).sum()) for n, m in norms}
-    set_eval_mode(run.model, "expectation")
+    if wrapped:
+        set_eval_mode(run.model, "expectation")
     for handle in handles:
         handle.remove()
     lines = [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+import metaperturb
 from benchmark_scripts import load
 from test_eval_overflow import kept_network
 from test_transfer import needs_mnist
@@ -32,3 +33,7 @@ def test_variance_table_of_a_kept_network_leaves_out_dead_channels(tmp_path: Pat
     for ratios in rows.values():
         assert all(math.isfinite(float(r)) for r in ratios[:2]), ratios
     assert math.isfinite(float(sample)) and math.isfinite(float(expectation))
+    # Base has no phi, so no eval modes: both columns are its one plain forward (the control).
+    metaperturb.unwrap(run.model)
+    plain = update_bn_script.variance_table(run).splitlines()[4:]
+    assert all(line.split(" | ")[1] == line.split(" | ")[2] for line in plain)
