@@ -46,7 +46,7 @@ METHODS = [
     (
         r"metaperturb\[phi-star,exclude-closed-from([0-9.]+)\]",
         r"MetaPerturb, phi\\* switching off a site still closed at strength \1",
-        "MetaPerturb, phi\\* switching off a site still closed at half strength",
+        "MetaPerturb, phi\\* switching off a site still closed at strength 0.5",
     ),
     (r"metaperturb\[authors\]", "MetaPerturb, the authors' phi (comparison only)", ""),
     (r"dropblock\[(.+),(.+)\]", r"DropBlock (rate \1, block size \2)", "DropBlock (tuned)"),
@@ -61,7 +61,7 @@ METHODS = [
     (
         r"finetune\[[^]]+\]\+metaperturb\[phi-star,exclude-closed-from([0-9.]+)\]",
         r"Fine-tuning + MetaPerturb (phi\\*, switching off a site still closed at strength \1)",
-        "Fine-tuning + MetaPerturb (phi\\*, switching off a site still closed at half strength)",
+        "Fine-tuning + MetaPerturb (phi\\*, switching off a site still closed at strength 0.5)",
     ),
 ]
 NETWORKS = {

@@ -64,7 +64,7 @@ def test_the_late_closed_site_switch_gets_its_own_row_named_by_its_strength() ->
     assert rows[label].split(" | ")[1] == "75.00 (1)"
     # Before it has runs, the row is planned under the rule the grid queues.
     planned = {line.split(" | ")[0].lstrip("| ") for line in readme.datasets(RESULTS)[2:]}
-    assert "MetaPerturb, phi\\* switching off a site still closed at half strength" in planned
+    assert "MetaPerturb, phi\\* switching off a site still closed at strength 0.5" in planned
 
 
 def test_the_summary_keeps_the_first_screens_rows_with_the_same_cells() -> None:
