@@ -76,16 +76,28 @@ NETWORKS = {
 
 
 def with_closed_site_twins(results: Results) -> Results:
-    """The runs, and each run in which no site closed again as the run of the other
-    ``on_closed_site`` setting: the same network (``metaperturb eval`` reuses it so), for the
-    tables that compare methods. A run made with that setting comes first and wins."""
+    """The runs, and each run again as the run of every other closed-site setting that some
+    run here has, where it trained that very network (``reuse.trains_as``: say no site
+    closed; ``metaperturb eval`` reuses it so), for the tables that compare methods. A run made
+    with that setting comes first and wins."""
 
     def run(r: dict[str, Any]) -> tuple[Any, ...]:
         return (r["target"], r["model"], r["method"], r.get("seed"))
 
+    settings = {("warn", 0.0), ("exclude", 0.0)} | {
+        ("exclude", float(r["config"]["exclude_closed_from"]))
+        for r in results
+        if isinstance(r.get("config"), dict) and r["config"].get("exclude_closed_from")
+    }
     taken = {run(r) for r in results}
-    twins = [twin for r in results if (twin := closed_site_twin(r)) is not None]
-    return results + [twin for twin in twins if run(twin) not in taken]
+    twins = []
+    for r in results:
+        for setting in sorted(settings):
+            twin = closed_site_twin(r, *setting)
+            if twin is not None and run(twin) not in taken:
+                taken.add(run(twin))
+                twins.append(twin)
+    return results + twins
 
 
 def _label(method: str) -> tuple[int, str] | None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from benchmark_scripts import load
+from metaperturb.transfer.config import closed_site_suffix
 
 readme = load("transfer_readme")
 
@@ -374,6 +375,42 @@ def test_a_run_in_which_no_site_closed_fills_both_closed_site_rows_once() -> Non
     labels = [line.split(" | ")[0].lstrip("| ") for line in readme.datasets([trimmed])[2:]]
     assert "MetaPerturb, phi\\* without the site at `stages.2.2`" in labels
     assert not any("exclude-closed" in label for label in labels)
+
+
+def test_a_run_counts_for_a_waiting_closed_site_rule_where_it_trained_its_network() -> None:
+    """Twins are made for the settings some run has (here the half-strength rule): a run in
+    which no site closed fills its row, and a half-strength run that switched nothing off
+    fills the as-published row; a run in which a site closed fills neither."""
+
+    def run(
+        seed: int, accuracy: float, setting: str, waits: float, closed: dict, off: dict
+    ) -> dict:
+        suffix = closed_site_suffix(setting, waits)
+        config = {"phi": "default", "on_closed_site": setting, "exclude_closed_from": waits}
+        made = _run(f"metaperturb[phi-star{suffix}]", "s-cifar10", accuracy)
+        return made | {
+            "seed": seed,
+            "config": config,
+            "closed_sites": closed,
+            "excluded_sites": off,
+        }
+
+    runs = [
+        run(0, 0.71, "warn", 0.0, {}, {}),
+        run(1, 0.72, "exclude", 0.5, {"stages.2.2": 200}, {}),  # reopened before half strength
+        run(2, 0.66, "warn", 0.0, {"stages.2.2": 200}, {}),
+        run(2, 0.69, "exclude", 0.5, {"stages.2.2": 200}, {"stages.2.2": 2000}),
+    ]
+    cells = {(r["method"], r["seed"]) for r in readme.with_closed_site_twins(runs)}
+    assert cells == {
+        ("metaperturb[phi-star]", 0),
+        ("metaperturb[phi-star,exclude-closed]", 0),
+        ("metaperturb[phi-star,exclude-closed-from0.5]", 0),
+        ("metaperturb[phi-star,exclude-closed-from0.5]", 1),
+        ("metaperturb[phi-star]", 1),
+        ("metaperturb[phi-star]", 2),
+        ("metaperturb[phi-star,exclude-closed-from0.5]", 2),
+    }
 
 
 def test_the_machines_table_lists_each_part_and_counts_the_runs_before_the_record() -> None:

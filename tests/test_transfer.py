@@ -36,7 +36,7 @@ from metaperturb.transfer import (
     stop_on_signals,
 )
 from metaperturb.transfer import run as run_module
-from metaperturb.transfer.reuse import closed_site_twin
+from metaperturb.transfer.reuse import closed_site_twin, trains_as
 from metaperturb.transfer.run import UPDATE_BN_BATCHES
 from metaperturb.wrapper import get_controller
 
@@ -955,7 +955,7 @@ def test_exclude_closed_from_names_the_run_and_reaches_the_scheduler(tmp_path: P
         "config": {"phi": "x", "on_closed_site": "exclude", "exclude_closed_from": 0.5},
         "closed_sites": {},
     }
-    twin = closed_site_twin(result)
+    twin = closed_site_twin(result, "warn")
     assert twin is not None and twin["method"] == "metaperturb[x]"
     assert twin["id"] == run_id(TransferConfig(**common))
     assert twin["config"]["on_closed_site"] == "warn" and not twin["config"]["exclude_closed_from"]
@@ -991,6 +991,67 @@ def test_a_run_in_which_no_site_closed_answers_the_other_closed_site_setting(
     saved = results / f"{run_id(warned)}.json"
     saved.write_text(json.dumps({**first, "closed_sites": {"blocks.3": 100}}))
     assert find_equivalent_result(switching, results) is None
+    # A run that waited for half strength and then found nothing to switch off acted as "warn"
+    # throughout, and as any rule that waits longer; not as the switch at the first check.
+    waited = TransferConfig(on_closed_site="exclude", exclude_closed_from=0.5, **settings)
+    saved.unlink()
+    kept = results / f"{run_id(waited)}.json"
+    config = {**first["config"], "on_closed_site": "exclude", "exclude_closed_from": 0.5}
+    record = {"closed_sites": {"blocks.3": 100}, "excluded_sites": {}}
+    kept.write_text(json.dumps({**first, "config": config, **record}))
+    assert find_equivalent_result(warned, results) == kept
+    later = TransferConfig(on_closed_site="exclude", exclude_closed_from=0.7, **settings)
+    assert find_equivalent_result(later, results) == kept
+    assert find_equivalent_result(switching, results) is None
+    switched = {"closed_sites": {"blocks.3": 100}, "excluded_sites": {"blocks.3": 2000}}
+    kept.write_text(json.dumps({**first, "config": config, **switched}))
+    assert find_equivalent_result(warned, results) is None
+
+
+def test_closed_site_twins_name_a_run_for_each_setting_it_trained_as() -> None:
+    """A run is renamed as another closed-site setting's run only where it trained that very
+    network: no site closed (every setting), or it waited for a strength and switched nothing
+    off ("warn", and any rule that waits at least as long)."""
+
+    def result(setting: str, waits: float, closed: dict, excluded: dict | None) -> dict:
+        config = TransferConfig(
+            target="s-cifar10", phi="default", phi_name="x", on_closed_site=setting,
+            exclude_closed_from=waits,
+        )  # fmt: skip
+        return {
+            "id": run_id(config),
+            "method": config.method,
+            "config": {"phi": "default", "on_closed_site": setting, "exclude_closed_from": waits},
+            "closed_sites": closed,
+            "excluded_sites": excluded,
+        }
+
+    def methods(r: dict) -> dict[tuple[str, float], str | None]:
+        settings = [("warn", 0.0), ("exclude", 0.0), ("exclude", 0.5), ("exclude", 0.75)]
+        return {s: twin["method"] if (twin := closed_site_twin(r, *s)) else None for s in settings}
+
+    none_closed = methods(result("warn", 0.0, {}, {}))
+    assert none_closed == {
+        ("warn", 0.0): None,  # its own setting: no twin
+        ("exclude", 0.0): "metaperturb[x,exclude-closed]",
+        ("exclude", 0.5): "metaperturb[x,exclude-closed-from0.5]",
+        ("exclude", 0.75): "metaperturb[x,exclude-closed-from0.75]",
+    }
+    waited = methods(result("exclude", 0.5, {"stages.2.2": 200}, {}))
+    assert waited == {
+        ("warn", 0.0): "metaperturb[x]",
+        ("exclude", 0.0): None,  # would have switched the site off at step 200
+        ("exclude", 0.5): None,
+        ("exclude", 0.75): "metaperturb[x,exclude-closed-from0.75]",
+    }
+    switched = methods(result("exclude", 0.5, {"stages.2.2": 200}, {"stages.2.2": 2000}))
+    assert set(switched.values()) == {None}
+    warned = methods(result("warn", 0.0, {"stages.2.2": 200}, {}))
+    assert set(warned.values()) == {None}  # closed at step 200: nothing says when it reopened
+    assert trains_as(result("warn", 0.0, {"stages.2.2": 200}, {}), "warn")
+    twin = closed_site_twin(result("exclude", 0.5, {"stages.2.2": 200}, {}), "warn")
+    assert twin is not None and twin["id"].startswith("s-cifar10__") and "exclude" not in twin["id"]
+    assert twin["config"]["on_closed_site"] == "warn" and twin["config"]["exclude_closed_from"] == 0
 
 
 @needs_mnist

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TransferConfig", "phi_label", "run_id"]
+__all__ = ["TransferConfig", "closed_site_suffix", "phi_label", "run_id"]
 
 
 @dataclass
@@ -94,16 +94,21 @@ class TransferConfig:
             if self.ramp_fraction != 0.4:
                 where += f",ramp{self.ramp_fraction:g}"
             where += "".join(f",without-{name}" for name in self.exclude)
-            if self.on_closed_site == "exclude":
-                where += ",exclude-closed"
-                if self.exclude_closed_from:
-                    where += f"-from{self.exclude_closed_from:g}"
+            where += closed_site_suffix(self.on_closed_site, self.exclude_closed_from)
             parts.append(f"metaperturb[{self.phi_name or phi_label(self.phi)}{where}]")
         if self.dropblock_rate > 0:
             parts.append(f"dropblock[{self.dropblock_rate:g},{self.dropblock_size}]")
         if self.mixup_alpha > 0:
             parts.append(f"mixup[{self.mixup_alpha:g}]")
         return "+".join(parts) or "base"
+
+
+def closed_site_suffix(on_closed_site: str, exclude_closed_from: float) -> str:
+    """How a method names its closed-site setting: nothing for ``"warn"`` (as published),
+    ``,exclude-closed`` and ``,exclude-closed-from0.5`` for the two switches."""
+    if on_closed_site != "exclude":
+        return ""
+    return ",exclude-closed" + (f"-from{exclude_closed_from:g}" if exclude_closed_from else "")
 
 
 def phi_label(source: str) -> str:

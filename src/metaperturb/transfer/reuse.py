@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub import load_default_phi, load_phi
-from .config import TransferConfig
+from .config import TransferConfig, closed_site_suffix
 
 __all__ = [
     "check_same_phi",
@@ -19,6 +19,7 @@ __all__ = [
     "closed_site_twin",
     "current_fingerprint",
     "find_equivalent_result",
+    "trains_as",
 ]
 
 
@@ -134,33 +135,65 @@ def closed_site_setting_moot(result: dict[str, Any]) -> bool:
     return config.get("on_closed_site") == "exclude" and result.get("excluded_sites") == {}
 
 
-def closed_site_twin(result: dict[str, Any]) -> dict[str, Any] | None:
-    """``result`` named as the run of the other ``on_closed_site`` setting (its method, id and
-    config), where :func:`closed_site_setting_moot` says it is that run too; else ``None``.
+def _closed_site_setting(config: dict[str, Any]) -> tuple[str, float]:
+    """A run's ``(on_closed_site, exclude_closed_from)``; "warn" waits for nothing."""
+    on_closed_site = str(config.get("on_closed_site", "warn"))
+    waits = float(config.get("exclude_closed_from") or 0.0) if on_closed_site == "exclude" else 0.0
+    return on_closed_site, waits
+
+
+def trains_as(result: dict[str, Any], on_closed_site: str, exclude_from: float = 0.0) -> bool:
+    """Whether the run of ``result`` trained the very network a run with these closed-site
+    settings would have. The checks draw no random numbers, so two settings train the same
+    network until one of them switches a site off: a run in which no site closed
+    (:func:`closed_site_setting_moot`) is the run of every setting, and one that waited for a
+    strength and then switched nothing off acted as "warn" throughout, and as any rule that
+    waits at least as long."""
+    config = result.get("config")
+    if not isinstance(config, dict):
+        return False
+    own = _closed_site_setting(config)
+    wanted = _closed_site_setting(
+        {"on_closed_site": on_closed_site, "exclude_closed_from": exclude_from}
+    )
+    if own == wanted or closed_site_setting_moot(result):
+        return True
+    if own[0] == "exclude" and result.get("excluded_sites") == {}:
+        return wanted[0] == "warn" or wanted[1] >= own[1]
+    return False
+
+
+def closed_site_twin(
+    result: dict[str, Any], on_closed_site: str, exclude_from: float = 0.0
+) -> dict[str, Any] | None:
+    """``result`` named as the run of another closed-site setting (its method, id and config),
+    where :func:`trains_as` says it is that run too; else ``None`` (also for its own setting).
     Method and id are renamed in place, so a name a report gave the run (phi* for a candidate)
     stays."""
     saved = result.get("config")
     if not isinstance(saved, dict) or saved.get("phi") is None:
         return None
-    if not closed_site_setting_moot(result):
+    wanted = _closed_site_setting(
+        {"on_closed_site": on_closed_site, "exclude_closed_from": exclude_from}
+    )
+    if _closed_site_setting(saved) == wanted or not trains_as(result, *wanted):
         return None
-    switching = saved.get("on_closed_site", "warn") != "exclude"  # what the twin does
+    suffix = closed_site_suffix(*wanted)
 
     def renamed(name: str) -> str:
         # The setting is the last of phi's in a method (TransferConfig.method) and so in an id.
-        if switching:
-            return re.sub(r"(metaperturb\[[^]]*)\]", r"\1,exclude-closed]", name, count=1)
-        return re.sub(r",exclude-closed(-from[0-9.e+-]+)?\]", "]", name, count=1)
+        return re.sub(
+            r"(metaperturb\[[^]]*?)(,exclude-closed(-from[0-9.e+-]+)?)?\]",
+            lambda match: f"{match.group(1)}{suffix}]",
+            name,
+            count=1,
+        )
 
     return {
         **result,
         "id": renamed(str(result.get("id", ""))),
         "method": renamed(str(result.get("method", ""))),
-        "config": {
-            **saved,
-            "on_closed_site": "exclude" if switching else "warn",
-            "exclude_closed_from": 0.0,
-        },
+        "config": {**saved, "on_closed_site": wanted[0], "exclude_closed_from": wanted[1]},
     }
 
 
@@ -169,8 +202,8 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
     ``on_closed_site`` setting: same training settings, same phi numbers (fingerprint), and at
     least the evaluations ``config`` asks for. E.g. a phi* candidate evaluated before `select`
     installed it as the bundled phi*: the ``phi="default"`` run is that result, not a new one;
-    and a run in which no site closed is the run of both settings
-    (:func:`closed_site_setting_moot`)."""
+    and a run in which no site closed is the run of every closed-site setting
+    (:func:`trains_as`)."""
     if config.phi is None:
         return None
     wanted = _portable(json.loads(json.dumps(asdict(config))))
@@ -183,8 +216,9 @@ def find_equivalent_result(config: TransferConfig, output_dir: str | Path) -> Pa
         if not isinstance(result, dict) or result.get("phi_fingerprint") != fingerprint:
             continue
         saved = result.get("config")
+        answers = trains_as(result, config.on_closed_site, config.exclude_closed_from)
         skip = {"phi", "phi_name"} | (
-            {"on_closed_site", "exclude_closed_from"} if closed_site_setting_moot(result) else set()
+            {"on_closed_site", "exclude_closed_from"} if answers else set()
         )
         if isinstance(saved, dict) and not _setting_differences(
             _portable(saved), wanted, skip=frozenset(skip)
