@@ -9,6 +9,8 @@ CPU sweeps use.
 Usage:
     python benchmarks/channels_last.py                 # writes results/channels-last-cpu-1t.{json,md}
     python benchmarks/channels_last.py --threads 2
+    python benchmarks/channels_last.py --model cifar_mobilenetv2_100 --repeats 3 --steps 1
+                                       # another of the harness's networks: ...-1t-MODEL.{json,md}
     python benchmarks/channels_last.py --quick         # a smoke run
 """
 
@@ -18,7 +20,9 @@ import argparse
 import json
 import platform
 from collections.abc import Callable
+from dataclasses import replace
 
+import timm
 import torch
 from overhead import RESULTS, Workload, eval_fn, interleaved, make, train_step_fn, workloads
 from torch import nn
@@ -26,6 +30,8 @@ from torch import nn
 import metaperturb
 from metaperturb._atomic import atomic_write
 
+#: The network of the file without a model in its name (results/channels-last-cpu-1t.md).
+DEFAULT_MODEL = "cifar_resnet20"
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -46,10 +52,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--eval-batch", type=int, default=500, help="the harness's test chunk")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a timm name of the harness's networks (32 px, batch 128), e.g. cifar_resnet18",
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workload = workloads("cpu", args.quick)[0]  # ResNet-20, 32 px, batch 128
+    if args.model != DEFAULT_MODEL:
+        name = args.model
+        workload = replace(
+            workload,
+            name=workload.name.replace("resnet20", name),
+            build=lambda: timm.create_model(name),
+        )
     repeats, steps = (1, 1) if args.quick else (args.repeats, args.steps)
     batch = 4 if args.quick else workload.batch
     eval_batch = 4 if args.quick else args.eval_batch
@@ -103,7 +121,8 @@ def main() -> None:
     print(table)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / f"channels-last-cpu-{args.threads}t"
+        model = "" if args.model == DEFAULT_MODEL else f"-{args.model}"
+        stem = RESULTS / f"channels-last-cpu-{args.threads}t{model}"
         atomic_write(stem.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
         atomic_write(stem.with_suffix(".md"), table + "\n")
 
