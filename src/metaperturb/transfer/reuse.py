@@ -135,11 +135,13 @@ def closed_site_setting_moot(result: dict[str, Any]) -> bool:
     return config.get("on_closed_site") == "exclude" and result.get("excluded_sites") == {}
 
 
-def _closed_site_setting(config: dict[str, Any]) -> tuple[str, float]:
-    """A run's ``(on_closed_site, exclude_closed_from)``; "warn" waits for nothing."""
-    on_closed_site = str(config.get("on_closed_site", "warn"))
-    waits = float(config.get("exclude_closed_from") or 0.0) if on_closed_site == "exclude" else 0.0
-    return on_closed_site, waits
+def _setting(on_closed_site: str, exclude_from: float | None) -> tuple[str, float]:
+    """A closed-site setting as compared: "warn" waits for nothing."""
+    return on_closed_site, float(exclude_from or 0.0) if on_closed_site == "exclude" else 0.0
+
+
+def _saved_setting(config: dict[str, Any]) -> tuple[str, float]:
+    return _setting(str(config.get("on_closed_site", "warn")), config.get("exclude_closed_from"))
 
 
 def trains_as(result: dict[str, Any], on_closed_site: str, exclude_from: float = 0.0) -> bool:
@@ -152,10 +154,7 @@ def trains_as(result: dict[str, Any], on_closed_site: str, exclude_from: float =
     config = result.get("config")
     if not isinstance(config, dict):
         return False
-    own = _closed_site_setting(config)
-    wanted = _closed_site_setting(
-        {"on_closed_site": on_closed_site, "exclude_closed_from": exclude_from}
-    )
+    own, wanted = _saved_setting(config), _setting(on_closed_site, exclude_from)
     if own == wanted or closed_site_setting_moot(result):
         return True
     if own[0] == "exclude" and result.get("excluded_sites") == {}:
@@ -173,10 +172,8 @@ def closed_site_twin(
     saved = result.get("config")
     if not isinstance(saved, dict) or saved.get("phi") is None:
         return None
-    wanted = _closed_site_setting(
-        {"on_closed_site": on_closed_site, "exclude_closed_from": exclude_from}
-    )
-    if _closed_site_setting(saved) == wanted or not trains_as(result, *wanted):
+    wanted = _setting(on_closed_site, exclude_from)
+    if _saved_setting(saved) == wanted or not trains_as(result, *wanted):
         return None
     suffix = closed_site_suffix(*wanted)
 
