@@ -71,6 +71,25 @@ def _close_last_site(model: nn.Module) -> str:
     return controller.site_names[-1]
 
 
+def test_the_scheduler_records_the_last_check_that_found_a_site_closed() -> None:
+    """A site that closes and reopens keeps its first and last closed steps: the last tells
+    whether a rule waiting for a strength would have switched it off (reuse.trains_as)."""
+    model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
+    controller = metaperturb.get_controller(model)
+    healthy = controller.sites[-1].running_var.clone()  # type: ignore[union-attr]
+    scheduler = StrengthScheduler(model, total_steps=100, check_every=5, on_closed_site="warn")
+    name = _close_last_site(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClosedSiteWarning)
+        for _ in range(10):
+            scheduler.step()
+    controller.sites[-1].running_var.copy_(healthy)  # type: ignore[union-attr]
+    for _ in range(10):
+        scheduler.step()
+    assert scheduler.closed == {name: 5} and scheduler.last_closed == {name: 10}
+    assert scheduler.state_dict()["last_closed"] == {name: 10}
+
+
 def test_the_scheduler_warns_once_about_a_closed_site() -> None:
     model = metaperturb.wrap(plain_net(), input_size=(3, 16, 16))
     assert not metaperturb.diagnostics.closed_sites(model)  # phi* on fresh statistics
@@ -88,6 +107,7 @@ def test_the_scheduler_warns_once_about_a_closed_site() -> None:
     assert "step 10" in message and f"exclude={[name]!r}" in message
     assert metaperturb.diagnostics.closed_sites(model).keys() == {name}
     assert scheduler.closed == {name: 10} and scheduler.excluded == {}
+    assert scheduler.last_closed == {name: 25}  # still closed at every check since
     # A resumed run remembers the site it warned about, and when.
     resumed = StrengthScheduler(model, total_steps=100, check_every=5, on_closed_site="warn")
     resumed.load_state_dict(scheduler.state_dict())
@@ -96,12 +116,16 @@ def test_the_scheduler_warns_once_about_a_closed_site() -> None:
         for _ in range(5):  # a check at step 30: the site is still closed
             resumed.step()
     assert resumed.closed == {name: 10} and resumed.closed_complete
+    assert resumed.last_closed == {name: 30}
     # One saved before the record existed cannot say what closed before it was saved.
     older = {
-        k: v for k, v in scheduler.state_dict().items() if k not in ("closed", "closed_complete")
+        k: v
+        for k, v in scheduler.state_dict().items()
+        if k not in ("closed", "closed_complete", "last_closed")
     }
     resumed.load_state_dict(older)
     assert resumed.closed == {} and not resumed.closed_complete
+    assert resumed.last_closed is None  # saved past a check, before the record existed
     # In "exclude" mode it can: every site that closed was switched off, and is in `excluded`.
     excluding = StrengthScheduler(model, total_steps=100, check_every=5)
     excluding.load_state_dict({**older, "excluded": {name: 10}})

@@ -1013,17 +1013,21 @@ def test_closed_site_twins_name_a_run_for_each_setting_it_trained_as() -> None:
     network: no site closed (every setting), or it waited for a strength and switched nothing
     off ("warn", and any rule that waits at least as long)."""
 
-    def result(setting: str, waits: float, closed: dict, excluded: dict | None) -> dict:
+    def result(
+        setting: str, waits: float, closed: dict, excluded: dict | None, last: dict | None = None
+    ) -> dict:
         config = TransferConfig(
             target="s-cifar10", phi="default", phi_name="x", on_closed_site=setting,
             exclude_closed_from=waits,
         )  # fmt: skip
+        saved = {"phi": "default", "on_closed_site": setting, "exclude_closed_from": waits}
         return {
             "id": run_id(config),
             "method": config.method,
-            "config": {"phi": "default", "on_closed_site": setting, "exclude_closed_from": waits},
+            "config": {**saved, "steps": 10_000, "ramp_fraction": 0.4},
             "closed_sites": closed,
             "excluded_sites": excluded,
+            "closed_sites_last": last,
         }
 
     def methods(r: dict) -> dict[tuple[str, float], str | None]:
@@ -1048,6 +1052,19 @@ def test_closed_site_twins_name_a_run_for_each_setting_it_trained_as() -> None:
     assert set(switched.values()) == {None}
     warned = methods(result("warn", 0.0, {"stages.2.2": 200}, {}))
     assert set(warned.values()) == {None}  # closed at step 200: nothing says when it reopened
+    # The last check that found it closed says: step 1,900 is strength 0.475 (10,000 steps,
+    # ramp over 4,000), so a rule that waits for 0.5 would have switched nothing off either.
+    reopened = methods(result("warn", 0.0, {"stages.2.2": 200}, {}, {"stages.2.2": 1900}))
+    assert reopened == {
+        ("warn", 0.0): None,
+        ("exclude", 0.0): None,
+        ("exclude", 0.5): "metaperturb[x,exclude-closed-from0.5]",
+        ("exclude", 0.75): "metaperturb[x,exclude-closed-from0.75]",
+    }
+    at_half = methods(result("warn", 0.0, {"stages.2.2": 200}, {}, {"stages.2.2": 2000}))
+    assert at_half[("exclude", 0.5)] is None and at_half[("exclude", 0.75)] is not None
+    earlier = methods(result("exclude", 0.75, {"stages.2.2": 200}, {}, {"stages.2.2": 1900}))
+    assert earlier[("exclude", 0.5)] is not None and earlier[("exclude", 0.0)] is None
     assert trains_as(result("warn", 0.0, {"stages.2.2": 200}, {}), "warn")
     twin = closed_site_twin(result("exclude", 0.5, {"stages.2.2": 200}, {}), "warn")
     assert twin is not None and twin["id"].startswith("s-cifar10__") and "exclude" not in twin["id"]

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .diagnostics import exclude_closed_sites, warn_closed_sites
+from .diagnostics import closed_on_any_rank, exclude_closed_sites, warn_closed_sites
 from .wrapper import set_strength
 
 __all__ = ["StrengthScheduler", "linear_ramp"]
@@ -43,7 +43,9 @@ class StrengthScheduler:
     was still closed at half strength, WRN-28-2's had reopened).
     ``"warn"`` only warns, once per site: the method as published. Either way :attr:`closed`
     records each site found closed and the step: while it is empty the two settings have
-    trained the same network (the checks read the statistics and draw no random numbers).
+    trained the same network (the checks read the statistics and draw no random numbers), and
+    :attr:`last_closed` the last check that found each closed: a run that switched nothing off
+    trained the network of any ``exclude_from`` above the strength of those checks.
 
     Example:
         >>> scheduler = StrengthScheduler(model, total_steps=10_000)  # doctest: +SKIP
@@ -78,6 +80,9 @@ class StrengthScheduler:
         #: Every site found closed at a check, with the step it was first found (either setting).
         self.closed: dict[str, int] = {}
         self._excluded: dict[str, int] = {}
+        #: Every site found closed at a check, with the last such step; ``None`` when not known:
+        #: resumed, past a check, from a scheduler saved before it recorded them.
+        self.last_closed: dict[str, int] | None = {}
         #: False when :attr:`closed` may lack sites: resumed in "warn" mode, past a check, from a
         #: scheduler saved before it recorded them.
         self.closed_complete = True
@@ -103,16 +108,22 @@ class StrengthScheduler:
         self.last_step += 1
         set_strength(self.model, self.strength)
         if self.check_every and self.last_step % self.check_every == 0:
-            excluding = self.on_closed_site == "exclude" and self.strength >= self.exclude_from
-            if excluding:  # a site switched off is no longer closed
-                found = exclude_closed_sites(self.model, self.last_step)
-                self._excluded.update(dict.fromkeys(found, self.last_step))
-            else:
-                waiting = self.exclude_from if self.on_closed_site == "exclude" else None
-                found = warn_closed_sites(self.model, self.last_step, self.closed, waiting)
-            for name in found:  # the step it was first found closed
-                self.closed.setdefault(name, self.last_step)
+            self._check(self.last_step)
         return self.strength
+
+    def _check(self, step: int) -> None:
+        found = closed_on_any_rank(self.model)
+        warned = set(self.closed)  # at an earlier check
+        for name in found:
+            self.closed.setdefault(name, step)  # the step it was first found closed
+            if self.last_closed is not None:
+                self.last_closed[name] = step
+        if self.on_closed_site == "exclude" and self.strength >= self.exclude_from:
+            switched = exclude_closed_sites(self.model, step, found)
+            self._excluded.update(dict.fromkeys(switched, step))
+        else:
+            waiting = self.exclude_from if self.on_closed_site == "exclude" else None
+            warn_closed_sites(self.model, step, warned, waiting, found)
 
     @property
     def excluded(self) -> dict[str, int]:
@@ -128,6 +139,7 @@ class StrengthScheduler:
             "closed": dict(self.closed),
             "closed_complete": self.closed_complete,
             "excluded": dict(self._excluded),
+            "last_closed": None if self.last_closed is None else dict(self.last_closed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -145,4 +157,9 @@ class StrengthScheduler:
         checked = self.check_every and self.last_step >= self.check_every
         unrecorded = "closed" not in state and self.on_closed_site == "warn" and checked
         self.closed_complete = bool(state.get("closed_complete", True)) and not unrecorded
+        if "last_closed" in state:
+            last = state["last_closed"]
+            self.last_closed = None if last is None else dict(last)
+        else:
+            self.last_closed = None if checked else {}
         set_strength(self.model, self.strength)

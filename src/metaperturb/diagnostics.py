@@ -26,6 +26,7 @@ __all__ = [
     "ClosedSiteWarning",
     "channel_scales",
     "closed_among",
+    "closed_on_any_rank",
     "closed_sites",
     "exclude_closed_sites",
     "mean_channel_scales",
@@ -96,12 +97,14 @@ def closed_sites(model: nn.Module, below: float = CLOSED_BELOW) -> dict[str, flo
     }
 
 
-def _closed_on_any_rank(model: nn.Module, closed: Collection[str]) -> list[str]:
-    """``closed`` joined over the ranks of ``torch.distributed``, in site order: each rank's
-    running statistics have seen only its own batches since the last broadcast, so without this
-    the replicas could disagree. One small all-reduce, which every rank must reach."""
+def closed_on_any_rank(model: nn.Module) -> list[str]:
+    """The names of :func:`closed_sites` joined over the ranks of ``torch.distributed``, in site
+    order: each rank's running statistics have seen only its own batches since the last
+    broadcast, so without this the replicas could disagree. One small all-reduce, which every
+    rank must reach."""
     controller = get_controller(model)
     sites = controller.site_names
+    closed = closed_sites(model)
     flags = [name in closed for name in sites]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         joined = torch.tensor(flags, dtype=torch.int32, device=controller.strength.device)
@@ -110,14 +113,17 @@ def _closed_on_any_rank(model: nn.Module, closed: Collection[str]) -> list[str]:
     return [name for name, flag in zip(sites, flags, strict=True) if flag]
 
 
-def exclude_closed_sites(model: nn.Module, step: int) -> list[str]:
+def exclude_closed_sites(
+    model: nn.Module, step: int, closed: Collection[str] | None = None
+) -> list[str]:
     """Switch phi off (:func:`~metaperturb.exclude_sites`) at each site still on whose mean
     channel scale is below :data:`CLOSED_BELOW`, with a warning naming them; returns them.
 
     Under ``torch.distributed`` a site closed on any rank is switched off on every rank, so the
-    replicas stay the same network.
+    replicas stay the same network. ``closed``: :func:`closed_on_any_rank`, when the caller
+    has it already.
     """
-    names = _closed_on_any_rank(model, closed_sites(model))
+    names = list(closed_on_any_rank(model) if closed is None else closed)
     if not names:
         return []
     exclude_sites(model, names)
@@ -138,13 +144,16 @@ def warn_closed_sites(
     step: int,
     already: Collection[str] = (),
     exclude_from: float | None = None,
+    closed: Collection[str] | None = None,
 ) -> list[str]:
     """Warn once about the closed sites not in ``already`` (those warned about); returns them.
     Under ``torch.distributed`` a site closed on any rank counts, as it does for
     :func:`exclude_closed_sites`, so the two find the same sites. ``exclude_from``: the strength
-    at which the caller will switch phi off at sites still closed (the advice says so)."""
+    at which the caller will switch phi off at sites still closed (the advice says so).
+    ``closed``: :func:`closed_on_any_rank`, when the caller has it already."""
+    found = closed_on_any_rank(model) if closed is None else closed
     local = closed_sites(model)
-    names = [name for name in _closed_on_any_rank(model, local) if name not in already]
+    names = [name for name in found if name not in already]
     if not names:
         return []
     listed = ", ".join(

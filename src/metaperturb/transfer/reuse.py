@@ -9,13 +9,13 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
+from ..annealing import linear_ramp
 from ..hub import load_default_phi, load_phi
 from .config import TransferConfig, closed_site_suffix
 
 __all__ = [
     "check_same_phi",
     "check_same_settings",
-    "closed_site_setting_moot",
     "closed_site_twin",
     "current_fingerprint",
     "find_equivalent_result",
@@ -123,18 +123,6 @@ def check_same_settings(
         )
 
 
-def closed_site_setting_moot(result: dict[str, Any]) -> bool:
-    """Whether the run of ``result`` found no closed site at any check, so its
-    ``on_closed_site`` changed nothing: the two settings differ only in what they do about a
-    closed site, and the checks draw no random numbers, so that run trained the very network
-    the other setting would have. Results older than ``closed_sites`` tell it only when they
-    switched sites off for closing: then ``excluded_sites`` lists every one that closed."""
-    if result.get("closed_sites") is not None:
-        return result["closed_sites"] == {}
-    config = result.get("config") or {}
-    return config.get("on_closed_site") == "exclude" and result.get("excluded_sites") == {}
-
-
 def _setting(on_closed_site: str, exclude_from: float | None) -> tuple[str, float]:
     """A closed-site setting as compared: "warn" waits for nothing."""
     return on_closed_site, float(exclude_from or 0.0) if on_closed_site == "exclude" else 0.0
@@ -144,22 +132,49 @@ def _saved_setting(config: dict[str, Any]) -> tuple[str, float]:
     return _setting(str(config.get("on_closed_site", "warn")), config.get("exclude_closed_from"))
 
 
+def _closed_up_to(result: dict[str, Any]) -> float | None:
+    """The highest strength at which a check of ``result``'s run found a site closed: -1 if
+    none ever did; ``None`` when the result cannot say. Results older than ``closed_sites``
+    say "none" only when they switched sites off for closing (then ``excluded_sites`` lists
+    every site that closed); results older than ``closed_sites_last`` only when none closed."""
+    config = result.get("config") or {}
+    closed = result.get("closed_sites")
+    if closed is None:
+        none = config.get("on_closed_site") == "exclude" and result.get("excluded_sites") == {}
+        return -1.0 if none else None
+    if not closed:
+        return -1.0
+    last = result.get("closed_sites_last")
+    if not last:
+        return None
+    steps, ramp = int(config["steps"]), float(config.get("ramp_fraction", 0.4))
+    return max(linear_ramp(step, steps, ramp) for step in last.values())
+
+
 def trains_as(result: dict[str, Any], on_closed_site: str, exclude_from: float = 0.0) -> bool:
     """Whether the run of ``result`` trained the very network a run with these closed-site
     settings would have. The checks draw no random numbers, so two settings train the same
-    network until one of them switches a site off: a run in which no site closed
-    (:func:`closed_site_setting_moot`) is the run of every setting, and one that waited for a
-    strength and then switched nothing off acted as "warn" throughout, and as any rule that
-    waits at least as long."""
+    network until one of them switches a site off. A run that switched nothing off acted as
+    "warn" throughout, and as any rule that waits for a strength above that of every check
+    that found a site closed: a run in which no site closed is the run of every setting, and
+    one that waited for a strength and switched nothing off, the run of any rule that waits at
+    least as long."""
     config = result.get("config")
     if not isinstance(config, dict):
         return False
     own, wanted = _saved_setting(config), _setting(on_closed_site, exclude_from)
-    if own == wanted or closed_site_setting_moot(result):
+    if own == wanted:
         return True
-    if own[0] == "exclude" and result.get("excluded_sites") == {}:
-        return wanted[0] == "warn" or wanted[1] >= own[1]
-    return False
+    closed_up_to = _closed_up_to(result)
+    if closed_up_to is not None and closed_up_to < 0:  # no site closed
+        return True
+    if own[0] == "exclude" and result.get("excluded_sites") != {}:
+        return False  # it switched a site off (or cannot say)
+    if wanted[0] == "warn":
+        return True
+    if own[0] == "exclude" and wanted[1] >= own[1]:
+        return True  # no site was closed at a check at strength own[1] or more
+    return closed_up_to is not None and closed_up_to < wanted[1]
 
 
 def closed_site_twin(

@@ -547,6 +547,9 @@ def _train_and_record(
             if run.strength is not None and run.strength.closed_complete
             else None
         ),
+        # Each of those sites with the last step it was found closed: a run that switched nothing
+        # off answers a rule that waits for a strength above theirs (reuse.trains_as).
+        "closed_sites_last": None if run.strength is None else run.strength.last_closed,
         "full_strength_step": run.full_strength_step,
         "train_seconds": run.train_seconds,
         "resumed": resumed,
