@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from metaperturb._machine import flush_denormals
+from metaperturb._machine import FLUSH_DENORMAL_HELP, set_up_cpu
 from metaperturb._serialization import fingerprint
 from metaperturb.errors import FlushDenormalError
 from metaperturb.transfer.run import TransferConfig, TransferRun
@@ -79,16 +79,13 @@ def main() -> None:
     parser.add_argument(
         "--flush-denormal",
         action="store_true",
-        help="flush denormal floats to zero (torch.set_flush_denormal): faster once a network's "
-        "gradients get tiny on a CPU, and another floating-point path",
+        help=FLUSH_DENORMAL_HELP,
     )
     args = parser.parse_args()
-    if args.flush_denormal:  # before the first parallel operation starts torch's threads
-        try:
-            flush_denormals()
-        except FlushDenormalError as error:
-            raise SystemExit(f"--flush-denormal: {error}") from None
-    torch.set_num_threads(args.threads)
+    try:
+        set_up_cpu(args.threads, args.flush_denormal)
+    except FlushDenormalError as error:
+        raise SystemExit(f"--flush-denormal: {error}") from None
     print(json.dumps(replay(args.checkpoint, args.steps, args.data_root), indent=2))
 
 

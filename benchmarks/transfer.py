@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from metaperturb._machine import flush_denormals
+from metaperturb._machine import FLUSH_DENORMAL_HELP, set_up_cpu
 from metaperturb._run_lock import lock_holder
 from metaperturb.errors import FlushDenormalError, RunInProgressError, TrainingStoppedError
 from metaperturb.transfer import (
@@ -330,8 +330,7 @@ def main() -> None:
     parser.add_argument(
         "--flush-denormal",
         action="store_true",
-        help="flush denormal floats to zero (faster on a CPU after the learning-rate decay; "
-        "another floating-point path, recorded in each run's segments)",
+        help=FLUSH_DENORMAL_HELP,
     )
     parser.add_argument(
         "--phi",
@@ -356,13 +355,10 @@ def main() -> None:
         if not sep or not name or not Path(path).exists():
             parser.error(f"--phi {entry!r}: give NAME=PATH with an existing phi folder or file")
         EXTRA_PHI[name] = str(Path(path).resolve())
-    if args.flush_denormal:  # before the first parallel operation starts torch's threads
-        try:
-            flush_denormals()
-        except FlushDenormalError as error:
-            parser.error(f"--flush-denormal: {error}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        set_up_cpu(args.threads, args.flush_denormal)
+    except FlushDenormalError as error:
+        parser.error(f"--flush-denormal: {error}")
     runs = grid(args.grid, args.steps, args.seeds)
     if args.only:
         runs = [run for run in runs if any(fnmatch(run_id(run), only) for only in args.only)]

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any
 
+from .._machine import FLUSH_DENORMAL_HELP, set_up_cpu
 from ..stopping import stop_on_signals
 from .run import TransferConfig, run_id, run_transfer
 from .targets import PRESETS
@@ -91,8 +92,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add(
         "--flush-denormal",
         action="store_true",
-        help="flush denormal floats to zero on the CPU: several times faster once the "
-        "gradients get tiny, and another floating-point path (recorded in the result's segments)",
+        help=FLUSH_DENORMAL_HELP,
     )
     add(
         "--channels-last",
@@ -162,16 +162,10 @@ def config_from_args(args: argparse.Namespace) -> TransferConfig:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run (or read back) one evaluation and print its headline numbers."""
-    import torch
-
-    from .._machine import flush_denormals
     from ..errors import MetaPerturbError
 
     try:
-        if args.flush_denormal:  # before the first parallel operation starts torch's threads
-            flush_denormals()
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        set_up_cpu(args.threads, args.flush_denormal)
         config = config_from_args(args)
         with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: checkpoint this step, then stop
             result = run_transfer(config, args.output_dir, progress=args.progress, stop=stop)
