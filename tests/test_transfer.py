@@ -985,6 +985,7 @@ def test_a_run_in_which_no_site_closed_answers_the_other_closed_site_setting(
     warned = TransferConfig(**settings)
     first = run_transfer(warned, results, progress=False)
     assert first["closed_sites"] == {} and first["excluded_sites"] == {}
+    assert first["closed_sites_last"] == {}
     switching = TransferConfig(on_closed_site="exclude", **settings)
     assert run_transfer(switching, results, progress=False) == first
     assert not (results / f"{run_id(switching)}.json").exists()
