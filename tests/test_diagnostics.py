@@ -103,6 +103,7 @@ def test_the_scheduler_warns_once_about_a_closed_site() -> None:
         for _ in range(20):
             scheduler.step()
     assert [w.category for w in caught] == [ClosedSiteWarning]
+    assert caught[0].filename == __file__  # it names the line that called step()
     message = str(caught[0].message)
     assert "step 10" in message and f"exclude={[name]!r}" in message
     assert metaperturb.diagnostics.closed_sites(model).keys() == {name}

@@ -107,11 +107,10 @@ class StrengthScheduler:
         """Advance one step and return the new strength."""
         self.last_step += 1
         set_strength(self.model, self.strength)
-        if self.check_every and self.last_step % self.check_every == 0:
-            self._check(self.last_step)
-        return self.strength
-
-    def _check(self, step: int) -> None:
+        step = self.last_step
+        if not self.check_every or step % self.check_every:
+            return self.strength
+        # Inline, not a method: the warnings' stacklevel names the caller of step().
         found = closed_on_any_rank(self.model)
         warned = set(self.closed)  # at an earlier check
         for name in found:
@@ -124,6 +123,7 @@ class StrengthScheduler:
         else:
             waiting = self.exclude_from if self.on_closed_site == "exclude" else None
             warn_closed_sites(self.model, step, warned, waiting, found)
+        return self.strength
 
     @property
     def excluded(self) -> dict[str, int]:
