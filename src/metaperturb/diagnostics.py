@@ -152,10 +152,10 @@ def warn_closed_sites(
     at which the caller will switch phi off at sites still closed (the advice says so).
     ``closed``: :func:`closed_on_any_rank`, when the caller has it already."""
     found = closed_on_any_rank(model) if closed is None else closed
-    local = closed_sites(model)
     names = [name for name in found if name not in already]
     if not names:
         return []
+    local = closed_sites(model)  # each site's mean s, for the message: only when it warns
     listed = ", ".join(
         f"{name!r} (mean s {local[name]:.4f})" if name in local else f"{name!r} (on another rank)"
         for name in names
